@@ -1,0 +1,452 @@
+//! Command-line flags (getopts). Every host path is a flag so tests, k3s, microk8s and
+//! containers with the host's `/` mounted elsewhere all work; values are checked here, once.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use getopts::Options;
+
+use crate::discovery::Selection;
+use crate::resource::Resource;
+
+pub const DEFAULT_PLUGIN_DIR: &str = "/var/lib/kubelet/device-plugins";
+pub const DEFAULT_SOCKET_NAME: &str = "rdma.sock";
+pub const DEFAULT_RESOURCE_NAME: &str = "jarvice.com/rdma";
+pub const DEFAULT_HOST_ROOT: &str = "/";
+pub const DEFAULT_SHARES: u32 = 1;
+pub const MAX_SHARES: u32 = 4096;
+pub const DEFAULT_POLL_SECS: u64 = 5;
+pub const DEFAULT_SELF_CHECK_SECS: u64 = 60;
+/// `sun_path` holds 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Settings of the daemon and of the operator subcommands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The kubelet's device-plugin directory (`kubelet.sock` and our socket live there).
+    pub plugin_dir: PathBuf,
+    /// Our socket's file name in `plugin_dir`; sent as the Register endpoint.
+    pub socket_name: String,
+    /// The extended resource pods request, `domain/name`.
+    pub resource_name: String,
+    /// Where the host's `/` is seen (`/` normally; e.g. `/host` in a pod that mounts it there).
+    pub host_root: PathBuf,
+    /// How many devices to advertise; each grants all device nodes.
+    pub shares: u32,
+    /// Also pass `umad*` and `issm*`.
+    pub mad_devices: bool,
+    /// Rescan interval when a directory cannot be watched with inotify.
+    pub poll_interval: Duration,
+    /// Interval of the self-check (socket present, registration current); zero disables it.
+    pub self_check: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            plugin_dir: PathBuf::from(DEFAULT_PLUGIN_DIR),
+            socket_name: DEFAULT_SOCKET_NAME.to_string(),
+            resource_name: DEFAULT_RESOURCE_NAME.to_string(),
+            host_root: PathBuf::from(DEFAULT_HOST_ROOT),
+            shares: DEFAULT_SHARES,
+            mad_devices: false,
+            poll_interval: Duration::from_secs(DEFAULT_POLL_SECS),
+            self_check: Duration::from_secs(DEFAULT_SELF_CHECK_SECS),
+        }
+    }
+}
+
+impl Config {
+    pub fn socket_path(&self) -> PathBuf {
+        self.plugin_dir.join(&self.socket_name)
+    }
+
+    pub fn kubelet_socket(&self) -> PathBuf {
+        self.plugin_dir.join(crate::watch::KUBELET_SOCKET)
+    }
+
+    pub fn selection(&self) -> Selection {
+        Selection {
+            mad: self.mad_devices,
+        }
+    }
+
+    pub fn resource(&self) -> Resource {
+        Resource::new(self.shares)
+    }
+}
+
+/// What the command line asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Run the device plugin.
+    Serve(Config),
+    /// Print what would be advertised and allocated on this host (`list [--json]`).
+    List {
+        config: Config,
+        json: bool,
+    },
+    /// Check a running plugin the way the kubelet does (`probe`).
+    Probe(Config),
+    Help(String),
+    Version,
+}
+
+/// A bad command line; printed with a hint and exit code 2.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UsageError(pub String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (see --help)", self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+fn options() -> Options {
+    let mut o = Options::new();
+    o.optopt(
+        "",
+        "plugin-dir",
+        &format!("kubelet device-plugin directory [default: {DEFAULT_PLUGIN_DIR}]"),
+        "DIR",
+    );
+    o.optopt(
+        "",
+        "socket-name",
+        &format!("socket file name inside --plugin-dir [default: {DEFAULT_SOCKET_NAME}]"),
+        "NAME",
+    );
+    o.optopt(
+        "",
+        "resource-name",
+        &format!("extended resource to advertise, domain/name [default: {DEFAULT_RESOURCE_NAME}]"),
+        "NAME",
+    );
+    o.optopt(
+        "",
+        "host-root",
+        &format!(
+            "where the host's / is mounted; devices are looked for under ROOT/dev [default: {DEFAULT_HOST_ROOT}]"
+        ),
+        "ROOT",
+    );
+    o.optopt(
+        "",
+        "shares",
+        &format!(
+            "devices to advertise, each granting all RDMA nodes, 1..{MAX_SHARES} [default: {DEFAULT_SHARES}]"
+        ),
+        "N",
+    );
+    o.optflag(
+        "",
+        "mad-devices",
+        "also pass /dev/infiniband/umad* and issm* (ibstat, perfquery, subnet managers) [default: off]",
+    );
+    o.optopt(
+        "",
+        "poll-interval",
+        &format!(
+            "seconds between rescans where inotify is unavailable [default: {DEFAULT_POLL_SECS}]"
+        ),
+        "SECS",
+    );
+    o.optopt(
+        "",
+        "self-check",
+        &format!(
+            "seconds between checks that our socket and registration are current, 0 = off [default: {DEFAULT_SELF_CHECK_SECS}]"
+        ),
+        "SECS",
+    );
+    o.optflag("", "json", "with `list`: print JSON instead of a table");
+    o.optflag("h", "help", "print this help and exit");
+    o.optflag("V", "version", "print the version and exit");
+    o
+}
+
+/// The full `--help` text.
+pub fn usage() -> String {
+    let brief = format!(
+        "jarvice-rdma-plugin {}: Kubernetes device plugin for InfiniBand/RDMA device nodes\n\n\
+         Usage: jarvice-rdma-plugin [serve] [FLAGS]       run the device plugin (default)\n       \
+         jarvice-rdma-plugin list [--json] [FLAGS]   print what would be advertised and allocated here\n       \
+         jarvice-rdma-plugin probe [FLAGS]           check the running plugin like the kubelet does (exit 0 = ok)\n\n\
+         Logging: RUST_LOG=debug|info|warn (default info).",
+        env!("CARGO_PKG_VERSION")
+    );
+    options().usage(&brief)
+}
+
+/// Parses the arguments after the program name.
+pub fn parse(args: &[String]) -> Result<Command, UsageError> {
+    let m = options()
+        .parse(args)
+        .map_err(|e| UsageError(e.to_string()))?;
+    if m.opt_present("help") {
+        return Ok(Command::Help(usage()));
+    }
+    if m.opt_present("version") {
+        return Ok(Command::Version);
+    }
+    let verb = match m.free.as_slice() {
+        [] => "serve",
+        [one] => one.as_str(),
+        [_, extra, ..] => return Err(UsageError(format!("unexpected argument {extra:?}"))),
+    };
+    let config = config_from(&m)?;
+    let json = m.opt_present("json");
+    if json && verb != "list" {
+        return Err(UsageError("--json goes with `list` only".into()));
+    }
+    match verb {
+        "serve" => Ok(Command::Serve(config)),
+        "list" => Ok(Command::List { config, json }),
+        "probe" => Ok(Command::Probe(config)),
+        other => Err(UsageError(format!(
+            "unknown command {other:?}: expected serve, list or probe"
+        ))),
+    }
+}
+
+fn config_from(m: &getopts::Matches) -> Result<Config, UsageError> {
+    let mut c = Config::default();
+    if let Some(dir) = m.opt_str("plugin-dir") {
+        c.plugin_dir = absolute_dir("--plugin-dir", &dir)?;
+    }
+    if let Some(name) = m.opt_str("socket-name") {
+        c.socket_name = name;
+    }
+    check_socket_name(&c.socket_name)?;
+    if let Some(name) = m.opt_str("resource-name") {
+        check_resource_name(&name)?;
+        c.resource_name = name;
+    }
+    if let Some(root) = m.opt_str("host-root") {
+        c.host_root = absolute_dir("--host-root", &root)?;
+    }
+    if let Some(n) = m.opt_str("shares") {
+        c.shares = match n.parse::<u32>() {
+            Ok(n) if (1..=MAX_SHARES).contains(&n) => n,
+            _ => {
+                return Err(UsageError(format!(
+                    "--shares must be a whole number from 1 to {MAX_SHARES}, not {n:?}"
+                )))
+            }
+        };
+    }
+    c.mad_devices = m.opt_present("mad-devices");
+    if let Some(s) = m.opt_str("poll-interval") {
+        c.poll_interval = seconds("--poll-interval", &s, 1)?;
+    }
+    if let Some(s) = m.opt_str("self-check") {
+        c.self_check = seconds("--self-check", &s, 0)?;
+    }
+    let len = c.socket_path().as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(UsageError(format!(
+            "socket path {} is {len} bytes; a unix socket path can hold at most {MAX_SOCKET_PATH}",
+            c.socket_path().display()
+        )));
+    }
+    Ok(c)
+}
+
+fn absolute_dir(flag: &str, value: &str) -> Result<PathBuf, UsageError> {
+    let p = Path::new(value);
+    if value.is_empty() || !p.is_absolute() {
+        return Err(UsageError(format!(
+            "{flag} must be an absolute path, not {value:?}"
+        )));
+    }
+    Ok(p.to_path_buf())
+}
+
+fn seconds(flag: &str, value: &str, min: u64) -> Result<Duration, UsageError> {
+    match value.parse::<u64>() {
+        Ok(n) if n >= min && n <= 86_400 => Ok(Duration::from_secs(n)),
+        _ => Err(UsageError(format!(
+            "{flag} must be whole seconds from {min} to 86400, not {value:?}"
+        ))),
+    }
+}
+
+fn check_socket_name(name: &str) -> Result<(), UsageError> {
+    if name.is_empty()
+        || name.contains('/')
+        || name.contains('\0')
+        || name == "."
+        || name == ".."
+        || name == crate::watch::KUBELET_SOCKET
+    {
+        return Err(UsageError(format!(
+            "--socket-name must be a plain file name other than kubelet.sock, not {name:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// The kubelet accepts only extended resource names: `domain/name` with a DNS-subdomain domain
+/// outside `kubernetes.io` and a qualified name (`IsExtendedResourceName`, validation.go).
+pub fn check_resource_name(name: &str) -> Result<(), UsageError> {
+    let bad = |why: &str| {
+        Err(UsageError(format!(
+            "--resource-name {name:?} is not an extended resource name (domain/name): {why}"
+        )))
+    };
+    let Some((domain, short)) = name.split_once('/') else {
+        return bad("no '/'");
+    };
+    if short.contains('/') {
+        return bad("more than one '/'");
+    }
+    let dns_ok = !domain.is_empty()
+        && domain.len() <= 253
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if !dns_ok {
+        return bad("the domain must be a lower-case DNS subdomain");
+    }
+    if domain == "kubernetes.io" || domain.ends_with(".kubernetes.io") {
+        return bad("kubernetes.io names are reserved for native resources");
+    }
+    let alnum = |b: u8| b.is_ascii_alphanumeric();
+    let name_ok = !short.is_empty()
+        && short.len() <= 63
+        && short
+            .bytes()
+            .all(|b| alnum(b) || b == b'-' || b == b'_' || b == b'.')
+        && short.bytes().next().is_some_and(alnum)
+        && short.bytes().last().is_some_and(alnum);
+    if !name_ok {
+        return bad("the name must be 1-63 letters, digits, '-', '_' or '.', starting and ending alphanumeric");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &[&str]) -> Vec<String> {
+        s.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn defaults() {
+        let Command::Serve(c) = parse(&[]).unwrap() else {
+            panic!("not serve")
+        };
+        assert_eq!(c, Config::default());
+        assert_eq!(
+            c.socket_path(),
+            Path::new("/var/lib/kubelet/device-plugins/rdma.sock")
+        );
+        assert_eq!(c.resource_name, "jarvice.com/rdma");
+    }
+
+    #[test]
+    fn every_flag() {
+        let cmd = parse(&args(&[
+            "--plugin-dir=/var/lib/rancher/k3s/agent/kubelet/device-plugins",
+            "--socket-name",
+            "ib.sock",
+            "--resource-name",
+            "example.org/ib",
+            "--host-root",
+            "/host",
+            "--shares",
+            "8",
+            "--mad-devices",
+            "--poll-interval",
+            "2",
+            "--self-check",
+            "0",
+        ]))
+        .unwrap();
+        let Command::Serve(c) = cmd else { panic!() };
+        assert_eq!(
+            c.kubelet_socket(),
+            Path::new("/var/lib/rancher/k3s/agent/kubelet/device-plugins/kubelet.sock")
+        );
+        assert_eq!(c.socket_name, "ib.sock");
+        assert_eq!(c.resource_name, "example.org/ib");
+        assert_eq!(c.host_root, Path::new("/host"));
+        assert_eq!(c.shares, 8);
+        assert!(c.mad_devices);
+        assert_eq!(c.poll_interval, Duration::from_secs(2));
+        assert_eq!(c.self_check, Duration::ZERO);
+    }
+
+    #[test]
+    fn subcommands() {
+        assert!(matches!(
+            parse(&args(&["list", "--json"])),
+            Ok(Command::List { json: true, .. })
+        ));
+        assert!(matches!(parse(&args(&["probe"])), Ok(Command::Probe(_))));
+        assert!(matches!(parse(&args(&["-V"])), Ok(Command::Version)));
+        assert!(matches!(parse(&args(&["--help"])), Ok(Command::Help(_))));
+    }
+
+    #[test]
+    fn bad_values_name_the_problem() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--shares", "0"], "--shares"),
+            (&["--shares", "x"], "--shares"),
+            (&["--shares", "5000"], "--shares"),
+            (&["--resource-name", "rdma"], "no '/'"),
+            (&["--resource-name", "a/b/c"], "more than one"),
+            (&["--resource-name", "Jarvice.com/rdma"], "DNS subdomain"),
+            (&["--resource-name", "kubernetes.io/rdma"], "reserved"),
+            (&["--resource-name", "jarvice.com/-x"], "alphanumeric"),
+            (&["--plugin-dir", "relative/dir"], "absolute"),
+            (&["--host-root", ""], "absolute"),
+            (&["--socket-name", "a/b.sock"], "plain file name"),
+            (&["--socket-name", "kubelet.sock"], "plain file name"),
+            (&["--poll-interval", "0"], "--poll-interval"),
+            (&["--bogus"], "bogus"),
+            (&["frobnicate"], "unknown command"),
+            (&["serve", "--json"], "--json"),
+            (&["list", "extra"], "unexpected argument"),
+        ];
+        for (a, want) in cases {
+            let err = parse(&args(a)).unwrap_err();
+            assert!(err.to_string().contains(want), "{a:?}: {err}");
+        }
+        let long = format!("/{}", "d".repeat(120));
+        let err = parse(&args(&["--plugin-dir", &long])).unwrap_err();
+        assert!(err.to_string().contains("at most 107"), "{err}");
+    }
+
+    #[test]
+    fn help_lists_every_flag_with_default() {
+        let help = usage();
+        for flag in [
+            "--plugin-dir",
+            "--socket-name",
+            "--resource-name",
+            "--host-root",
+            "--shares",
+            "--mad-devices",
+            "--poll-interval",
+            "--self-check",
+            "--json",
+            "--help",
+            "--version",
+        ] {
+            assert!(help.contains(flag), "{flag} missing from --help");
+        }
+        assert!(help.contains("jarvice.com/rdma]"));
+    }
+}

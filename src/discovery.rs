@@ -1,0 +1,511 @@
+//! Finds the RDMA device nodes of a host with plain `std::fs` (never libibverbs, which broke on
+//! mixed software/firmware revisions).
+//!
+//! Where nodes are *looked for* (`<root>/dev/infiniband`, `root` being `/` or a mount of the host's
+//! `/` such as `/host`) is kept apart from the path *reported* to the kubelet, which is always the
+//! host path (`/dev/infiniband/uverbs0`): the container runtime resolves it on the host.
+
+use std::cmp::Ordering;
+use std::fmt;
+use std::fs;
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use log::debug;
+
+/// The directory of verbs, CM and MAD nodes, relative to the host root.
+pub const INFINIBAND_DIR: &str = "dev/infiniband";
+/// The KNEM node (Open MPI / IBM MPI intra-node copies), relative to the host root.
+pub const KNEM_NODE: &str = "dev/knem";
+
+/// What a device node is for; the order of the variants is the order of the Allocate answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// `uverbs*`: one per HCA port group, required for verbs.
+    Uverbs,
+    /// `rdma_cm`: the RDMA connection manager (optional).
+    RdmaCm,
+    /// `umad*`: MAD access for `ibstat`, `perfquery`, `ibnetdiscover` (with `--mad-devices`).
+    Umad,
+    /// `issm*`: the IsSM capability for subnet managers (with `--mad-devices`).
+    Issm,
+    /// `/dev/knem` (optional).
+    Knem,
+}
+
+impl Kind {
+    /// Classifies an entry name of `/dev/infiniband`; `None` for names we never pass.
+    fn of_infiniband_entry(name: &str) -> Option<Kind> {
+        if name.starts_with("uverbs") {
+            Some(Kind::Uverbs)
+        } else if name == "rdma_cm" {
+            Some(Kind::RdmaCm)
+        } else if name.starts_with("umad") {
+            Some(Kind::Umad)
+        } else if name.starts_with("issm") {
+            Some(Kind::Issm)
+        } else {
+            None
+        }
+    }
+
+    fn is_mad(self) -> bool {
+        matches!(self, Kind::Umad | Kind::Issm)
+    }
+}
+
+/// One device node found on the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceNode {
+    pub kind: Kind,
+    /// The path on the host, as reported to the kubelet, e.g. `/dev/infiniband/uverbs0`.
+    pub host_path: PathBuf,
+    /// The NUMA node of the HCA behind a `uverbs*` node, from sysfs; `None` when unknown.
+    pub numa_node: Option<i64>,
+}
+
+/// Everything discovery found, sorted: by kind, then in natural order within a kind.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Inventory {
+    pub nodes: Vec<DeviceNode>,
+}
+
+impl Inventory {
+    /// Healthy means at least one `uverbs*` node: without one no verbs program can run.
+    pub fn has_verbs(&self) -> bool {
+        self.nodes.iter().any(|n| n.kind == Kind::Uverbs)
+    }
+
+    /// The NUMA nodes of all HCAs, sorted and de-duplicated; empty unless every `uverbs*` node
+    /// has a known NUMA node (a partial answer would steer the Topology Manager wrongly).
+    pub fn numa_nodes(&self) -> Vec<i64> {
+        let verbs: Vec<Option<i64>> = self
+            .nodes
+            .iter()
+            .filter(|n| n.kind == Kind::Uverbs)
+            .map(|n| n.numa_node)
+            .collect();
+        if verbs.is_empty() || verbs.iter().any(Option::is_none) {
+            return Vec::new();
+        }
+        let mut numa: Vec<i64> = verbs.into_iter().flatten().collect();
+        numa.sort_unstable();
+        numa.dedup();
+        numa
+    }
+}
+
+/// Which optional node families to pass besides `uverbs*`, `rdma_cm` and `knem`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// Also pass `umad*` and `issm*` (MAD tools, subnet managers).
+    pub mad: bool,
+}
+
+/// A discovery failure that is not simply "absent".
+#[derive(Debug)]
+pub enum Error {
+    /// `<root>/dev/infiniband` exists but cannot be listed (permissions, not a directory, ...).
+    ReadDir { path: PathBuf, source: io::Error },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::ReadDir { path, source } => {
+                write!(f, "cannot list {}: {source}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::ReadDir { source, .. } => Some(source),
+        }
+    }
+}
+
+/// Lists the RDMA device nodes under `root`. An absent `dev/infiniband` or `dev/knem` is not an
+/// error (no driver loaded yet); an unreadable one is.
+pub fn scan(root: &Path, selection: Selection) -> Result<Inventory, Error> {
+    let mut nodes = scan_infiniband(root, selection)?;
+    let knem = root.join(KNEM_NODE);
+    if usable_node(&knem) {
+        nodes.push(DeviceNode {
+            kind: Kind::Knem,
+            host_path: Path::new("/").join(KNEM_NODE),
+            numa_node: None,
+        });
+    }
+    Ok(Inventory { nodes })
+}
+
+fn scan_infiniband(root: &Path, selection: Selection) -> Result<Vec<DeviceNode>, Error> {
+    let dir = root.join(INFINIBAND_DIR);
+    let entries = match fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            debug!("{} is absent: no RDMA driver loaded", dir.display());
+            return Ok(Vec::new());
+        }
+        Err(source) => return Err(Error::ReadDir { path: dir, source }),
+    };
+    let mut nodes = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| Error::ReadDir {
+            path: dir.clone(),
+            source,
+        })?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            debug!("skipping non-UTF-8 entry {:?} in {}", name, dir.display());
+            continue;
+        };
+        let Some(kind) = Kind::of_infiniband_entry(name) else {
+            debug!("skipping {name}: not an RDMA node we pass");
+            continue;
+        };
+        if kind.is_mad() && !selection.mad {
+            debug!("skipping {name}: MAD nodes are passed only with --mad-devices");
+            continue;
+        }
+        if !usable_node(&entry.path()) {
+            continue;
+        }
+        let numa_node = match kind {
+            Kind::Uverbs => read_numa_node(root, name),
+            _ => None,
+        };
+        nodes.push(DeviceNode {
+            kind,
+            host_path: Path::new("/").join(INFINIBAND_DIR).join(name),
+            numa_node,
+        });
+    }
+    nodes.sort_by(|a, b| {
+        a.kind
+            .cmp(&b.kind)
+            .then_with(|| natural_cmp(&a.host_path, &b.host_path))
+    });
+    Ok(nodes)
+}
+
+/// Character devices are real nodes; regular files stand in for them in mock trees (the
+/// original's documented `docker run` test touches `/tmp/infiniband/uverbs0`). A directory is what
+/// a container runtime leaves at a hostPath mount of a missing file: never pass it.
+fn usable_node(path: &Path) -> bool {
+    match fs::metadata(path) {
+        Ok(meta) => {
+            let ft = meta.file_type();
+            if ft.is_char_device() || ft.is_file() {
+                true
+            } else {
+                debug!(
+                    "ignoring {}: neither a character device nor a file",
+                    path.display()
+                );
+                false
+            }
+        }
+        Err(e) => {
+            if e.kind() != io::ErrorKind::NotFound {
+                debug!("ignoring {}: {e}", path.display());
+            }
+            false
+        }
+    }
+}
+
+/// Reads `<root>/sys/class/infiniband_verbs/<uverbsN>/device/numa_node`; the kernel writes -1
+/// when the platform does not say.
+fn read_numa_node(root: &Path, uverbs: &str) -> Option<i64> {
+    let path = root
+        .join("sys/class/infiniband_verbs")
+        .join(uverbs)
+        .join("device/numa_node");
+    let text = fs::read_to_string(&path).ok()?;
+    match text.trim().parse::<i64>() {
+        Ok(n) if n >= 0 => Some(n),
+        _ => None,
+    }
+}
+
+/// Orders `uverbs2` before `uverbs10`: digit runs compare by value, the rest byte-wise.
+pub fn natural_cmp(a: &Path, b: &Path) -> Ordering {
+    natural_cmp_str(&a.to_string_lossy(), &b.to_string_lossy())
+}
+
+/// [`natural_cmp`] on strings; also orders device IDs (`rdma-2` before `rdma-10`).
+pub fn natural_cmp_str(a: &str, b: &str) -> Ordering {
+    let (mut a, mut b) = (a.as_bytes(), b.as_bytes());
+    loop {
+        match (a.first(), b.first()) {
+            (None, None) => return Ordering::Equal,
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+            (Some(x), Some(y)) if x.is_ascii_digit() && y.is_ascii_digit() => {
+                let da = a.iter().take_while(|c| c.is_ascii_digit()).count();
+                let db = b.iter().take_while(|c| c.is_ascii_digit()).count();
+                let (na, nb) = (trim_zeros(&a[..da]), trim_zeros(&b[..db]));
+                let ord = na.len().cmp(&nb.len()).then_with(|| na.cmp(nb));
+                if ord != Ordering::Equal {
+                    return ord;
+                }
+                a = &a[da..];
+                b = &b[db..];
+            }
+            (Some(x), Some(y)) => {
+                if x != y {
+                    return x.cmp(y);
+                }
+                a = &a[1..];
+                b = &b[1..];
+            }
+        }
+    }
+}
+
+fn trim_zeros(digits: &[u8]) -> &[u8] {
+    let first = digits
+        .iter()
+        .position(|&c| c != b'0')
+        .unwrap_or(digits.len());
+    &digits[first..]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A temp tree that removes itself; one per test so tests run in parallel.
+    struct Tree(PathBuf);
+
+    impl Tree {
+        fn new(tag: &str) -> Tree {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "rdma-disc-{}-{}-{tag}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            fs::create_dir_all(&dir).unwrap();
+            Tree(dir)
+        }
+        fn file(&self, rel: &str) {
+            let p = self.0.join(rel);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, b"").unwrap();
+        }
+        fn dir(&self, rel: &str) {
+            fs::create_dir_all(self.0.join(rel)).unwrap();
+        }
+        fn write(&self, rel: &str, text: &str) {
+            let p = self.0.join(rel);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, text).unwrap();
+        }
+    }
+
+    impl Drop for Tree {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn paths(inv: &Inventory) -> Vec<String> {
+        inv.nodes
+            .iter()
+            .map(|n| n.host_path.display().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn table() {
+        struct Case {
+            name: &'static str,
+            files: &'static [&'static str],
+            dirs: &'static [&'static str],
+            mad: bool,
+            want: &'static [&'static str],
+        }
+        let cases = [
+            Case {
+                name: "absent /dev/infiniband",
+                files: &[],
+                dirs: &["dev"],
+                mad: false,
+                want: &[],
+            },
+            Case {
+                name: "empty /dev/infiniband",
+                files: &[],
+                dirs: &["dev/infiniband"],
+                mad: false,
+                want: &[],
+            },
+            Case {
+                name: "one HCA with rdma_cm and knem",
+                files: &[
+                    "dev/infiniband/uverbs0",
+                    "dev/infiniband/rdma_cm",
+                    "dev/knem",
+                ],
+                dirs: &[],
+                mad: false,
+                want: &[
+                    "/dev/infiniband/uverbs0",
+                    "/dev/infiniband/rdma_cm",
+                    "/dev/knem",
+                ],
+            },
+            Case {
+                name: "natural order",
+                files: &[
+                    "dev/infiniband/uverbs10",
+                    "dev/infiniband/uverbs2",
+                    "dev/infiniband/uverbs1",
+                ],
+                dirs: &[],
+                mad: false,
+                want: &[
+                    "/dev/infiniband/uverbs1",
+                    "/dev/infiniband/uverbs2",
+                    "/dev/infiniband/uverbs10",
+                ],
+            },
+            Case {
+                name: "directory at a device path (hostPath of a missing file)",
+                files: &["dev/infiniband/uverbs0"],
+                dirs: &[
+                    "dev/knem",
+                    "dev/infiniband/uverbs1",
+                    "dev/infiniband/rdma_cm",
+                ],
+                mad: false,
+                want: &["/dev/infiniband/uverbs0"],
+            },
+            Case {
+                name: "odd names are ignored",
+                files: &[
+                    "dev/infiniband/uverbs0",
+                    "dev/infiniband/xuverbs1",
+                    "dev/infiniband/rdma_cm0",
+                    "dev/infiniband/README",
+                    "dev/knem0",
+                ],
+                dirs: &[],
+                mad: false,
+                want: &["/dev/infiniband/uverbs0"],
+            },
+            Case {
+                name: "MAD nodes only when selected",
+                files: &[
+                    "dev/infiniband/uverbs0",
+                    "dev/infiniband/umad0",
+                    "dev/infiniband/issm0",
+                ],
+                dirs: &[],
+                mad: false,
+                want: &["/dev/infiniband/uverbs0"],
+            },
+            Case {
+                name: "MAD nodes selected",
+                files: &[
+                    "dev/infiniband/issm0",
+                    "dev/infiniband/umad1",
+                    "dev/infiniband/umad0",
+                    "dev/infiniband/uverbs0",
+                    "dev/infiniband/rdma_cm",
+                ],
+                dirs: &[],
+                mad: true,
+                want: &[
+                    "/dev/infiniband/uverbs0",
+                    "/dev/infiniband/rdma_cm",
+                    "/dev/infiniband/umad0",
+                    "/dev/infiniband/umad1",
+                    "/dev/infiniband/issm0",
+                ],
+            },
+            Case {
+                name: "knem without an HCA",
+                files: &["dev/knem"],
+                dirs: &["dev/infiniband"],
+                mad: false,
+                want: &["/dev/knem"],
+            },
+        ];
+        for case in cases {
+            let tree = Tree::new("table");
+            for d in case.dirs {
+                tree.dir(d);
+            }
+            for f in case.files {
+                tree.file(f);
+            }
+            let inv = scan(&tree.0, Selection { mad: case.mad }).unwrap();
+            assert_eq!(paths(&inv), case.want, "case: {}", case.name);
+            assert_eq!(
+                inv.has_verbs(),
+                case.want.iter().any(|p| p.contains("uverbs")),
+                "health of case: {}",
+                case.name
+            );
+        }
+    }
+
+    #[test]
+    fn root_absent_is_empty_not_error() {
+        let inv = scan(Path::new("/nonexistent/rdma-root"), Selection::default()).unwrap();
+        assert!(inv.nodes.is_empty());
+    }
+
+    #[test]
+    fn file_where_directory_should_be_is_an_error() {
+        let tree = Tree::new("file-dir");
+        tree.file("dev/infiniband");
+        let err = scan(&tree.0, Selection::default()).unwrap_err();
+        assert!(err.to_string().contains("dev/infiniband"), "{err}");
+    }
+
+    #[test]
+    fn symlink_loop_is_an_error() {
+        // ELOOP stands for every "exists but cannot be listed" case, and unlike a permission
+        // check it also fails for root, which CI runs as.
+        let tree = Tree::new("loop");
+        tree.dir("dev");
+        std::os::unix::fs::symlink("infiniband", tree.0.join(INFINIBAND_DIR)).unwrap();
+        let err = scan(&tree.0, Selection::default()).unwrap_err();
+        assert!(err.to_string().contains("cannot list"), "{err}");
+    }
+
+    #[test]
+    fn numa_nodes_from_sysfs() {
+        let tree = Tree::new("numa");
+        tree.file("dev/infiniband/uverbs0");
+        tree.file("dev/infiniband/uverbs1");
+        tree.write("sys/class/infiniband_verbs/uverbs0/device/numa_node", "1\n");
+        tree.write("sys/class/infiniband_verbs/uverbs1/device/numa_node", "0\n");
+        let inv = scan(&tree.0, Selection::default()).unwrap();
+        assert_eq!(inv.numa_nodes(), vec![0, 1]);
+
+        // One HCA with an unknown node (-1) makes the whole answer unknown.
+        tree.write(
+            "sys/class/infiniband_verbs/uverbs1/device/numa_node",
+            "-1\n",
+        );
+        let inv = scan(&tree.0, Selection::default()).unwrap();
+        assert_eq!(inv.numa_nodes(), Vec::<i64>::new());
+    }
+
+    #[test]
+    fn natural_order_of_strings() {
+        let mut v = vec!["rdma-10", "rdma-2", "rdma-1", "a", "rdma-", "rdma-9x"];
+        v.sort_by(|a, b| natural_cmp_str(a, b));
+        assert_eq!(v, ["a", "rdma-", "rdma-1", "rdma-2", "rdma-9x", "rdma-10"]);
+    }
+}

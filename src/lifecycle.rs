@@ -1,0 +1,408 @@
+//! The daemon's one loop, on the main thread: serve -> register -> wait for an event -> act.
+//!
+//! Events: a signal (signalfd), a filesystem change (inotify), a Register call finishing (eventfd
+//! from its thread), a retry deadline, and, where inotify cannot watch everything, a poll tick.
+//! A failed step retries with capped exponential backoff; nothing here exits the process except
+//! a termination signal or a second instance already serving our socket.
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use grpcio::{EnvBuilder, Environment};
+use log::{debug, info, warn};
+
+use crate::config::Config;
+use crate::plugin::Settings;
+use crate::registration::{self, REGISTER_TIMEOUT};
+use crate::resource::HEALTHY;
+use crate::server::{self, Serving};
+use crate::sys::{self, EventFd, SignalFd};
+use crate::watch::{Changes, Watcher};
+
+const SIGNALS: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT, libc::SIGHUP];
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(10);
+
+#[derive(Debug)]
+pub enum Error {
+    Setup {
+        what: &'static str,
+        source: io::Error,
+    },
+    Serve(server::Error),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Setup { what, source } => write!(f, "cannot set up {what}: {source}"),
+            Error::Serve(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Doubles from 100 ms to a 10 s cap; reset after a success.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn reset(&mut self) {
+        self.0 = BACKOFF_FIRST;
+    }
+    fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(BACKOFF_CAP);
+        d
+    }
+}
+
+/// The identity of the kubelet.sock we registered with: a restarted kubelet makes a new file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct KubeletId {
+    dev: u64,
+    ino: u64,
+    ctime_ns: i128,
+}
+
+fn kubelet_id(path: &Path) -> Option<KubeletId> {
+    let m = fs::metadata(path).ok()?;
+    Some(KubeletId {
+        dev: m.dev(),
+        ino: m.ino(),
+        ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+    })
+}
+
+type Outcome = (u64, Option<KubeletId>, Result<(), registration::Error>);
+
+/// Runs Register calls on short-lived threads and reports back through an eventfd, so the main
+/// loop never blocks on the kubelet. Only the newest attempt's outcome counts.
+struct Registrar {
+    tx: Sender<Outcome>,
+    rx: Receiver<Outcome>,
+    wake: Arc<EventFd>,
+    attempt: u64,
+    in_flight: bool,
+}
+
+impl Registrar {
+    fn new() -> io::Result<Registrar> {
+        let (tx, rx) = mpsc::channel();
+        Ok(Registrar {
+            tx,
+            rx,
+            wake: Arc::new(EventFd::new()?),
+            attempt: 0,
+            in_flight: false,
+        })
+    }
+
+    fn start(&mut self, env: &Arc<Environment>, cfg: &Config) {
+        self.attempt += 1;
+        self.in_flight = true;
+        let attempt = self.attempt;
+        let (env, tx, wake) = (Arc::clone(env), self.tx.clone(), Arc::clone(&self.wake));
+        let kubelet = cfg.kubelet_socket();
+        let req = registration::request(&cfg.socket_name, &cfg.resource_name);
+        let spawned = thread::Builder::new()
+            .name("register".into())
+            .spawn(move || {
+                let id = kubelet_id(&kubelet);
+                let result = registration::register(&env, &kubelet, &req, REGISTER_TIMEOUT);
+                // The receiver lives as long as the loop; after it is gone nobody needs the answer.
+                let _ = tx.send((attempt, id, result));
+                wake.notify();
+            });
+        if let Err(e) = spawned {
+            warn!("cannot start a Register thread: {e}");
+            let _ = self.tx.send((
+                attempt,
+                None,
+                Err(registration::Error::Rpc {
+                    path: cfg.kubelet_socket(),
+                    source: grpcio::Error::RemoteStopped,
+                }),
+            ));
+            self.wake.notify();
+        }
+    }
+
+    /// The outcome of the newest attempt, if it has arrived.
+    fn outcome(&mut self) -> Option<(Option<KubeletId>, Result<(), registration::Error>)> {
+        self.wake.drain();
+        let mut newest = None;
+        while let Ok((attempt, id, result)) = self.rx.try_recv() {
+            if attempt == self.attempt {
+                self.in_flight = false;
+                newest = Some((id, result));
+            } else {
+                debug!("ignoring the outcome of superseded Register attempt {attempt}");
+            }
+        }
+        newest
+    }
+}
+
+struct Daemon {
+    cfg: Config,
+    env: Arc<Environment>,
+    settings: Arc<Settings>,
+    serving: Option<Serving>,
+    registrar: Registrar,
+    registered: Option<KubeletId>,
+    retry_at: Option<Instant>,
+    backoff: Backoff,
+    last_failure: Option<String>,
+}
+
+/// Runs the device plugin until SIGTERM, SIGINT or SIGQUIT.
+pub fn run(cfg: Config) -> Result<(), Error> {
+    // Before any thread exists, so every thread inherits the mask and signals reach only the
+    // signalfd read on this thread.
+    sys::block_signals(&SIGNALS).map_err(|source| Error::Setup {
+        what: "signal mask",
+        source,
+    })?;
+    let signals = SignalFd::new(&SIGNALS).map_err(|source| Error::Setup {
+        what: "signalfd",
+        source,
+    })?;
+    let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc").build());
+    let settings = Arc::new(Settings {
+        host_root: cfg.host_root.clone(),
+        selection: cfg.selection(),
+        resource: cfg.resource(),
+    });
+    let mut watcher = Watcher::new(&cfg.plugin_dir, &cfg.socket_name, &cfg.host_root);
+    let registrar = Registrar::new().map_err(|source| Error::Setup {
+        what: "eventfd",
+        source,
+    })?;
+    info!(
+        "starting: resource {}, socket {}, devices under {}, {} device(s) advertised",
+        cfg.resource_name,
+        cfg.socket_path().display(),
+        cfg.host_root.join("dev").display(),
+        cfg.shares
+    );
+    let mut d = Daemon {
+        cfg,
+        env,
+        settings,
+        serving: None,
+        registrar,
+        registered: None,
+        retry_at: Some(Instant::now()),
+        backoff: Backoff(BACKOFF_FIRST),
+        last_failure: None,
+    };
+    let mut next_check = d.self_check_deadline();
+    loop {
+        let now = Instant::now();
+        if d.retry_at.is_some_and(|t| t <= now) {
+            d.retry_at = None;
+            d.attempt()?;
+        }
+        if next_check.is_some_and(|t| t <= now) {
+            d.self_check(&mut watcher)?;
+            next_check = d.self_check_deadline();
+        }
+        let poll_at = (!watcher.complete()).then(|| now + d.cfg.poll_interval);
+        let deadline = [d.retry_at, next_check, poll_at]
+            .into_iter()
+            .flatten()
+            .min();
+        let mut fds = vec![signals.as_raw_fd(), d.registrar.wake.as_raw_fd()];
+        fds.extend(watcher.fd());
+        let timeout = deadline.map(|t| t.saturating_duration_since(Instant::now()));
+        let ready = sys::poll_readable(&fds, timeout).map_err(|source| Error::Setup {
+            what: "poll",
+            source,
+        })?;
+
+        if ready[0] && d.on_signals(&signals)? {
+            return Ok(());
+        }
+        if ready[1] {
+            d.on_register_outcome();
+        }
+        if ready.get(2) == Some(&true) {
+            let changes = watcher.read();
+            d.on_changes(changes)?;
+        }
+        if poll_at.is_some_and(|t| t <= Instant::now()) {
+            // No inotify for some directory: rescan and check the sockets by hand.
+            if watcher.refresh() {
+                debug!("a missing directory can be watched now");
+            }
+            d.self_check(&mut watcher)?;
+        }
+    }
+}
+
+impl Daemon {
+    fn self_check_deadline(&self) -> Option<Instant> {
+        (!self.cfg.self_check.is_zero()).then(|| Instant::now() + self.cfg.self_check)
+    }
+
+    /// Serves if not serving yet, then starts a Register attempt.
+    fn attempt(&mut self) -> Result<(), Error> {
+        if self.serving.is_none() {
+            let list = self.settings.resource.device_list(&self.settings.scan());
+            match Serving::start(&self.env, &self.settings, &self.cfg.socket_path(), list) {
+                Ok(s) => self.serving = Some(s),
+                Err(e @ server::Error::InUse { .. }) => return Err(Error::Serve(e)),
+                Err(e) => {
+                    self.failed(e.to_string());
+                    return Ok(());
+                }
+            }
+        }
+        self.registrar.start(&self.env, &self.cfg);
+        Ok(())
+    }
+
+    /// Logs a failure (at info the first time it reads so, then at debug) and schedules a retry.
+    fn failed(&mut self, what: String) {
+        let delay = self.backoff.next();
+        if self.last_failure.as_deref() == Some(what.as_str()) {
+            debug!("{what}; retrying in {delay:?}");
+        } else {
+            info!("{what}; retrying in {delay:?}");
+            self.last_failure = Some(what);
+        }
+        self.retry_at = Some(Instant::now() + delay);
+    }
+
+    /// Stops the current server (ending its streams) and serves and registers again at once.
+    fn restart(&mut self, why: &str) -> Result<(), Error> {
+        info!(
+            "{why}: serving and registering {} again",
+            self.cfg.resource_name
+        );
+        if let Some(old) = self.serving.take() {
+            old.stop();
+        }
+        self.registered = None;
+        self.backoff.reset();
+        self.last_failure = None;
+        self.retry_at = None;
+        self.attempt()
+    }
+
+    fn on_signals(&mut self, signals: &SignalFd) -> Result<bool, Error> {
+        loop {
+            let sig = match signals.read() {
+                Ok(Some(sig)) => sig,
+                Ok(None) => return Ok(false),
+                Err(e) => {
+                    warn!("reading signals failed: {e}");
+                    return Ok(false);
+                }
+            };
+            if sig == libc::SIGHUP {
+                self.restart("SIGHUP")?;
+                continue;
+            }
+            info!(
+                "signal {sig} received: stopping {} on {}",
+                self.cfg.resource_name,
+                self.cfg.socket_path().display()
+            );
+            if let Some(s) = self.serving.take() {
+                s.stop();
+            }
+            return Ok(true);
+        }
+    }
+
+    fn on_register_outcome(&mut self) {
+        let Some((id, result)) = self.registrar.outcome() else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                info!(
+                    "registered {} with the kubelet at {} (endpoint {})",
+                    self.cfg.resource_name,
+                    self.cfg.kubelet_socket().display(),
+                    self.cfg.socket_name
+                );
+                self.registered = id;
+                self.backoff.reset();
+                self.last_failure = None;
+            }
+            Err(e) => self.failed(e.to_string()),
+        }
+    }
+
+    fn on_changes(&mut self, changes: Changes) -> Result<(), Error> {
+        if changes.kubelet_restarted {
+            return self.restart("kubelet.sock created (kubelet restarted)");
+        }
+        if changes.socket_removed && !self.cfg.socket_path().exists() && self.serving.is_some() {
+            return self.restart("our socket was removed");
+        }
+        if changes.devices {
+            self.rescan();
+        }
+        Ok(())
+    }
+
+    /// Discovers devices and sends every stream the new list if it changed.
+    fn rescan(&mut self) {
+        let Some(serving) = &self.serving else {
+            return;
+        };
+        let inv = self.settings.scan();
+        let list = self.settings.resource.device_list(&inv);
+        let health = list
+            .devices
+            .first()
+            .map(|d| d.health.clone())
+            .unwrap_or_default();
+        if serving.hub().publish(list) {
+            let level = if health == HEALTHY {
+                log::Level::Info
+            } else {
+                log::Level::Warn
+            };
+            log::log!(
+                level,
+                "device nodes changed: {} node(s) ({}), {} is {health}",
+                inv.nodes.len(),
+                inv.nodes
+                    .iter()
+                    .map(|n| n.host_path.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                self.cfg.resource_name
+            );
+        }
+    }
+
+    /// Catches what events missed: devices changed, our socket gone, a new kubelet.sock.
+    fn self_check(&mut self, watcher: &mut Watcher) -> Result<(), Error> {
+        if watcher.refresh() {
+            debug!("self-check: added a missing watch");
+        }
+        self.rescan();
+        if self.serving.is_some() && !self.cfg.socket_path().exists() {
+            return self.restart("self-check: our socket is gone");
+        }
+        let current = kubelet_id(&self.cfg.kubelet_socket());
+        if self.registered.is_some() && current.is_some() && current != self.registered {
+            return self.restart("self-check: kubelet.sock was replaced");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,53 @@
+//! Entry point: parse flags, start logging, run, map the outcome to an exit code
+//! (0 ok, 1 runtime failure, 2 bad command line).
+
+use std::process::ExitCode;
+
+use log::error;
+use rdma_plugin::config::{self, Command};
+use rdma_plugin::{lifecycle, list, probe};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let command = match config::parse(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("jarvice-rdma-plugin: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+    match command {
+        Command::Help(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Command::Version => {
+            println!("jarvice-rdma-plugin {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::Serve(cfg) => outcome(lifecycle::run(cfg)),
+        Command::List { config, json } => {
+            outcome(list::report(&config, json).map(|r| print!("{r}")))
+        }
+        Command::Probe(cfg) => outcome(probe::probe(&cfg.socket_path()).map(|seen| {
+            print!("{seen}");
+            println!(
+                "ok: {} answers as the kubelet expects",
+                cfg.socket_path().display()
+            );
+        })),
+    }
+}
+
+fn outcome<E: std::fmt::Display>(result: Result<(), E>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! The `v1beta1.DevicePlugin` service. Handlers run on grpcio's completion-queue threads, so each
+//! answers from memory or a short directory listing and never waits on anything.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use grpcio::{RpcContext, RpcStatus, RpcStatusCode, ServerStreamingSink, UnarySink};
+use log::{debug, warn};
+
+use crate::api;
+use crate::discovery::{self, Inventory, Selection};
+use crate::resource::Resource;
+use crate::stream::{self, Hub};
+
+/// What the plugin serves; shared by every handler of one server.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Where device nodes are looked for (`/` on a host, the host's `/` mount in a pod).
+    pub host_root: PathBuf,
+    pub selection: Selection,
+    pub resource: Resource,
+}
+
+impl Settings {
+    /// Discovers devices now. A directory that cannot be listed counts as no devices (the
+    /// resource turns Unhealthy) and is logged, so the plugin keeps serving.
+    pub fn scan(&self) -> Inventory {
+        match discovery::scan(&self.host_root, self.selection) {
+            Ok(inv) => inv,
+            Err(e) => {
+                warn!("device discovery failed: {e}; advertising no device nodes");
+                Inventory::default()
+            }
+        }
+    }
+}
+
+/// The options we register with and answer `GetDevicePluginOptions` with.
+pub fn options() -> api::DevicePluginOptions {
+    let mut o = api::DevicePluginOptions::new();
+    o.pre_start_required = false;
+    o.get_preferred_allocation_available = true;
+    o
+}
+
+#[derive(Clone)]
+pub struct Plugin {
+    settings: Arc<Settings>,
+    hub: Arc<Hub>,
+}
+
+impl Plugin {
+    pub fn new(settings: Arc<Settings>, hub: Arc<Hub>) -> Plugin {
+        Plugin { settings, hub }
+    }
+}
+
+fn reply<T>(ctx: &RpcContext<'_>, sink: UnarySink<T>, result: Result<T, RpcStatus>, rpc: &str) {
+    let rpc = rpc.to_string();
+    let sent = match result {
+        Ok(msg) => sink.success(msg),
+        Err(status) => {
+            warn!("{rpc} refused: {}", status.message());
+            sink.fail(status)
+        }
+    };
+    // The send completes on the completion queue; a client that left meanwhile is only news.
+    ctx.spawn(async move {
+        if let Err(e) = sent.await {
+            debug!("{rpc} reply not delivered: {e}");
+        }
+    });
+}
+
+fn invalid(e: impl std::fmt::Display) -> RpcStatus {
+    RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, e.to_string())
+}
+
+impl api::DevicePlugin for Plugin {
+    fn get_device_plugin_options(
+        &mut self,
+        ctx: RpcContext<'_>,
+        _req: api::Empty,
+        sink: UnarySink<api::DevicePluginOptions>,
+    ) {
+        reply(&ctx, sink, Ok(options()), "GetDevicePluginOptions");
+    }
+
+    fn list_and_watch(
+        &mut self,
+        ctx: RpcContext<'_>,
+        _req: api::Empty,
+        sink: ServerStreamingSink<api::ListAndWatchResponse>,
+    ) {
+        stream::spawn(Arc::clone(&self.hub), sink, ctx.peer());
+    }
+
+    fn get_preferred_allocation(
+        &mut self,
+        ctx: RpcContext<'_>,
+        req: api::PreferredAllocationRequest,
+        sink: UnarySink<api::PreferredAllocationResponse>,
+    ) {
+        let result = self.settings.resource.preferred(&req).map_err(invalid);
+        reply(&ctx, sink, result, "GetPreferredAllocation");
+    }
+
+    fn allocate(
+        &mut self,
+        ctx: RpcContext<'_>,
+        req: api::AllocateRequest,
+        sink: UnarySink<api::AllocateResponse>,
+    ) {
+        // Read live: a node added or removed since the last ListAndWatch message counts.
+        let inv = self.settings.scan();
+        let result = self.settings.resource.allocate(&req, &inv).map_err(invalid);
+        if let Ok(resp) = &result {
+            debug!(
+                "Allocate: {} container(s), {} device node(s) each",
+                resp.container_responses.len(),
+                inv.nodes.len()
+            );
+        }
+        reply(&ctx, sink, result, "Allocate");
+    }
+
+    fn pre_start_container(
+        &mut self,
+        ctx: RpcContext<'_>,
+        _req: api::PreStartContainerRequest,
+        sink: UnarySink<api::PreStartContainerResponse>,
+    ) {
+        // Never called: we register with pre_start_required = false. Answer empty regardless.
+        reply(
+            &ctx,
+            sink,
+            Ok(api::PreStartContainerResponse::new()),
+            "PreStartContainer",
+        );
+    }
+}

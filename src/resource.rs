@@ -1,0 +1,349 @@
+//! The resource model: what is advertised to the kubelet and what an allocation grants. Pure
+//! functions of the discovered [`Inventory`]; the gRPC layer only converts errors to statuses.
+//!
+//! JARVICE gives jobs whole nodes, so by default one device stands for *all* HCAs of the node.
+//! With `shares = N` there are N such devices, each granting every node, so N pods can share.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use crate::api;
+use crate::discovery::{natural_cmp_str, Inventory};
+
+/// The kubelet counts a device healthy only for this exact string (`manager.go`).
+pub const HEALTHY: &str = "Healthy";
+pub const UNHEALTHY: &str = "Unhealthy";
+/// Device specs grant read and write; `m` (mknod) is never needed for existing nodes.
+pub const PERMISSIONS: &str = "rw";
+
+/// The advertised devices: `shares` of them, with IDs that depend on nothing but their index,
+/// so they are the same after a plugin or kubelet restart (the original's random IDs made pods
+/// fail admission with `UnexpectedAdmissionError`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resource {
+    ids: Vec<String>,
+}
+
+/// A request the plugin refuses; becomes gRPC `INVALID_ARGUMENT`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RequestError {
+    NoContainers,
+    NoDevices { container: usize },
+    UnknownId { container: usize, id: String },
+}
+
+impl fmt::Display for RequestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RequestError::NoContainers => write!(f, "request names no containers"),
+            RequestError::NoDevices { container } => {
+                write!(f, "container request {container} names no device IDs")
+            }
+            RequestError::UnknownId { container, id } => {
+                let shown: String = id.chars().take(128).collect();
+                write!(
+                    f,
+                    "container request {container}: unknown device ID {shown:?} (this plugin advertises rdma-0 .. rdma-N)"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for RequestError {}
+
+impl Resource {
+    /// `shares` must be at least 1 (checked when flags are parsed).
+    pub fn new(shares: u32) -> Resource {
+        Resource {
+            ids: (0..shares).map(|i| format!("rdma-{i}")).collect(),
+        }
+    }
+
+    pub fn ids(&self) -> &[String] {
+        &self.ids
+    }
+
+    fn check_known<'a>(
+        &self,
+        container: usize,
+        ids: impl IntoIterator<Item = &'a String>,
+    ) -> Result<(), RequestError> {
+        for id in ids {
+            if !self.ids.contains(id) {
+                return Err(RequestError::UnknownId {
+                    container,
+                    id: id.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The full device list for ListAndWatch: every share, healthy when a `uverbs*` node exists,
+    /// with the NUMA nodes of the HCAs when sysfs tells them all.
+    pub fn device_list(&self, inv: &Inventory) -> api::ListAndWatchResponse {
+        let health = if inv.has_verbs() { HEALTHY } else { UNHEALTHY };
+        let numa = inv.numa_nodes();
+        let topology = if numa.is_empty() {
+            None
+        } else {
+            let mut t = api::TopologyInfo::new();
+            t.nodes = numa
+                .into_iter()
+                .map(|id| {
+                    let mut n = api::NUMANode::new();
+                    n.ID = id;
+                    n
+                })
+                .collect();
+            Some(t)
+        };
+        let mut resp = api::ListAndWatchResponse::new();
+        resp.devices = self
+            .ids
+            .iter()
+            .map(|id| {
+                let mut d = api::Device::new();
+                d.ID = id.clone();
+                d.health = health.to_string();
+                d.topology = topology.clone().into();
+                d
+            })
+            .collect();
+        resp
+    }
+
+    /// One answer per container request, each granting every discovered node (host path =
+    /// container path, `rw`). Unknown or missing IDs refuse the whole request.
+    pub fn allocate(
+        &self,
+        req: &api::AllocateRequest,
+        inv: &Inventory,
+    ) -> Result<api::AllocateResponse, RequestError> {
+        if req.container_requests.is_empty() {
+            return Err(RequestError::NoContainers);
+        }
+        let mut resp = api::AllocateResponse::new();
+        for (i, creq) in req.container_requests.iter().enumerate() {
+            if creq.devices_ids.is_empty() {
+                return Err(RequestError::NoDevices { container: i });
+            }
+            self.check_known(i, &creq.devices_ids)?;
+            let mut cresp = api::ContainerAllocateResponse::new();
+            cresp.devices = device_specs(inv);
+            resp.container_responses.push(cresp);
+        }
+        Ok(resp)
+    }
+
+    /// Picks `allocation_size` IDs per container: every `must_include` ID first, then available
+    /// ones in natural order. The same request always gets the same answer.
+    pub fn preferred(
+        &self,
+        req: &api::PreferredAllocationRequest,
+    ) -> Result<api::PreferredAllocationResponse, RequestError> {
+        if req.container_requests.is_empty() {
+            return Err(RequestError::NoContainers);
+        }
+        let mut resp = api::PreferredAllocationResponse::new();
+        for (i, creq) in req.container_requests.iter().enumerate() {
+            self.check_known(i, &creq.must_include_deviceIDs)?;
+            self.check_known(i, &creq.available_deviceIDs)?;
+            let size = usize::try_from(creq.allocation_size).unwrap_or(0);
+            let mut chosen: Vec<String> = Vec::with_capacity(size);
+            let mut seen = HashSet::new();
+            let mut must = creq.must_include_deviceIDs.clone();
+            must.sort_by(|a, b| natural_cmp_str(a, b));
+            for id in must {
+                if seen.insert(id.clone()) {
+                    chosen.push(id);
+                }
+            }
+            let mut available = creq.available_deviceIDs.clone();
+            available.sort_by(|a, b| natural_cmp_str(a, b));
+            for id in available {
+                if chosen.len() >= size {
+                    break;
+                }
+                if seen.insert(id.clone()) {
+                    chosen.push(id);
+                }
+            }
+            let mut cresp = api::ContainerPreferredAllocationResponse::new();
+            cresp.deviceIDs = chosen;
+            resp.container_responses.push(cresp);
+        }
+        Ok(resp)
+    }
+}
+
+/// One spec per discovered node, in discovery order; discovery lists each path once, so there
+/// are no duplicates (the original added `rdma_cm` twice).
+pub fn device_specs(inv: &Inventory) -> Vec<api::DeviceSpec> {
+    inv.nodes
+        .iter()
+        .map(|n| {
+            let path = n.host_path.to_string_lossy().into_owned();
+            let mut spec = api::DeviceSpec::new();
+            spec.container_path = path.clone();
+            spec.host_path = path;
+            spec.permissions = PERMISSIONS.to_string();
+            spec
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::{DeviceNode, Kind};
+    use std::path::PathBuf;
+
+    fn inv(paths: &[(Kind, &str, Option<i64>)]) -> Inventory {
+        Inventory {
+            nodes: paths
+                .iter()
+                .map(|&(kind, p, numa_node)| DeviceNode {
+                    kind,
+                    host_path: PathBuf::from(p),
+                    numa_node,
+                })
+                .collect(),
+        }
+    }
+
+    fn alloc_req(containers: &[&[&str]]) -> api::AllocateRequest {
+        let mut req = api::AllocateRequest::new();
+        for ids in containers {
+            let mut c = api::ContainerAllocateRequest::new();
+            c.devices_ids = ids.iter().map(|s| s.to_string()).collect();
+            req.container_requests.push(c);
+        }
+        req
+    }
+
+    #[test]
+    fn ids_are_stable_and_health_follows_uverbs() {
+        assert_eq!(Resource::new(3).ids(), ["rdma-0", "rdma-1", "rdma-2"]);
+        assert_eq!(Resource::new(3), Resource::new(3));
+        let r = Resource::new(2);
+        let list = r.device_list(&inv(&[(Kind::Uverbs, "/dev/infiniband/uverbs0", None)]));
+        assert_eq!(list.devices.len(), 2);
+        assert!(list.devices.iter().all(|d| d.health == HEALTHY));
+        assert!(list.devices.iter().all(|d| d.topology.is_none()));
+        let list = r.device_list(&inv(&[(Kind::RdmaCm, "/dev/infiniband/rdma_cm", None)]));
+        assert!(list.devices.iter().all(|d| d.health == UNHEALTHY));
+        let list = r.device_list(&Inventory::default());
+        assert_eq!(list.devices[1].ID, "rdma-1");
+        assert_eq!(list.devices[1].health, UNHEALTHY);
+    }
+
+    #[test]
+    fn topology_lists_numa_nodes() {
+        let r = Resource::new(1);
+        let list = r.device_list(&inv(&[
+            (Kind::Uverbs, "/dev/infiniband/uverbs0", Some(1)),
+            (Kind::Uverbs, "/dev/infiniband/uverbs1", Some(0)),
+        ]));
+        let nodes: Vec<i64> = list.devices[0]
+            .topology
+            .nodes
+            .iter()
+            .map(|n| n.ID)
+            .collect();
+        assert_eq!(nodes, vec![0, 1]);
+    }
+
+    #[test]
+    fn allocate_grants_every_node_per_container() {
+        let r = Resource::new(2);
+        let i = inv(&[
+            (Kind::Uverbs, "/dev/infiniband/uverbs0", None),
+            (Kind::Uverbs, "/dev/infiniband/uverbs1", None),
+            (Kind::RdmaCm, "/dev/infiniband/rdma_cm", None),
+            (Kind::Knem, "/dev/knem", None),
+        ]);
+        let resp = r
+            .allocate(&alloc_req(&[&["rdma-0"], &["rdma-1"]]), &i)
+            .unwrap();
+        assert_eq!(resp.container_responses.len(), 2);
+        for c in &resp.container_responses {
+            let paths: Vec<&str> = c.devices.iter().map(|d| d.host_path.as_str()).collect();
+            assert_eq!(
+                paths,
+                [
+                    "/dev/infiniband/uverbs0",
+                    "/dev/infiniband/uverbs1",
+                    "/dev/infiniband/rdma_cm",
+                    "/dev/knem"
+                ]
+            );
+            assert!(c.devices.iter().all(|d| d.container_path == d.host_path));
+            assert!(c.devices.iter().all(|d| d.permissions == "rw"));
+            assert!(c.envs.is_empty() && c.mounts.is_empty());
+        }
+    }
+
+    #[test]
+    fn allocate_refuses_bad_requests() {
+        let r = Resource::new(1);
+        let i = Inventory::default();
+        assert_eq!(
+            r.allocate(&alloc_req(&[]), &i).unwrap_err(),
+            RequestError::NoContainers
+        );
+        assert_eq!(
+            r.allocate(&alloc_req(&[&[]]), &i).unwrap_err(),
+            RequestError::NoDevices { container: 0 }
+        );
+        let err = r
+            .allocate(&alloc_req(&[&["rdma-0"], &["rdma-0", "gpu-7"]]), &i)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            RequestError::UnknownId {
+                container: 1,
+                id: "gpu-7".into()
+            }
+        );
+        assert!(err.to_string().contains("\"gpu-7\""));
+    }
+
+    fn pref_req(available: &[&str], must: &[&str], size: i32) -> api::PreferredAllocationRequest {
+        let mut c = api::ContainerPreferredAllocationRequest::new();
+        c.available_deviceIDs = available.iter().map(|s| s.to_string()).collect();
+        c.must_include_deviceIDs = must.iter().map(|s| s.to_string()).collect();
+        c.allocation_size = size;
+        let mut req = api::PreferredAllocationRequest::new();
+        req.container_requests.push(c);
+        req
+    }
+
+    #[test]
+    fn preferred_honours_must_include_and_size() {
+        let r = Resource::new(12);
+        let pick = |a: &[&str], m: &[&str], n| {
+            r.preferred(&pref_req(a, m, n)).unwrap().container_responses[0]
+                .deviceIDs
+                .clone()
+        };
+        assert_eq!(
+            pick(&["rdma-10", "rdma-2", "rdma-3"], &[], 2),
+            ["rdma-2", "rdma-3"]
+        );
+        assert_eq!(
+            pick(&["rdma-10", "rdma-2", "rdma-3"], &["rdma-10"], 2),
+            ["rdma-10", "rdma-2"]
+        );
+        assert_eq!(
+            pick(&["rdma-1"], &["rdma-4", "rdma-0"], 1),
+            ["rdma-0", "rdma-4"]
+        );
+        assert_eq!(pick(&["rdma-1", "rdma-1"], &[], 3), ["rdma-1"]);
+        assert!(matches!(
+            r.preferred(&pref_req(&["nope"], &[], 1)),
+            Err(RequestError::UnknownId { .. })
+        ));
+    }
+}

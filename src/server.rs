@@ -1,0 +1,167 @@
+//! One serving generation: a grpcio server on `<plugin-dir>/<socket-name>` with its [`Hub`].
+//! Stopping it ends its streams, shuts the server down completely and removes the socket, so a
+//! restart never leaks a server (the original's bug 5).
+
+use std::fmt;
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use grpcio::{Environment, Server, ServerBuilder, ServerCredentials};
+use log::{debug, info, warn};
+
+use crate::api;
+use crate::plugin::{Plugin, Settings};
+use crate::stream::Hub;
+use crate::wake;
+
+/// How long a stop waits for in-flight calls before cancelling them.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+
+#[derive(Debug)]
+pub enum Error {
+    /// Something answers on the socket: another plugin instance is running.
+    InUse {
+        path: PathBuf,
+    },
+    /// A stale socket file could not be removed.
+    RemoveStale {
+        path: PathBuf,
+        source: io::Error,
+    },
+    Build {
+        source: grpcio::Error,
+    },
+    Listen {
+        path: PathBuf,
+        source: grpcio::Error,
+    },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InUse { path } => write!(
+                f,
+                "{} answers connections: another plugin instance is serving it",
+                path.display()
+            ),
+            Error::RemoveStale { path, source } => {
+                write!(f, "cannot remove stale socket {}: {source}", path.display())
+            }
+            Error::Build { source } => write!(f, "cannot build the gRPC server: {source}"),
+            Error::Listen { path, source } => {
+                write!(f, "cannot listen on {}: {source}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// A running server; dropping it stops it.
+pub struct Serving {
+    server: Option<Server>,
+    hub: Arc<Hub>,
+    socket: PathBuf,
+}
+
+impl Serving {
+    /// Claims `socket` (removing a stale file left by a crashed instance) and serves there.
+    pub fn start(
+        env: &Arc<Environment>,
+        settings: &Arc<Settings>,
+        socket: &Path,
+        list: api::ListAndWatchResponse,
+    ) -> Result<Serving, Error> {
+        claim(socket)?;
+        let hub = Hub::new(list);
+        let service =
+            api::create_device_plugin(Plugin::new(Arc::clone(settings), Arc::clone(&hub)));
+        let mut server = ServerBuilder::new(Arc::clone(env))
+            .register_service(service)
+            .build()
+            .map_err(|source| Error::Build { source })?;
+        server
+            .add_listening_port(
+                format!("unix:{}", socket.display()),
+                ServerCredentials::insecure(),
+            )
+            .map_err(|source| Error::Listen {
+                path: socket.to_path_buf(),
+                source,
+            })?;
+        server.start();
+        info!("serving the device plugin on {}", socket.display());
+        Ok(Serving {
+            server: Some(server),
+            hub,
+            socket: socket.to_path_buf(),
+        })
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Ends the streams, shuts the server down (cancelling calls still running after a short
+    /// grace) and removes the socket file.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let Some(mut server) = self.server.take() else {
+            return;
+        };
+        self.hub.stop();
+        let done = server.shutdown();
+        if wake::block_on(done, Some(SHUTDOWN_GRACE)).is_none() {
+            debug!("calls still running after {SHUTDOWN_GRACE:?}: cancelling them");
+            server.cancel_all_calls();
+        }
+        drop(server);
+        match std::fs::remove_file(&self.socket) {
+            Ok(()) => {}
+            // The kubelet removes every plugin socket when it restarts.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => warn!("cannot remove {}: {e}", self.socket.display()),
+        }
+        info!("stopped serving on {}", self.socket.display());
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Makes `socket` free to bind: absent is fine; a file nobody answers on is stale and removed;
+/// a socket that accepts a connection belongs to a live instance and is left alone.
+pub fn claim(socket: &Path) -> Result<(), Error> {
+    match std::fs::symlink_metadata(socket) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        _ => {}
+    }
+    if UnixStream::connect(socket).is_ok() {
+        return Err(Error::InUse {
+            path: socket.to_path_buf(),
+        });
+    }
+    info!("removing stale socket {}", socket.display());
+    match std::fs::remove_file(socket) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(Error::RemoveStale {
+            path: socket.to_path_buf(),
+            source,
+        }),
+    }
+}

@@ -1,0 +1,184 @@
+//! ListAndWatch: a [`Hub`] holds the current device list; each open stream gets its own thread
+//! that sends the full list first and then again on every change. grpcio's completion-queue
+//! threads never block on us: they only hand the sink over and later wake the stream thread.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Poll};
+use std::thread;
+
+use futures_sink::Sink;
+use grpcio::{ServerStreamingSink, WriteFlags};
+use log::{debug, warn};
+
+use crate::api::ListAndWatchResponse;
+use crate::wake::Signal;
+
+struct State {
+    version: u64,
+    list: ListAndWatchResponse,
+    stopped: bool,
+    streams: Vec<Weak<Signal>>,
+}
+
+/// The latest device list of one serving generation, and the streams that watch it.
+pub struct Hub {
+    state: Mutex<State>,
+}
+
+impl Hub {
+    pub fn new(list: ListAndWatchResponse) -> Arc<Hub> {
+        Arc::new(Hub {
+            state: Mutex::new(State {
+                version: 0,
+                list,
+                stopped: false,
+                streams: Vec::new(),
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every update leaves State consistent, so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Replaces the list and wakes every stream; a list equal to the current one is ignored.
+    /// Returns whether it changed.
+    pub fn publish(&self, list: ListAndWatchResponse) -> bool {
+        let mut st = self.lock();
+        if st.list == list {
+            return false;
+        }
+        st.list = list;
+        st.version += 1;
+        wake_all(&mut st);
+        true
+    }
+
+    pub fn current(&self) -> ListAndWatchResponse {
+        self.lock().list.clone()
+    }
+
+    /// Ends every stream of this generation (they close their calls and their threads exit).
+    pub fn stop(&self) {
+        let mut st = self.lock();
+        st.stopped = true;
+        wake_all(&mut st);
+    }
+
+    /// How many stream threads are running now.
+    pub fn open_streams(&self) -> usize {
+        let mut st = self.lock();
+        st.streams.retain(|w| w.strong_count() > 0);
+        st.streams.len()
+    }
+
+    fn subscribe(&self, signal: &Arc<Signal>) {
+        let mut st = self.lock();
+        st.streams.retain(|w| w.strong_count() > 0);
+        st.streams.push(Arc::downgrade(signal));
+    }
+
+    /// The list if it is newer than `seen`; `Err(())` once stopped.
+    fn next(&self, seen: Option<u64>) -> Result<Option<(u64, ListAndWatchResponse)>, ()> {
+        let st = self.lock();
+        if st.stopped {
+            return Err(());
+        }
+        if seen == Some(st.version) {
+            return Ok(None);
+        }
+        Ok(Some((st.version, st.list.clone())))
+    }
+}
+
+fn wake_all(st: &mut State) {
+    st.streams.retain(|w| match w.upgrade() {
+        Some(s) => {
+            s.raise();
+            true
+        }
+        None => false,
+    });
+}
+
+/// Starts the thread that feeds one ListAndWatch call. Returns at once.
+pub fn spawn(hub: Arc<Hub>, sink: ServerStreamingSink<ListAndWatchResponse>, peer: String) {
+    let signal = Signal::new();
+    hub.subscribe(&signal);
+    let spawned = thread::Builder::new()
+        .name("list-and-watch".into())
+        .spawn(move || feed(&hub, sink, &signal, &peer));
+    if let Err(e) = spawned {
+        // The sink was moved into the failed closure and is dropped with it, which cancels the
+        // call: the kubelet sees the stream end and opens a new one.
+        warn!("cannot start a ListAndWatch thread: {e}");
+    }
+}
+
+/// Why a stream ended.
+enum End {
+    ClientGone(grpcio::Error),
+    ServerStopped,
+}
+
+fn feed(
+    hub: &Hub,
+    mut sink: ServerStreamingSink<ListAndWatchResponse>,
+    signal: &Arc<Signal>,
+    peer: &str,
+) {
+    debug!("ListAndWatch opened by {peer}");
+    let waker = signal.waker();
+    let mut cx = Context::from_waker(&waker);
+    let end = pump(hub, &mut sink, signal, &mut cx);
+    match end {
+        End::ClientGone(e) => debug!("ListAndWatch of {peer} ended: {e}"),
+        End::ServerStopped => {
+            // Close with OK so the kubelet sees a clean end; poll once, never wait: the server
+            // is shutting down and cancels whatever is still pending.
+            let _ = Pin::new(&mut sink).poll_close(&mut cx);
+            debug!("ListAndWatch of {peer} closed: server stopping");
+        }
+    }
+}
+
+/// Sends lists until the client goes away or the hub stops. Every `Pending` from the sink has
+/// registered `cx`'s waker, which raises `signal`; so has every publish: the thread sleeps on
+/// `signal` and never polls on a timer.
+fn pump(
+    hub: &Hub,
+    sink: &mut ServerStreamingSink<ListAndWatchResponse>,
+    signal: &Signal,
+    cx: &mut Context<'_>,
+) -> End {
+    let mut sent: Option<u64> = None;
+    loop {
+        let mut progressed = false;
+        match hub.next(sent) {
+            Err(()) => return End::ServerStopped,
+            Ok(None) => {}
+            Ok(Some((version, list))) => match Pin::new(&mut *sink).poll_ready(cx) {
+                Poll::Ready(Ok(())) => {
+                    if let Err(e) = Pin::new(&mut *sink).start_send((list, WriteFlags::default())) {
+                        return End::ClientGone(e);
+                    }
+                    sent = Some(version);
+                    progressed = true;
+                }
+                Poll::Ready(Err(e)) => return End::ClientGone(e),
+                // The waker fires when the previous message has left.
+                Poll::Pending => {}
+            },
+        }
+        // Flushing also watches for the call's end, so a vanished client wakes us.
+        if let Poll::Ready(Err(e)) = Pin::new(&mut *sink).poll_flush(cx) {
+            return End::ClientGone(e);
+        }
+        // The signal is sticky: a publish or wake-up since the checks above is not lost.
+        if !progressed {
+            signal.wait_until(None);
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! The only `unsafe` of the crate: thin wrappers over Linux signalfd, inotify, eventfd and poll.
+//! Each returns `io::Error` (via [`cvt`]) instead of -1 and owns its descriptor.
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::mem;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::time::Duration;
+
+/// Turns the C convention (-1 and `errno`) into an `io::Result`.
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn sigset(signals: &[libc::c_int]) -> io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before any other use.
+    let mut set: libc::sigset_t = unsafe { mem::zeroed() };
+    // SAFETY: `set` is a valid, exclusively borrowed sigset_t.
+    cvt(unsafe { libc::sigemptyset(&mut set) })?;
+    for &sig in signals {
+        // SAFETY: as above; an invalid signal number is reported through errno.
+        cvt(unsafe { libc::sigaddset(&mut set, sig) })?;
+    }
+    Ok(set)
+}
+
+/// Blocks `signals` for the calling thread and every thread it spawns afterwards, so that they
+/// are only ever received through a [`SignalFd`] on the main thread. Call before spawning threads.
+pub fn block_signals(signals: &[libc::c_int]) -> io::Result<()> {
+    let set = sigset(signals)?;
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    Ok(())
+}
+
+/// Delivers blocked signals as readable records.
+pub struct SignalFd {
+    fd: OwnedFd,
+}
+
+impl SignalFd {
+    pub fn new(signals: &[libc::c_int]) -> io::Result<SignalFd> {
+        let set = sigset(signals)?;
+        // SAFETY: -1 asks for a new descriptor; `set` is initialised.
+        let fd = cvt(unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) })?;
+        // SAFETY: signalfd returned a fresh descriptor that nothing else owns.
+        Ok(SignalFd {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// The next pending signal number, or `None` when none is pending.
+    pub fn read(&self) -> io::Result<Option<libc::c_int>> {
+        // SAFETY: signalfd_siginfo is plain data, fully written by a successful read.
+        let mut info: libc::signalfd_siginfo = unsafe { mem::zeroed() };
+        let size = mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: the buffer is `size` bytes of writable memory owned by this frame.
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                size,
+            )
+        };
+        if n == -1 {
+            let err = io::Error::last_os_error();
+            return match err.kind() {
+                io::ErrorKind::WouldBlock => Ok(None),
+                _ => Err(err),
+            };
+        }
+        Ok(Some(info.ssi_signo as libc::c_int))
+    }
+}
+
+impl AsRawFd for SignalFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// One inotify record: the watch it came from, what happened, and the entry name if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InotifyEvent {
+    pub wd: libc::c_int,
+    pub mask: u32,
+    pub name: Vec<u8>,
+}
+
+/// An inotify instance (non-blocking).
+pub struct Inotify {
+    fd: OwnedFd,
+}
+
+impl Inotify {
+    /// Fails with `EMFILE` when `fs.inotify.max_user_instances` is used up.
+    pub fn new() -> io::Result<Inotify> {
+        // SAFETY: no pointers involved; returns a new descriptor or -1.
+        let fd = cvt(unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) })?;
+        // SAFETY: inotify_init1 returned a fresh descriptor that nothing else owns.
+        Ok(Inotify {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Fails with `ENOSPC` when `fs.inotify.max_user_watches` is used up, `ENOENT` if absent.
+    pub fn add_watch(&self, path: &Path, mask: u32) -> io::Result<libc::c_int> {
+        let c = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+        // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+        cvt(unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), mask) })
+    }
+
+    pub fn rm_watch(&self, wd: libc::c_int) -> io::Result<()> {
+        // SAFETY: no pointers; an unknown wd gives EINVAL.
+        cvt(unsafe { libc::inotify_rm_watch(self.fd.as_raw_fd(), wd) }).map(drop)
+    }
+
+    /// Reads every queued record; empty when none is queued.
+    pub fn read_events(&self) -> io::Result<Vec<InotifyEvent>> {
+        let mut events = Vec::new();
+        // Aligned for inotify_event; room for many records with names up to NAME_MAX.
+        let mut buf = [0u64; 1024];
+        loop {
+            // SAFETY: `buf` is writable and its byte length is passed.
+            let n = unsafe {
+                libc::read(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    mem::size_of_val(&buf),
+                )
+            };
+            if n == -1 {
+                let err = io::Error::last_os_error();
+                return match err.kind() {
+                    io::ErrorKind::WouldBlock => Ok(events),
+                    _ => Err(err),
+                };
+            }
+            let n = n as usize;
+            // SAFETY: the kernel wrote `n` initialised bytes at the start of `buf`.
+            let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n) };
+            parse_inotify(bytes, &mut events);
+        }
+    }
+}
+
+fn parse_inotify(mut bytes: &[u8], out: &mut Vec<InotifyEvent>) {
+    let header = mem::size_of::<libc::inotify_event>();
+    while bytes.len() >= header {
+        // SAFETY: at least `header` bytes remain; read_unaligned has no alignment demand.
+        let ev: libc::inotify_event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        let end = (header + ev.len as usize).min(bytes.len());
+        let raw_name = &bytes[header..end];
+        let name_len = raw_name
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(raw_name.len());
+        out.push(InotifyEvent {
+            wd: ev.wd,
+            mask: ev.mask,
+            name: raw_name[..name_len].to_vec(),
+        });
+        bytes = &bytes[end..];
+    }
+}
+
+impl InotifyEvent {
+    pub fn name(&self) -> &OsStr {
+        OsStr::from_bytes(&self.name)
+    }
+}
+
+impl AsRawFd for Inotify {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// A counter other threads bump to wake the main loop's `poll`.
+pub struct EventFd {
+    fd: OwnedFd,
+}
+
+impl EventFd {
+    pub fn new() -> io::Result<EventFd> {
+        // SAFETY: no pointers; returns a new descriptor or -1.
+        let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+        // SAFETY: eventfd returned a fresh descriptor that nothing else owns.
+        Ok(EventFd {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    pub fn notify(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64. It fails only when the counter would overflow
+        // (then a wake-up is already pending), so the result is not needed.
+        unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Resets the counter so the next `poll` blocks again.
+    pub fn drain(&self) {
+        let mut count: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64; EAGAIN (nothing pending) is fine.
+        unsafe { libc::read(self.fd.as_raw_fd(), (&mut count as *mut u64).cast(), 8) };
+    }
+}
+
+impl AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// Waits until one of `fds` is readable or `timeout` passes (`None`: forever). Returns which
+/// of them are readable. EINTR counts as "nothing ready".
+pub fn poll_readable(fds: &[RawFd], timeout: Option<Duration>) -> io::Result<Vec<bool>> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = match timeout {
+        None => -1,
+        // Round up so a 0.4 ms deadline does not become a busy loop of 0 ms polls.
+        Some(t) => t.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int,
+    };
+    // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structs for the whole call.
+    let ret = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+    if ret == -1 {
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::Interrupted {
+            return Ok(vec![false; fds.len()]);
+        }
+        return Err(err);
+    }
+    Ok(pfds
+        .iter()
+        .map(|p| p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0)
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inotify_reports_created_name() {
+        let dir = std::env::temp_dir().join(format!("rdma-sys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ino = Inotify::new().unwrap();
+        let wd = ino.add_watch(&dir, libc::IN_CREATE).unwrap();
+        assert!(ino.read_events().unwrap().is_empty());
+        std::fs::write(dir.join("kubelet.sock"), b"").unwrap();
+        let ready = poll_readable(&[ino.as_raw_fd()], Some(Duration::from_secs(5))).unwrap();
+        assert!(ready[0]);
+        let events = ino.read_events().unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].wd, wd);
+        assert_eq!(events[0].name(), "kubelet.sock");
+        assert!(events[0].mask & libc::IN_CREATE != 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn eventfd_wakes_poll_and_drains() {
+        let efd = EventFd::new().unwrap();
+        assert!(!poll_readable(&[efd.as_raw_fd()], Some(Duration::ZERO)).unwrap()[0]);
+        efd.notify();
+        efd.notify();
+        assert!(poll_readable(&[efd.as_raw_fd()], Some(Duration::ZERO)).unwrap()[0]);
+        efd.drain();
+        assert!(!poll_readable(&[efd.as_raw_fd()], Some(Duration::ZERO)).unwrap()[0]);
+    }
+
+    #[test]
+    fn parse_handles_records_with_and_without_names() {
+        let header = mem::size_of::<libc::inotify_event>();
+        let mut bytes = Vec::new();
+        for (wd, name) in [(1i32, &b"uverbs0\0\0\0\0\0\0\0\0\0"[..]), (2, &b""[..])] {
+            let ev = libc::inotify_event {
+                wd,
+                mask: libc::IN_DELETE,
+                cookie: 0,
+                len: name.len() as u32,
+            };
+            // SAFETY (test): inotify_event is plain data of `header` bytes.
+            let raw = unsafe { std::slice::from_raw_parts(&ev as *const _ as *const u8, header) };
+            bytes.extend_from_slice(raw);
+            bytes.extend_from_slice(name);
+        }
+        let mut out = Vec::new();
+        parse_inotify(&bytes, &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].name(), "uverbs0");
+        assert_eq!(out[1].wd, 2);
+        assert!(out[1].name.is_empty());
+    }
+}

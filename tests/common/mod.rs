@@ -1,0 +1,520 @@
+//! Test support: a fake kubelet that speaks real gRPC over real unix sockets (it serves
+//! `Registration` on `kubelet.sock` and dials the plugin back like the kubelet does), the real
+//! plugin binary as a child process, and temp trees with plain files as mock device nodes.
+//! Also used by the demo (`examples/demo.rs`) and the benchmark (`bench/`).
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use futures_core::Stream;
+use grpcio::{
+    CallOption, ChannelBuilder, EnvBuilder, Environment, RpcContext, RpcStatus, RpcStatusCode,
+    Server, ServerBuilder, ServerCredentials, UnarySink,
+};
+use rdma_plugin::api;
+use rdma_plugin::wake;
+
+/// Upper bound of every wait in the tests; generous for a loaded 2-core CI machine.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A directory under the system temp dir, removed on drop; short, so socket paths fit.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "rdma-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A node's world: a host root with mock device nodes and a kubelet plugin dir.
+pub struct Host {
+    pub tmp: TempDir,
+}
+
+impl Host {
+    /// A host with `uverbs0`, `uverbs1` and `rdma_cm` (plain files stand in for char devices).
+    pub fn new(tag: &str) -> Host {
+        let h = Host::empty(tag);
+        for n in ["uverbs0", "uverbs1", "rdma_cm"] {
+            h.add_node(n);
+        }
+        h
+    }
+
+    /// A host with the plugin dir and `/dev`, but no RDMA driver loaded.
+    pub fn empty(tag: &str) -> Host {
+        let tmp = TempDir::new(tag);
+        fs::create_dir_all(tmp.0.join("plugins")).unwrap();
+        fs::create_dir_all(tmp.0.join("root/dev")).unwrap();
+        Host { tmp }
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.tmp.0.join("root")
+    }
+
+    pub fn plugin_dir(&self) -> PathBuf {
+        self.tmp.0.join("plugins")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.plugin_dir().join("rdma.sock")
+    }
+
+    /// Creates `<root>/dev/infiniband/<name>`.
+    pub fn add_node(&self, name: &str) {
+        let dir = self.root().join("dev/infiniband");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(name), b"").unwrap();
+    }
+
+    pub fn remove_node(&self, name: &str) {
+        fs::remove_file(self.root().join("dev/infiniband").join(name)).unwrap();
+    }
+
+    /// The arguments that point the plugin at this host.
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "--plugin-dir".into(),
+            self.plugin_dir().display().to_string(),
+            "--host-root".into(),
+            self.root().display().to_string(),
+        ]
+    }
+}
+
+/// Path of the plugin binary cargo built for this test run.
+pub fn plugin_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_jarvice-rdma-plugin"))
+}
+
+/// The real plugin binary, running; killed on drop. Its log goes to a file in the host dir.
+pub struct Plugin {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Plugin {
+    pub fn start(host: &Host, extra: &[&str]) -> Plugin {
+        Plugin::start_with(host, extra, |_| {})
+    }
+
+    pub fn start_with(host: &Host, extra: &[&str], tweak: impl FnOnce(&mut Command)) -> Plugin {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let log = host
+            .tmp
+            .0
+            .join(format!("plugin-{}.log", N.fetch_add(1, Ordering::Relaxed)));
+        let mut cmd = Command::new(plugin_bin());
+        cmd.args(host.args())
+            .args(extra)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap());
+        tweak(&mut cmd);
+        let child = cmd.spawn().expect("start plugin binary");
+        Plugin { child, log }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY (test): kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle` (for events with no other outside sign).
+    pub fn wait_log(&self, needle: &str) -> bool {
+        wait_for(WAIT, || self.log_text().contains(needle))
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if thread::panicking() {
+            eprintln!(
+                "--- plugin log {} ---\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        }
+    }
+}
+
+/// Polls `cond` every 5 ms until it holds or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// What the fake kubelet saw, in order.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A Register call, after the dial-back's GetDevicePluginOptions answered `options`.
+    Registered {
+        req: api::RegisterRequest,
+        options: api::DevicePluginOptions,
+    },
+    /// A Register call the fake refused because dialing back failed.
+    DialBackFailed(String),
+    /// One ListAndWatch message.
+    List(api::ListAndWatchResponse),
+    /// The ListAndWatch stream ended (plugin stopped or restarted).
+    StreamEnded,
+}
+
+/// Which `:authority` the fake sends when dialing back (kubelet >= 1.26: `localhost`; before:
+/// the socket path).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Authority {
+    Localhost,
+    SocketPath,
+}
+
+/// How the fake kubelet behaves.
+#[derive(Clone, Debug)]
+pub struct Behaviour {
+    pub authority: Authority,
+    /// Answer Register only after this delay (dial-back still happens first).
+    pub register_delay: Duration,
+    /// After answering Register, open ListAndWatch; when false, never watch.
+    pub watch: bool,
+}
+
+impl Default for Behaviour {
+    fn default() -> Behaviour {
+        Behaviour {
+            authority: Authority::Localhost,
+            register_delay: Duration::ZERO,
+            watch: true,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Registrar {
+    dir: PathBuf,
+    behaviour: Behaviour,
+    env: Arc<Environment>,
+    events: Sender<(Instant, Event)>,
+    /// Watch streams still open, so a test can end them (kubelet "drops" a stream).
+    streams: Arc<Mutex<Vec<grpcio::ClientSStreamReceiver<api::ListAndWatchResponse>>>>,
+}
+
+impl api::Registration for Registrar {
+    fn register(
+        &mut self,
+        ctx: RpcContext<'_>,
+        req: api::RegisterRequest,
+        sink: UnarySink<api::Empty>,
+    ) {
+        let me = self.clone();
+        // Off the completion-queue thread: the dial-back blocks, as in the kubelet's goroutine.
+        let _ = ctx;
+        thread::spawn(move || me.handle(req, sink));
+    }
+}
+
+impl Registrar {
+    fn plugin_client(&self, endpoint: &str) -> api::DevicePluginClient {
+        let socket = self.dir.join(endpoint);
+        let authority = match self.behaviour.authority {
+            Authority::Localhost => "localhost".to_string(),
+            Authority::SocketPath => socket.display().to_string(),
+        };
+        let ch = ChannelBuilder::new(Arc::clone(&self.env))
+            .default_authority(authority)
+            .use_local_subchannel_pool(true)
+            .connect(&format!("unix:{}", socket.display()));
+        api::DevicePluginClient::new(ch)
+    }
+
+    fn handle(self, req: api::RegisterRequest, sink: UnarySink<api::Empty>) {
+        let client = self.plugin_client(&req.endpoint);
+        let opt = CallOption::default()
+            .timeout(Duration::from_secs(10))
+            .wait_for_ready(true);
+        let status = match client.get_device_plugin_options_opt(&api::Empty::new(), opt) {
+            Ok(options) => {
+                let _ = self
+                    .events
+                    .send((Instant::now(), Event::Registered { req, options }));
+                thread::sleep(self.behaviour.register_delay);
+                let _ = wake::block_on(sink.success(api::Empty::new()), Some(WAIT));
+                None
+            }
+            Err(e) => {
+                let msg = format!("dial back failed: {e}");
+                let _ = self
+                    .events
+                    .send((Instant::now(), Event::DialBackFailed(msg.clone())));
+                let _ = wake::block_on(
+                    sink.fail(RpcStatus::with_message(RpcStatusCode::UNKNOWN, msg)),
+                    Some(WAIT),
+                );
+                Some(())
+            }
+        };
+        if status.is_none() && self.behaviour.watch {
+            self.watch(client);
+        }
+    }
+
+    fn watch(self, client: api::DevicePluginClient) {
+        let Ok(stream) = client.list_and_watch(&api::Empty::new()) else {
+            let _ = self.events.send((Instant::now(), Event::StreamEnded));
+            return;
+        };
+        let idx = {
+            let mut s = self.streams.lock().unwrap();
+            s.push(stream);
+            s.len() - 1
+        };
+        loop {
+            // Poll under the lock only briefly: drop_streams may cancel concurrently.
+            let next = wake::block_on(
+                std::future::poll_fn(|cx| {
+                    let mut s = self.streams.lock().unwrap();
+                    match s.get_mut(idx) {
+                        Some(st) => Pin::new(st).poll_next(cx),
+                        None => std::task::Poll::Ready(None),
+                    }
+                }),
+                None,
+            );
+            match next {
+                Some(Some(Ok(list))) => {
+                    if self
+                        .events
+                        .send((Instant::now(), Event::List(list)))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                _ => {
+                    let _ = self.events.send((Instant::now(), Event::StreamEnded));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A kubelet stand-in on `<dir>/kubelet.sock`.
+pub struct FakeKubelet {
+    server: Option<Server>,
+    dir: PathBuf,
+    pub events: Receiver<(Instant, Event)>,
+    streams: Arc<Mutex<Vec<grpcio::ClientSStreamReceiver<api::ListAndWatchResponse>>>>,
+}
+
+impl FakeKubelet {
+    /// Starts like the kubelet: removes every non-directory entry of the plugin dir except
+    /// `kubelet_internal_checkpoint` (so every plugin socket goes), then serves `kubelet.sock`.
+    pub fn start(dir: &Path) -> FakeKubelet {
+        FakeKubelet::start_with(dir, Behaviour::default())
+    }
+
+    pub fn start_with(dir: &Path, behaviour: Behaviour) -> FakeKubelet {
+        for entry in fs::read_dir(dir).unwrap().flatten() {
+            let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+            if !is_dir && entry.file_name() != "kubelet_internal_checkpoint" {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("kubelet").build());
+        let (tx, rx) = mpsc::channel();
+        let streams = Arc::new(Mutex::new(Vec::new()));
+        let registrar = Registrar {
+            dir: dir.to_path_buf(),
+            behaviour,
+            env: Arc::clone(&env),
+            events: tx,
+            streams: Arc::clone(&streams),
+        };
+        let mut server = ServerBuilder::new(env)
+            .register_service(api::create_registration(registrar))
+            .build()
+            .unwrap();
+        server
+            .add_listening_port(
+                format!("unix:{}", dir.join("kubelet.sock").display()),
+                ServerCredentials::insecure(),
+            )
+            .unwrap();
+        server.start();
+        FakeKubelet {
+            server: Some(server),
+            dir: dir.to_path_buf(),
+            events: rx,
+            streams,
+        }
+    }
+
+    /// Next event within [`WAIT`]; panics with `what` if none comes.
+    pub fn next(&self, what: &str) -> Event {
+        match self.events.recv_timeout(WAIT) {
+            Ok((_, ev)) => ev,
+            Err(RecvTimeoutError::Timeout) => {
+                panic!("fake kubelet: no event within {WAIT:?} waiting for {what}")
+            }
+            Err(RecvTimeoutError::Disconnected) => panic!("fake kubelet: event channel closed"),
+        }
+    }
+
+    /// Skips events until `pick` accepts one.
+    pub fn expect<T>(&self, what: &str, mut pick: impl FnMut(&Event) -> Option<T>) -> T {
+        let end = Instant::now() + WAIT;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok((_, ev)) => {
+                    if let Some(t) = pick(&ev) {
+                        return t;
+                    }
+                }
+                Err(_) => panic!("fake kubelet: no event within {WAIT:?} waiting for {what}"),
+            }
+        }
+    }
+
+    pub fn expect_registered(&self) -> (api::RegisterRequest, api::DevicePluginOptions) {
+        self.expect("Register", |ev| match ev {
+            Event::Registered { req, options } => Some((req.clone(), options.clone())),
+            _ => None,
+        })
+    }
+
+    pub fn expect_list(&self) -> api::ListAndWatchResponse {
+        self.expect("a ListAndWatch message", |ev| match ev {
+            Event::List(l) => Some(l.clone()),
+            _ => None,
+        })
+    }
+
+    /// Cancels every open ListAndWatch stream, like a kubelet that drops the stream.
+    pub fn drop_streams(&self) {
+        for s in self.streams.lock().unwrap().iter_mut() {
+            s.cancel();
+        }
+    }
+
+    /// Stops serving and removes `kubelet.sock`, like a kubelet that went away.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.drop_streams();
+        if let Some(mut s) = self.server.take() {
+            let _ = wake::block_on(s.shutdown(), Some(WAIT));
+        }
+        let _ = fs::remove_file(self.dir.join("kubelet.sock"));
+    }
+}
+
+impl Drop for FakeKubelet {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A client of the plugin, as the kubelet would be (authority `localhost`).
+pub fn plugin_client(socket: &Path) -> api::DevicePluginClient {
+    plugin_client_as(socket, Authority::Localhost)
+}
+
+pub fn plugin_client_as(socket: &Path, authority: Authority) -> api::DevicePluginClient {
+    let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("client").build());
+    let authority = match authority {
+        Authority::Localhost => "localhost".to_string(),
+        Authority::SocketPath => socket.display().to_string(),
+    };
+    let ch = ChannelBuilder::new(env)
+        .default_authority(authority)
+        .use_local_subchannel_pool(true)
+        .connect(&format!("unix:{}", socket.display()));
+    api::DevicePluginClient::new(ch)
+}
+
+/// Call options for test RPCs: bounded, and waiting for the socket to accept.
+pub fn opt() -> CallOption {
+    CallOption::default().timeout(WAIT).wait_for_ready(true)
+}
+
+pub fn alloc_request(containers: &[&[&str]]) -> api::AllocateRequest {
+    let mut req = api::AllocateRequest::new();
+    for ids in containers {
+        let mut c = api::ContainerAllocateRequest::new();
+        c.devices_ids = ids.iter().map(|s| s.to_string()).collect();
+        req.container_requests.push(c);
+    }
+    req
+}
+
+/// The host paths of one container's device specs.
+pub fn spec_paths(c: &api::ContainerAllocateResponse) -> Vec<String> {
+    c.devices.iter().map(|d| d.host_path.clone()).collect()
+}
+
+pub fn healths(list: &api::ListAndWatchResponse) -> Vec<(String, String)> {
+    list.devices
+        .iter()
+        .map(|d| (d.ID.clone(), d.health.clone()))
+        .collect()
+}
