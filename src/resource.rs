@@ -28,8 +28,14 @@ pub struct Resource {
 #[derive(Debug, PartialEq, Eq)]
 pub enum RequestError {
     NoContainers,
-    NoDevices { container: usize },
-    UnknownId { container: usize, id: String },
+    NoDevices {
+        container: usize,
+    },
+    UnknownId {
+        container: usize,
+        id: String,
+        advertised: usize,
+    },
 }
 
 impl fmt::Display for RequestError {
@@ -39,11 +45,20 @@ impl fmt::Display for RequestError {
             RequestError::NoDevices { container } => {
                 write!(f, "container request {container} names no device IDs")
             }
-            RequestError::UnknownId { container, id } => {
+            RequestError::UnknownId {
+                container,
+                id,
+                advertised,
+            } => {
+                // Bounded: a hostile request must not make us echo megabytes into the log.
                 let shown: String = id.chars().take(128).collect();
+                let range = match advertised {
+                    1 => "rdma-0".to_string(),
+                    n => format!("rdma-0 .. rdma-{}", n - 1),
+                };
                 write!(
                     f,
-                    "container request {container}: unknown device ID {shown:?} (this plugin advertises rdma-0 .. rdma-N)"
+                    "container request {container}: unknown device ID {shown:?} (this plugin advertises {range})"
                 )
             }
         }
@@ -74,6 +89,7 @@ impl Resource {
                 return Err(RequestError::UnknownId {
                     container,
                     id: id.clone(),
+                    advertised: self.ids.len(),
                 });
             }
         }
@@ -304,10 +320,13 @@ mod tests {
             err,
             RequestError::UnknownId {
                 container: 1,
-                id: "gpu-7".into()
+                id: "gpu-7".into(),
+                advertised: 1
             }
         );
-        assert!(err.to_string().contains("\"gpu-7\""));
+        assert!(err
+            .to_string()
+            .contains("\"gpu-7\" (this plugin advertises rdma-0)"));
     }
 
     fn pref_req(available: &[&str], must: &[&str], size: i32) -> api::PreferredAllocationRequest {

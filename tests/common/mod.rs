@@ -109,9 +109,21 @@ impl Host {
     }
 }
 
-/// Path of the plugin binary cargo built for this test run.
+/// Path of the plugin binary: the one cargo built for this test run; for the demo and the
+/// benchmark (examples, where cargo sets no such variable) `$JARVICE_RDMA_PLUGIN_BIN` or the
+/// binary beside `target/<profile>/examples/`.
 pub fn plugin_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_jarvice-rdma-plugin"))
+    if let Some(p) = option_env!("CARGO_BIN_EXE_jarvice-rdma-plugin") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("JARVICE_RDMA_PLUGIN_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("own path");
+    exe.parent()
+        .and_then(Path::parent)
+        .map(|profile_dir| profile_dir.join("jarvice-rdma-plugin"))
+        .expect("target/<profile>/ above examples/")
 }
 
 /// The real plugin binary, running; killed on drop. Its log goes to a file in the host dir.

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Sourced by demo.sh and test.sh: installs what a fresh Debian 12 machine lacks for a native
+# build (cmake for grpcio-sys's C++ core; ccache so profile changes rebuild it in minutes) and
+# sets the build environment. Idempotent: installs nothing when everything is present.
+need=()
+for tool in cmake ccache g++ make; do
+  command -v "$tool" >/dev/null 2>&1 || need+=("$tool")
+done
+if ((${#need[@]})); then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  echo "setup: installing ${need[*]} (apt)" >&2
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: cargo not found; install Rust with rustup first" >&2
+  exit 1
+fi
+export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-$(nproc)}"
+export CCACHE_DIR="${CCACHE_DIR:-$HOME/.cache/ccache}"
+export CMAKE_C_COMPILER_LAUNCHER=ccache CMAKE_CXX_COMPILER_LAUNCHER=ccache
