@@ -18,6 +18,8 @@ pub const DEFAULT_SHARES: u32 = 1;
 pub const MAX_SHARES: u32 = 4096;
 pub const DEFAULT_POLL_SECS: u64 = 5;
 pub const DEFAULT_SELF_CHECK_SECS: u64 = 60;
+/// The kubelet waits up to 10 s for its dial-back before answering Register; a little more.
+pub const DEFAULT_REGISTER_TIMEOUT_SECS: u64 = 12;
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -40,6 +42,10 @@ pub struct Config {
     pub poll_interval: Duration,
     /// Interval of the self-check (socket present, registration current); zero disables it.
     pub self_check: Duration,
+    /// How long one Register call may take (the kubelet's dial-back alone may take 10 s).
+    pub register_timeout: Duration,
+    /// Poll instead of using inotify (`--poll`), for filesystems without inotify events.
+    pub poll_only: bool,
 }
 
 impl Default for Config {
@@ -53,6 +59,8 @@ impl Default for Config {
             mad_devices: false,
             poll_interval: Duration::from_secs(DEFAULT_POLL_SECS),
             self_check: Duration::from_secs(DEFAULT_SELF_CHECK_SECS),
+            register_timeout: Duration::from_secs(DEFAULT_REGISTER_TIMEOUT_SECS),
+            poll_only: false,
         }
     }
 }
@@ -162,6 +170,17 @@ fn options() -> Options {
         ),
         "SECS",
     );
+    o.optopt(
+        "",
+        "register-timeout",
+        &format!("seconds one Register call may take [default: {DEFAULT_REGISTER_TIMEOUT_SECS}]"),
+        "SECS",
+    );
+    o.optflag(
+        "",
+        "poll",
+        "poll every --poll-interval instead of using inotify (filesystems without inotify) [default: off]",
+    );
     o.optflag("", "json", "with `list`: print JSON instead of a table");
     o.optflag("h", "help", "print this help and exit");
     o.optflag("V", "version", "print the version and exit");
@@ -245,6 +264,10 @@ fn config_from(m: &getopts::Matches) -> Result<Config, UsageError> {
     if let Some(s) = m.opt_str("self-check") {
         c.self_check = seconds("--self-check", &s, 0)?;
     }
+    if let Some(s) = m.opt_str("register-timeout") {
+        c.register_timeout = seconds("--register-timeout", &s, 1)?;
+    }
+    c.poll_only = m.opt_present("poll");
     let len = c.socket_path().as_os_str().len();
     if len > MAX_SOCKET_PATH {
         return Err(UsageError(format!(
@@ -372,6 +395,9 @@ mod tests {
             "2",
             "--self-check",
             "0",
+            "--register-timeout",
+            "3",
+            "--poll",
         ]))
         .unwrap();
         let Command::Serve(c) = cmd else { panic!() };
@@ -386,6 +412,8 @@ mod tests {
         assert!(c.mad_devices);
         assert_eq!(c.poll_interval, Duration::from_secs(2));
         assert_eq!(c.self_check, Duration::ZERO);
+        assert_eq!(c.register_timeout, Duration::from_secs(3));
+        assert!(c.poll_only);
     }
 
     #[test]
@@ -415,6 +443,7 @@ mod tests {
             (&["--socket-name", "a/b.sock"], "plain file name"),
             (&["--socket-name", "kubelet.sock"], "plain file name"),
             (&["--poll-interval", "0"], "--poll-interval"),
+            (&["--register-timeout", "0"], "--register-timeout"),
             (&["--bogus"], "bogus"),
             (&["frobnicate"], "unknown command"),
             (&["serve", "--json"], "--json"),
@@ -441,6 +470,8 @@ mod tests {
             "--mad-devices",
             "--poll-interval",
             "--self-check",
+            "--register-timeout",
+            "--poll",
             "--json",
             "--help",
             "--version",

@@ -10,6 +10,7 @@ use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use log::{debug, info, warn};
 
 use crate::config::Config;
 use crate::plugin::Settings;
-use crate::registration::{self, REGISTER_TIMEOUT};
+use crate::registration;
 use crate::resource::HEALTHY;
 use crate::server::{self, Serving};
 use crate::sys::{self, EventFd, SignalFd};
@@ -30,6 +31,10 @@ use crate::watch::{Changes, Watcher};
 const SIGNALS: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT, libc::SIGHUP];
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// After the kubelet ends a ListAndWatch stream, how long to wait for it to open a new one
+/// before registering again. A re-registration itself makes the kubelet cancel the old stream
+/// shortly before or after it opens the new one; the grace keeps that from looping.
+const STREAM_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub enum Error {
@@ -113,11 +118,12 @@ impl Registrar {
         let (env, tx, wake) = (Arc::clone(env), self.tx.clone(), Arc::clone(&self.wake));
         let kubelet = cfg.kubelet_socket();
         let req = registration::request(&cfg.socket_name, &cfg.resource_name);
+        let timeout = cfg.register_timeout;
         let spawned = thread::Builder::new()
             .name("register".into())
             .spawn(move || {
                 let id = kubelet_id(&kubelet);
-                let result = registration::register(&env, &kubelet, &req, REGISTER_TIMEOUT);
+                let result = registration::register(&env, &kubelet, &req, timeout);
                 // The receiver lives as long as the loop; after it is gone nobody needs the answer.
                 let _ = tx.send((attempt, id, result));
                 wake.notify();
@@ -160,6 +166,10 @@ struct Daemon {
     registrar: Registrar,
     registered: Option<KubeletId>,
     retry_at: Option<Instant>,
+    /// Woken by stream threads whose client went away.
+    client_left: Arc<EventFd>,
+    /// When to check that the kubelet opened a new stream after dropping one.
+    stream_check_at: Option<Instant>,
     backoff: Backoff,
     last_failure: Option<String>,
 }
@@ -182,11 +192,18 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         selection: cfg.selection(),
         resource: cfg.resource(),
     });
-    let mut watcher = Watcher::new(&cfg.plugin_dir, &cfg.socket_name, &cfg.host_root);
-    let registrar = Registrar::new().map_err(|source| Error::Setup {
+    let mut watcher = Watcher::new(
+        &cfg.plugin_dir,
+        &cfg.socket_name,
+        &cfg.host_root,
+        !cfg.poll_only,
+    );
+    let eventfd = |source| Error::Setup {
         what: "eventfd",
         source,
-    })?;
+    };
+    let registrar = Registrar::new().map_err(eventfd)?;
+    let client_left = Arc::new(EventFd::new().map_err(eventfd)?);
     info!(
         "starting: resource {}, socket {}, devices under {}, {} device(s) advertised",
         cfg.resource_name,
@@ -202,6 +219,8 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         registrar,
         registered: None,
         retry_at: Some(Instant::now()),
+        client_left,
+        stream_check_at: None,
         backoff: Backoff(BACKOFF_FIRST),
         last_failure: None,
     };
@@ -212,16 +231,24 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             d.retry_at = None;
             d.attempt()?;
         }
+        if d.stream_check_at.is_some_and(|t| t <= now) {
+            d.stream_check_at = None;
+            d.check_streams();
+        }
         if next_check.is_some_and(|t| t <= now) {
             d.self_check(&mut watcher)?;
             next_check = d.self_check_deadline();
         }
         let poll_at = (!watcher.complete()).then(|| now + d.cfg.poll_interval);
-        let deadline = [d.retry_at, next_check, poll_at]
+        let deadline = [d.retry_at, d.stream_check_at, next_check, poll_at]
             .into_iter()
             .flatten()
             .min();
-        let mut fds = vec![signals.as_raw_fd(), d.registrar.wake.as_raw_fd()];
+        let mut fds = vec![
+            signals.as_raw_fd(),
+            d.registrar.wake.as_raw_fd(),
+            d.client_left.as_raw_fd(),
+        ];
         fds.extend(watcher.fd());
         let timeout = deadline.map(|t| t.saturating_duration_since(Instant::now()));
         let ready = sys::poll_readable(&fds, timeout).map_err(|source| Error::Setup {
@@ -235,15 +262,20 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         if ready[1] {
             d.on_register_outcome();
         }
-        if ready.get(2) == Some(&true) {
+        if ready[2] {
+            d.client_left.drain();
+            if d.registered.is_some() {
+                d.stream_check_at = Some(Instant::now() + STREAM_GRACE);
+            }
+        }
+        if ready.get(3) == Some(&true) {
             let changes = watcher.read();
             d.on_changes(changes)?;
         }
         if poll_at.is_some_and(|t| t <= Instant::now()) {
-            // No inotify for some directory: rescan and check the sockets by hand.
-            if watcher.refresh() {
-                debug!("a missing directory can be watched now");
-            }
+            // No inotify for some directory: look for it again, rescan, check the sockets.
+            let changes = watcher.refresh();
+            d.on_changes(changes)?;
             d.self_check(&mut watcher)?;
         }
     }
@@ -258,7 +290,8 @@ impl Daemon {
     fn attempt(&mut self) -> Result<(), Error> {
         if self.serving.is_none() {
             let list = self.settings.resource.device_list(&self.settings.scan());
-            match Serving::start(&self.env, &self.settings, &self.cfg.socket_path(), list) {
+            let socket = self.cfg.socket_path();
+            match Serving::start(&self.env, &self.settings, &socket, list, &self.client_left) {
                 Ok(s) => self.serving = Some(s),
                 Err(e @ server::Error::InUse { .. }) => return Err(Error::Serve(e)),
                 Err(e) => {
@@ -293,6 +326,7 @@ impl Daemon {
             old.stop();
         }
         self.registered = None;
+        self.stream_check_at = None;
         self.backoff.reset();
         self.last_failure = None;
         self.retry_at = None;
@@ -349,6 +383,9 @@ impl Daemon {
         if changes.kubelet_restarted {
             return self.restart("kubelet.sock created (kubelet restarted)");
         }
+        if changes.plugin_dir_appeared && self.serving.is_none() {
+            return self.restart("the plugin dir appeared");
+        }
         if changes.socket_removed && !self.cfg.socket_path().exists() && self.serving.is_some() {
             return self.restart("our socket was removed");
         }
@@ -390,14 +427,33 @@ impl Daemon {
         }
     }
 
-    /// Catches what events missed: devices changed, our socket gone, a new kubelet.sock.
-    fn self_check(&mut self, watcher: &mut Watcher) -> Result<(), Error> {
-        if watcher.refresh() {
-            debug!("self-check: added a missing watch");
+    /// A stream ended a moment ago: if the kubelet has opened none since, it dropped us (or
+    /// lost our registration) and must be registered with again.
+    fn check_streams(&mut self) {
+        let Some(serving) = &self.serving else {
+            return;
+        };
+        if self.registered.is_some()
+            && serving.hub().open_streams() == 0
+            && !self.registrar.in_flight
+        {
+            info!(
+                "the kubelet ended ListAndWatch and opened no new stream: registering {} again",
+                self.cfg.resource_name
+            );
+            self.registered = None;
+            self.registrar.start(&self.env, &self.cfg);
         }
+    }
+
+    /// Catches what events missed: devices changed, our socket gone or not answering, a new
+    /// kubelet.sock.
+    fn self_check(&mut self, watcher: &mut Watcher) -> Result<(), Error> {
+        let changes = watcher.refresh();
+        self.on_changes(changes)?;
         self.rescan();
-        if self.serving.is_some() && !self.cfg.socket_path().exists() {
-            return self.restart("self-check: our socket is gone");
+        if self.serving.is_some() && UnixStream::connect(self.cfg.socket_path()).is_err() {
+            return self.restart("self-check: our socket is gone or not answering");
         }
         let current = kubelet_id(&self.cfg.kubelet_socket());
         if self.registered.is_some() && current.is_some() && current != self.registered {

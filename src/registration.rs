@@ -14,9 +14,6 @@ use grpcio::{CallOption, ChannelBuilder, Environment};
 use crate::api;
 use crate::plugin;
 
-/// The kubelet waits up to 10 s for its dial-back; give it that and a little more.
-pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(12);
-
 #[derive(Debug)]
 pub enum Error {
     /// `kubelet.sock` does not exist (kubelet not running, or a different --plugin-dir).

@@ -15,6 +15,8 @@ pub const HEALTHY: &str = "Healthy";
 pub const UNHEALTHY: &str = "Unhealthy";
 /// Device specs grant read and write; `m` (mknod) is never needed for existing nodes.
 pub const PERMISSIONS: &str = "rw";
+/// Device IDs are this prefix and the share index: `rdma-0`, `rdma-1`, ...
+const ID_PREFIX: &str = "rdma-";
 
 /// The advertised devices: `shares` of them, with IDs that depend on nothing but their index,
 /// so they are the same after a plugin or kubelet restart (the original's random IDs made pods
@@ -71,12 +73,20 @@ impl Resource {
     /// `shares` must be at least 1 (checked when flags are parsed).
     pub fn new(shares: u32) -> Resource {
         Resource {
-            ids: (0..shares).map(|i| format!("rdma-{i}")).collect(),
+            ids: (0..shares).map(|i| format!("{ID_PREFIX}{i}")).collect(),
         }
     }
 
     pub fn ids(&self) -> &[String] {
         &self.ids
+    }
+
+    /// O(1): an Allocate may name thousands of IDs and we may advertise thousands of shares.
+    fn is_known(&self, id: &str) -> bool {
+        id.strip_prefix(ID_PREFIX)
+            .filter(|n| !n.starts_with('+') && (n.len() == 1 || !n.starts_with('0')))
+            .and_then(|n| n.parse::<usize>().ok())
+            .is_some_and(|n| n < self.ids.len())
     }
 
     fn check_known<'a>(
@@ -85,7 +95,7 @@ impl Resource {
         ids: impl IntoIterator<Item = &'a String>,
     ) -> Result<(), RequestError> {
         for id in ids {
-            if !self.ids.contains(id) {
+            if !self.is_known(id) {
                 return Err(RequestError::UnknownId {
                     container,
                     id: id.clone(),
@@ -253,6 +263,19 @@ mod tests {
         let list = r.device_list(&Inventory::default());
         assert_eq!(list.devices[1].ID, "rdma-1");
         assert_eq!(list.devices[1].health, UNHEALTHY);
+    }
+
+    #[test]
+    fn only_advertised_ids_are_known() {
+        let r = Resource::new(11);
+        for id in ["rdma-0", "rdma-7", "rdma-10"] {
+            assert!(r.is_known(id), "{id}");
+        }
+        for id in [
+            "rdma-11", "rdma-01", "rdma-+1", "rdma--1", "rdma-", "rdma", "RDMA-0", "x-0", "",
+        ] {
+            assert!(!r.is_known(id), "{id}");
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ use log::{debug, info, warn};
 use crate::api;
 use crate::plugin::{Plugin, Settings};
 use crate::stream::Hub;
+use crate::sys::EventFd;
 use crate::wake;
 
 /// How long a stop waits for in-flight calls before cancelling them.
@@ -75,9 +76,10 @@ impl Serving {
         settings: &Arc<Settings>,
         socket: &Path,
         list: api::ListAndWatchResponse,
+        client_left: &Arc<EventFd>,
     ) -> Result<Serving, Error> {
         claim(socket)?;
-        let hub = Hub::new(list);
+        let hub = Hub::new(list, Arc::clone(client_left));
         let service =
             api::create_device_plugin(Plugin::new(Arc::clone(settings), Arc::clone(&hub)));
         let mut server = ServerBuilder::new(Arc::clone(env))

@@ -12,6 +12,7 @@ use grpcio::{ServerStreamingSink, WriteFlags};
 use log::{debug, warn};
 
 use crate::api::ListAndWatchResponse;
+use crate::sys::EventFd;
 use crate::wake::Signal;
 
 struct State {
@@ -24,10 +25,13 @@ struct State {
 /// The latest device list of one serving generation, and the streams that watch it.
 pub struct Hub {
     state: Mutex<State>,
+    /// Bumped whenever a client ends its stream, so the main loop can tell a kubelet that
+    /// dropped ListAndWatch (and must be registered with again).
+    client_left: Arc<EventFd>,
 }
 
 impl Hub {
-    pub fn new(list: ListAndWatchResponse) -> Arc<Hub> {
+    pub fn new(list: ListAndWatchResponse, client_left: Arc<EventFd>) -> Arc<Hub> {
         Arc::new(Hub {
             state: Mutex::new(State {
                 version: 0,
@@ -35,6 +39,7 @@ impl Hub {
                 stopped: false,
                 streams: Vec::new(),
             }),
+            client_left,
         })
     }
 
@@ -109,7 +114,14 @@ pub fn spawn(hub: Arc<Hub>, sink: ServerStreamingSink<ListAndWatchResponse>, pee
     hub.subscribe(&signal);
     let spawned = thread::Builder::new()
         .name("list-and-watch".into())
-        .spawn(move || feed(&hub, sink, &signal, &peer));
+        .spawn(move || {
+            let end = feed(&hub, sink, &signal, &peer);
+            // Unsubscribe before telling anyone, so open_streams() no longer counts us.
+            drop(signal);
+            if let End::ClientGone(_) = end {
+                hub.client_left.notify();
+            }
+        });
     if let Err(e) = spawned {
         // The sink was moved into the failed closure and is dropped with it, which cancels the
         // call: the kubelet sees the stream end and opens a new one.
@@ -128,12 +140,12 @@ fn feed(
     mut sink: ServerStreamingSink<ListAndWatchResponse>,
     signal: &Arc<Signal>,
     peer: &str,
-) {
+) -> End {
     debug!("ListAndWatch opened by {peer}");
     let waker = signal.waker();
     let mut cx = Context::from_waker(&waker);
     let end = pump(hub, &mut sink, signal, &mut cx);
-    match end {
+    match &end {
         End::ClientGone(e) => debug!("ListAndWatch of {peer} ended: {e}"),
         End::ServerStopped => {
             // Close with OK so the kubelet sees a clean end; poll once, never wait: the server
@@ -142,6 +154,7 @@ fn feed(
             debug!("ListAndWatch of {peer} closed: server stopping");
         }
     }
+    end
 }
 
 /// Sends lists until the client goes away or the hub stops. Every `Pending` from the sink has

@@ -32,11 +32,20 @@ pub struct Changes {
     pub kubelet_restarted: bool,
     pub socket_removed: bool,
     pub devices: bool,
+    /// The plugin dir exists (again) and is watched now: serving there may work at last.
+    pub plugin_dir_appeared: bool,
 }
 
 impl Changes {
     pub fn any(&self) -> bool {
-        self.kubelet_restarted || self.socket_removed || self.devices
+        self.kubelet_restarted || self.socket_removed || self.devices || self.plugin_dir_appeared
+    }
+
+    fn merge(&mut self, other: Changes) {
+        self.kubelet_restarted |= other.kubelet_restarted;
+        self.socket_removed |= other.socket_removed;
+        self.devices |= other.devices;
+        self.plugin_dir_appeared |= other.plugin_dir_appeared;
     }
 }
 
@@ -54,12 +63,22 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    pub fn new(plugin_dir: &Path, socket_name: &str, host_root: &Path) -> Watcher {
-        let inotify = match Inotify::new() {
-            Ok(i) => Some(i),
-            Err(e) => {
-                warn!("inotify unavailable ({e}; see fs.inotify.max_user_instances): falling back to polling");
-                None
+    /// `use_inotify = false` (flag `--poll`) polls everything, for filesystems without inotify.
+    pub fn new(
+        plugin_dir: &Path,
+        socket_name: &str,
+        host_root: &Path,
+        use_inotify: bool,
+    ) -> Watcher {
+        let inotify = if !use_inotify {
+            None
+        } else {
+            match Inotify::new() {
+                Ok(i) => Some(i),
+                Err(e) => {
+                    warn!("inotify unavailable ({e}; see fs.inotify.max_user_instances): falling back to polling");
+                    None
+                }
             }
         };
         let target = |path: PathBuf| Target { path, wd: None };
@@ -70,7 +89,8 @@ impl Watcher {
             ib_dir: target(host_root.join(INFINIBAND_DIR)),
             socket_name: socket_name.to_string(),
         };
-        w.refresh();
+        // What exists now is scanned at start anyway; only the watches matter here.
+        let _ = w.refresh();
         w
     }
 
@@ -88,13 +108,14 @@ impl Watcher {
         [&self.plugin_dir, &self.dev_dir, &self.ib_dir]
     }
 
-    /// Adds the watches that are missing (their directory may exist by now). Returns whether one
-    /// was added, since anything may have changed in that directory before its watch existed.
-    pub fn refresh(&mut self) -> bool {
+    /// Adds the watches that are missing (their directory may exist by now). A watch added now
+    /// counts as a change: anything may have happened there before it existed.
+    pub fn refresh(&mut self) -> Changes {
+        let mut changes = Changes::default();
         let Some(inotify) = &self.inotify else {
-            return false;
+            return changes;
         };
-        let mut added = false;
+        let plugin_wd = self.plugin_dir.wd;
         for t in [&mut self.plugin_dir, &mut self.dev_dir, &mut self.ib_dir] {
             if t.wd.is_some() {
                 continue;
@@ -103,7 +124,7 @@ impl Watcher {
                 Ok(wd) => {
                     debug!("watching {}", t.path.display());
                     t.wd = Some(wd);
-                    added = true;
+                    changes.devices = true;
                 }
                 Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
                     warn!(
@@ -114,7 +135,8 @@ impl Watcher {
                 Err(e) => debug!("cannot watch {} yet: {e}", t.path.display()),
             }
         }
-        added
+        changes.plugin_dir_appeared = plugin_wd.is_none() && self.plugin_dir.wd.is_some();
+        changes
     }
 
     /// Reads and classifies every queued event.
@@ -126,9 +148,8 @@ impl Watcher {
                 warn!("reading inotify events failed: {e}; falling back to polling");
                 self.inotify = None;
                 return Changes {
-                    kubelet_restarted: false,
-                    socket_removed: false,
                     devices: true,
+                    ..Changes::default()
                 };
             }
         };
@@ -136,9 +157,7 @@ impl Watcher {
         for ev in &events {
             self.classify(ev, &mut changes);
         }
-        if self.refresh() {
-            changes.devices = true;
-        }
+        changes.merge(self.refresh());
         changes
     }
 
@@ -210,10 +229,7 @@ mod tests {
         let mut all = Changes::default();
         // Collect until the queue stays quiet for a moment.
         while crate::sys::poll_readable(&[fd], Some(Duration::from_millis(200))).unwrap()[0] {
-            let c = w.read();
-            all.kubelet_restarted |= c.kubelet_restarted;
-            all.socket_removed |= c.socket_removed;
-            all.devices |= c.devices;
+            all.merge(w.read());
         }
         all
     }
@@ -225,7 +241,7 @@ mod tests {
         let root = base.join("root");
         fs::create_dir_all(&plugin_dir).unwrap();
         fs::create_dir_all(root.join("dev")).unwrap();
-        let mut w = Watcher::new(&plugin_dir, "rdma.sock", &root);
+        let mut w = Watcher::new(&plugin_dir, "rdma.sock", &root, true);
         assert!(!w.complete(), "dev/infiniband does not exist yet");
 
         fs::write(plugin_dir.join("kubelet.sock"), b"").unwrap();
@@ -259,6 +275,15 @@ mod tests {
         assert!(!w.complete());
         fs::create_dir_all(root.join("dev/infiniband")).unwrap();
         assert!(wait_changes(&mut w).devices);
+        assert!(w.complete());
+
+        // The plugin dir goes away and comes back (a kubelet reinstalled).
+        fs::remove_dir_all(&plugin_dir).unwrap();
+        assert!(wait_changes(&mut w).socket_removed);
+        assert!(!w.complete());
+        assert!(!w.refresh().plugin_dir_appeared);
+        fs::create_dir_all(&plugin_dir).unwrap();
+        assert!(w.refresh().plugin_dir_appeared);
         assert!(w.complete());
         fs::remove_dir_all(&base).unwrap();
     }
