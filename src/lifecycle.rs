@@ -21,9 +21,10 @@ use grpcio::{EnvBuilder, Environment};
 use log::{debug, info, warn};
 
 use crate::config::Config;
+use crate::discovery::Inventory;
 use crate::plugin::Settings;
 use crate::registration;
-use crate::resource::HEALTHY;
+use crate::resource::{HEALTHY, UNHEALTHY};
 use crate::server::{self, Serving};
 use crate::sys::{self, EventFd, SignalFd};
 use crate::watch::{Changes, Watcher};
@@ -163,6 +164,8 @@ struct Daemon {
     env: Arc<Environment>,
     settings: Arc<Settings>,
     serving: Option<Serving>,
+    /// The nodes the current server's list was made from.
+    inventory: Inventory,
     registrar: Registrar,
     registered: Option<KubeletId>,
     retry_at: Option<Instant>,
@@ -216,6 +219,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         env,
         settings,
         serving: None,
+        inventory: Inventory::default(),
         registrar,
         registered: None,
         retry_at: Some(Instant::now()),
@@ -289,7 +293,9 @@ impl Daemon {
     /// Serves if not serving yet, then starts a Register attempt.
     fn attempt(&mut self) -> Result<(), Error> {
         if self.serving.is_none() {
-            let list = self.settings.resource.device_list(&self.settings.scan());
+            let inventory = self.settings.scan();
+            let list = self.settings.resource.device_list(&inventory);
+            self.inventory = inventory;
             let socket = self.cfg.socket_path();
             match Serving::start(&self.env, &self.settings, &socket, list, &self.client_left) {
                 Ok(s) => self.serving = Some(s),
@@ -395,36 +401,35 @@ impl Daemon {
         Ok(())
     }
 
-    /// Discovers devices and sends every stream the new list if it changed.
+    /// Discovers devices; when the nodes changed, sends every stream the full list.
     fn rescan(&mut self) {
         let Some(serving) = &self.serving else {
             return;
         };
         let inv = self.settings.scan();
-        let list = self.settings.resource.device_list(&inv);
-        let health = list
-            .devices
-            .first()
-            .map(|d| d.health.clone())
-            .unwrap_or_default();
-        if serving.hub().publish(list) {
-            let level = if health == HEALTHY {
-                log::Level::Info
-            } else {
-                log::Level::Warn
-            };
-            log::log!(
-                level,
-                "device nodes changed: {} node(s) ({}), {} is {health}",
-                inv.nodes.len(),
-                inv.nodes
-                    .iter()
-                    .map(|n| n.host_path.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                self.cfg.resource_name
-            );
+        if inv == self.inventory {
+            return;
         }
+        let list = self.settings.resource.device_list(&inv);
+        serving.hub().publish(list);
+        let (level, health) = if inv.has_verbs() {
+            (log::Level::Info, HEALTHY)
+        } else {
+            (log::Level::Warn, UNHEALTHY)
+        };
+        let paths: Vec<String> = inv
+            .nodes
+            .iter()
+            .map(|n| n.host_path.display().to_string())
+            .collect();
+        log::log!(
+            level,
+            "device nodes changed: {} node(s) [{}], {} is {health}",
+            inv.nodes.len(),
+            paths.join(", "),
+            self.cfg.resource_name
+        );
+        self.inventory = inv;
     }
 
     /// A stream ended a moment ago: if the kubelet has opened none since, it dropped us (or

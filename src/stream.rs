@@ -48,17 +48,14 @@ impl Hub {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Replaces the list and wakes every stream; a list equal to the current one is ignored.
-    /// Returns whether it changed.
-    pub fn publish(&self, list: ListAndWatchResponse) -> bool {
+    /// Replaces the list and wakes every stream, which sends it even when it equals the last
+    /// one: the caller publishes when the device nodes changed, and the kubelet takes every
+    /// message as the whole list, so a repeat is harmless and tells it the news promptly.
+    pub fn publish(&self, list: ListAndWatchResponse) {
         let mut st = self.lock();
-        if st.list == list {
-            return false;
-        }
         st.list = list;
         st.version += 1;
         wake_all(&mut st);
-        true
     }
 
     pub fn current(&self) -> ListAndWatchResponse {

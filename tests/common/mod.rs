@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -199,6 +199,20 @@ impl Drop for Plugin {
     }
 }
 
+/// Threads and open descriptors of a process, from /proc.
+pub fn threads_and_fds(pid: i32) -> (usize, usize) {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let threads = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let fds = fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    (threads, fds)
+}
+
 /// Polls `cond` every 5 ms until it holds or `timeout` passes.
 pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
@@ -265,6 +279,8 @@ struct Registrar {
     events: Sender<(Instant, Event)>,
     /// Watch streams still open, so a test can end them (kubelet "drops" a stream).
     streams: Arc<Mutex<Vec<grpcio::ClientSStreamReceiver<api::ListAndWatchResponse>>>>,
+    /// Set when the fake stops, to end `register_delay` waits early.
+    stopped: Arc<(Mutex<bool>, Condvar)>,
 }
 
 impl api::Registration for Registrar {
@@ -373,6 +389,7 @@ pub struct FakeKubelet {
     dir: PathBuf,
     pub events: Receiver<(Instant, Event)>,
     streams: Arc<Mutex<Vec<grpcio::ClientSStreamReceiver<api::ListAndWatchResponse>>>>,
+    stopped: Arc<(Mutex<bool>, Condvar)>,
 }
 
 impl FakeKubelet {
@@ -392,12 +409,14 @@ impl FakeKubelet {
         let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("kubelet").build());
         let (tx, rx) = mpsc::channel();
         let streams = Arc::new(Mutex::new(Vec::new()));
+        let stopped = Arc::new((Mutex::new(false), Condvar::new()));
         let registrar = Registrar {
             dir: dir.to_path_buf(),
             behaviour,
             env: Arc::clone(&env),
             events: tx,
             streams: Arc::clone(&streams),
+            stopped: Arc::clone(&stopped),
         };
         let mut server = ServerBuilder::new(env)
             .register_service(api::create_registration(registrar))
@@ -415,6 +434,7 @@ impl FakeKubelet {
             dir: dir.to_path_buf(),
             events: rx,
             streams,
+            stopped,
         }
     }
 
@@ -472,9 +492,14 @@ impl FakeKubelet {
     }
 
     fn shutdown(&mut self) {
+        *self.stopped.0.lock().unwrap() = true;
+        self.stopped.1.notify_all();
         self.drop_streams();
         if let Some(mut s) = self.server.take() {
-            let _ = wake::block_on(s.shutdown(), Some(WAIT));
+            let done = s.shutdown();
+            // Register calls held back by `register_delay` would otherwise keep it waiting.
+            s.cancel_all_calls();
+            let _ = wake::block_on(done, Some(WAIT));
         }
         let _ = fs::remove_file(self.dir.join("kubelet.sock"));
     }
