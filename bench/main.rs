@@ -1,0 +1,358 @@
+//! Benchmark: the real plugin binary against our fake kubelet, over real unix sockets.
+//! Run with `scripts/bench.sh`; prints a Markdown table (the README carries the latest).
+//! Figures are measured, never asserted: targets are listed beside them for reading.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_core::Stream;
+use rdma_plugin::discovery::{self, Selection};
+use rdma_plugin::{api, wake};
+
+struct Row {
+    what: String,
+    value: String,
+    target: &'static str,
+}
+
+/// The plugin at its production log level: debug lines would cost time being written.
+fn start_plugin(host: &Host) -> Plugin {
+    Plugin::start_with(host, &[], |cmd| {
+        cmd.env("RUST_LOG", "info");
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// p50, p99 and max of `samples` (ms), as text.
+fn summary(mut samples: Vec<f64>) -> String {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let pick = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+    format!(
+        "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (n={})",
+        pick(0.50),
+        pick(0.99),
+        pick(1.0),
+        samples.len()
+    )
+}
+
+/// Time from `t0` until the kubelet sees a Register, and until its first list after that.
+fn until_registered_and_listed(kubelet: &FakeKubelet, t0: Instant) -> (f64, f64) {
+    let reg = kubelet.expect("Register", |ev| match ev {
+        Event::Registered { .. } => Some(Instant::now()),
+        _ => None,
+    });
+    let list = kubelet.expect("first list", |ev| match ev {
+        Event::List(_) => Some(Instant::now()),
+        _ => None,
+    });
+    (ms(reg - t0), ms(list - t0))
+}
+
+fn start_to_registered(rows: &mut Vec<Row>) {
+    let mut kubelet_first = Vec::new();
+    let mut plugin_first = Vec::new();
+    for _ in 0..20 {
+        let host = Host::new("bench-start");
+        let kubelet = FakeKubelet::start(&host.plugin_dir());
+        let t0 = Instant::now();
+        let plugin = start_plugin(&host);
+        kubelet_first.push(until_registered_and_listed(&kubelet, t0).0);
+        drop(plugin);
+
+        let host = Host::new("bench-start2");
+        let _plugin = start_plugin(&host);
+        assert!(wait_for(WAIT, || host.socket().exists()));
+        let t0 = Instant::now();
+        let kubelet = FakeKubelet::start(&host.plugin_dir());
+        plugin_first.push(until_registered_and_listed(&kubelet, t0).0);
+    }
+    rows.push(Row {
+        what: "start -> registered, kubelet first (process spawn included)".into(),
+        value: summary(kubelet_first),
+        target: "",
+    });
+    rows.push(Row {
+        what: "kubelet appears -> registered, plugin first".into(),
+        value: summary(plugin_first),
+        target: "",
+    });
+}
+
+fn hot_plug(rows: &mut Vec<Row>) {
+    let host = Host::empty("bench-hotplug");
+    host.add_node("uverbs0");
+    let kubelet = FakeKubelet::start(&host.plugin_dir());
+    let _plugin = start_plugin(&host);
+    kubelet.expect_registered();
+    kubelet.expect_list();
+    let mut added = Vec::new();
+    let mut removed = Vec::new();
+    for i in 0..100 {
+        let name = format!("uverbs{}", i + 1);
+        let t0 = Instant::now();
+        host.add_node(&name);
+        kubelet.expect_list();
+        added.push(ms(t0.elapsed()));
+        let t0 = Instant::now();
+        host.remove_node(&name);
+        kubelet.expect_list();
+        removed.push(ms(t0.elapsed()));
+    }
+    rows.push(Row {
+        what: "device node added -> new list at the kubelet".into(),
+        value: summary(added),
+        target: "p99 < 10 ms",
+    });
+    rows.push(Row {
+        what: "device node removed -> new list at the kubelet".into(),
+        value: summary(removed),
+        target: "p99 < 10 ms",
+    });
+}
+
+fn kubelet_restarts(rows: &mut Vec<Row>) {
+    let host = Host::new("bench-restart");
+    let mut kubelet = FakeKubelet::start(&host.plugin_dir());
+    let _plugin = start_plugin(&host);
+    kubelet.expect_registered();
+    kubelet.expect_list();
+    let mut registered = Vec::new();
+    let mut listed = Vec::new();
+    for _ in 0..100 {
+        kubelet.stop();
+        let t0 = Instant::now();
+        kubelet = FakeKubelet::start(&host.plugin_dir());
+        let (r, l) = until_registered_and_listed(&kubelet, t0);
+        registered.push(r);
+        listed.push(l);
+    }
+    rows.push(Row {
+        what: "kubelet restart -> registered again".into(),
+        value: summary(registered),
+        target: "< 50 ms in all 100",
+    });
+    rows.push(Row {
+        what: "kubelet restart -> first list".into(),
+        value: summary(listed),
+        target: "",
+    });
+}
+
+fn allocate_latency(rows: &mut Vec<Row>) {
+    let host = Host::new("bench-alloc");
+    let kubelet = FakeKubelet::start(&host.plugin_dir());
+    let _plugin = start_plugin(&host);
+    kubelet.expect_registered();
+    for clients in [1usize, 8] {
+        let calls_each = 4000 / clients;
+        let socket = Arc::new(host.socket());
+        let t0 = Instant::now();
+        let workers: Vec<_> = (0..clients)
+            .map(|_| {
+                let socket = Arc::clone(&socket);
+                thread::spawn(move || {
+                    let client = plugin_client(&socket);
+                    let req = alloc_request(&[&["rdma-0"]]);
+                    let mut lat = Vec::with_capacity(calls_each);
+                    for _ in 0..calls_each {
+                        let t = Instant::now();
+                        let resp = client.allocate_opt(&req, opt()).expect("Allocate");
+                        lat.push(ms(t.elapsed()));
+                        assert_eq!(resp.container_responses[0].devices.len(), 3);
+                    }
+                    lat
+                })
+            })
+            .collect();
+        let lat: Vec<f64> = workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect();
+        let rate = lat.len() as f64 / t0.elapsed().as_secs_f64();
+        rows.push(Row {
+            what: format!("Allocate, {clients} concurrent client(s)"),
+            value: format!("{}; {rate:.0} calls/s", summary(lat)),
+            target: "",
+        });
+    }
+}
+
+fn discovery_time(rows: &mut Vec<Row>) {
+    let tmp = TempDir::new("bench-disc");
+    let dir = tmp.path().join("dev/infiniband");
+    fs::create_dir_all(&dir).unwrap();
+    for i in 0..1024 {
+        fs::write(dir.join(format!("uverbs{i}")), b"").unwrap();
+    }
+    fs::write(dir.join("rdma_cm"), b"").unwrap();
+    let mut samples = Vec::new();
+    for _ in 0..200 {
+        let t = Instant::now();
+        let inv = discovery::scan(tmp.path(), Selection::default()).unwrap();
+        samples.push(ms(t.elapsed()));
+        assert_eq!(inv.nodes.len(), 1025);
+    }
+    rows.push(Row {
+        what: "discovery of 1,024 uverbs nodes (+ rdma_cm)".into(),
+        value: summary(samples),
+        target: "",
+    });
+}
+
+/// (VmRSS KiB, threads, context switches summed over all threads).
+fn process_figures(pid: i32) -> (u64, usize, u64) {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |text: &str, key: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let rss = field(&status, "VmRSS:");
+    let mut switches = 0;
+    let mut threads = 0;
+    if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            threads += 1;
+            let s = fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            switches +=
+                field(&s, "voluntary_ctxt_switches:") + field(&s, "nonvoluntary_ctxt_switches:");
+        }
+    }
+    (rss, threads, switches)
+}
+
+fn idle_figures(plugin: &Plugin, label: &str, rows: &mut Vec<Row>) {
+    thread::sleep(Duration::from_secs(1));
+    let (_, _, before) = process_figures(plugin.pid());
+    thread::sleep(Duration::from_secs(10));
+    let (rss, threads, after) = process_figures(plugin.pid());
+    rows.push(Row {
+        what: format!("idle {label}: RSS / threads / wake-ups in 10 s"),
+        value: format!(
+            "{:.2} MiB / {threads} / {}",
+            rss as f64 / 1024.0,
+            after - before
+        ),
+        target: "RSS < 4 MiB; 0 wake-ups",
+    });
+}
+
+fn idle_and_streams(rows: &mut Vec<Row>) {
+    let host = Host::new("bench-idle");
+    let kubelet = FakeKubelet::start(&host.plugin_dir());
+    let mut plugin = start_plugin(&host);
+    kubelet.expect_registered();
+    kubelet.expect_list();
+    idle_figures(&plugin, "after registration", rows);
+
+    let client = plugin_client(&host.socket());
+    let t0 = Instant::now();
+    for _ in 0..1000 {
+        let mut s = client
+            .list_and_watch_opt(&api::Empty::new(), opt())
+            .unwrap();
+        let first = wake::block_on(
+            std::future::poll_fn(|cx| Pin::new(&mut s).poll_next(cx)),
+            Some(WAIT),
+        );
+        assert!(matches!(first, Some(Some(Ok(_)))));
+        s.cancel();
+    }
+    rows.push(Row {
+        what: "1,000 ListAndWatch open -> first list -> close cycles".into(),
+        value: format!("{:.0} ms in all", ms(t0.elapsed())),
+        target: "",
+    });
+    idle_figures(&plugin, "after 1,000 streams", rows);
+
+    let streams: Vec<_> = (0..50)
+        .map(|_| {
+            let mut s = client
+                .list_and_watch_opt(&api::Empty::new(), opt())
+                .unwrap();
+            let _ = wake::block_on(
+                std::future::poll_fn(|cx| Pin::new(&mut s).poll_next(cx)),
+                Some(WAIT),
+            );
+            s
+        })
+        .collect();
+    let t0 = Instant::now();
+    plugin.signal(libc::SIGTERM);
+    let status = plugin.wait_exit(WAIT).expect("exit");
+    rows.push(Row {
+        what: "SIGTERM with 51 open streams -> exited".into(),
+        value: format!("{:.1} ms, {status}", ms(t0.elapsed())),
+        target: "< 1 s, exit 0",
+    });
+    drop(streams);
+}
+
+fn binary_size(rows: &mut Vec<Row>) {
+    let bin = plugin_bin();
+    let size = fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
+    rows.push(Row {
+        what: format!(
+            "binary size ({})",
+            bin.file_name().unwrap().to_string_lossy()
+        ),
+        value: format!("{:.2} MiB ({size} bytes)", size as f64 / 1048576.0),
+        target: "",
+    });
+}
+
+fn machine() -> String {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
+}
+
+fn main() {
+    let bin = plugin_bin();
+    assert!(
+        Path::new(&bin).exists(),
+        "no plugin binary at {}",
+        bin.display()
+    );
+    eprintln!("benchmarking {} ...", bin.display());
+    let mut rows = Vec::new();
+    binary_size(&mut rows);
+    start_to_registered(&mut rows);
+    hot_plug(&mut rows);
+    kubelet_restarts(&mut rows);
+    allocate_latency(&mut rows);
+    discovery_time(&mut rows);
+    idle_and_streams(&mut rows);
+
+    println!("Machine: {}", machine());
+    println!("Binary: {}\n", bin.display());
+    println!("| measure | result | target |");
+    println!("|---|---|---|");
+    for r in rows {
+        println!("| {} | {} | {} |", r.what, r.value, r.target);
+    }
+}
