@@ -17,27 +17,12 @@ case "$mode" in build | --test | --bench) ;; *) echo "usage: $0 x86_64|ppc64le [
 # shellcheck source=scripts/setup.sh
 source scripts/setup.sh
 
-apt_need() {
-  local missing=()
-  for pkg in "$@"; do
-    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
-  done
-  if ((${#missing[@]})); then
-    local sudo=""
-    [ "$(id -u)" = 0 ] || sudo=sudo
-    echo "build-static: installing ${missing[*]} (apt)" >&2
-    $sudo apt-get update -qq
-    $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  fi
-}
-
-apt_need file
 case "$arch" in
   x86_64)
     target=x86_64-unknown-linux-musl
     rustup target add "$target" >/dev/null
-    python3 -c 'import ziglang' 2>/dev/null || python3 -m pip install -q ziglang
-    command -v cargo-zigbuild >/dev/null || cargo install -q cargo-zigbuild --locked
+    python3 -c 'import ziglang' 2>/dev/null || python3 -m pip install -q ziglang==0.17.1
+    command -v cargo-zigbuild >/dev/null || cargo install -q cargo-zigbuild --version 0.24.1 --locked
     # zig's musl (>= 1.2.4) hides off64_t unless asked; clang >= 19 rejects an old idiom in
     # abseil. Both only affect gRPC's C++ core.
     export CFLAGS_x86_64_unknown_linux_musl=-D_LARGEFILE64_SOURCE

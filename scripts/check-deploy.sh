@@ -20,10 +20,8 @@ if [ "$before" != "$after" ]; then
   exit 1
 fi
 python3 scripts/check-deploy.py
-if ! command -v shellcheck >/dev/null; then
-  sudo=""
-  [ "$(id -u)" = 0 ] || sudo=sudo
-  $sudo apt-get install -y -qq --no-install-recommends shellcheck >/dev/null
-fi
+# shellcheck source=scripts/setup.sh
+source scripts/setup.sh
+apt_need shellcheck
 shellcheck -x manifest.sh scripts/*.sh deploy/variants.sh .ci/run
 echo "check-deploy: shellcheck ok"

@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# Sourced by demo.sh and test.sh: installs what a fresh Debian 12 machine lacks for a native
+# Sourced by the other scripts: installs what a fresh Debian 12 machine lacks for a native
 # build (cmake for grpcio-sys's C++ core; ccache so profile changes rebuild it in minutes) and
 # sets the build environment. Idempotent: installs nothing when everything is present.
-need=()
-for tool in cmake ccache g++ make; do
-  command -v "$tool" >/dev/null 2>&1 || need+=("$tool")
-done
-if ((${#need[@]})); then
-  sudo=""
+
+# apt_need PKG...: installs the Debian packages that are missing.
+apt_need() {
+  local missing=() pkg sudo=""
+  for pkg in "$@"; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  ((${#missing[@]})) || return 0
   [ "$(id -u)" = 0 ] || sudo=sudo
-  echo "setup: installing ${need[*]} (apt)" >&2
+  echo "setup: installing ${missing[*]} (apt)" >&2
   $sudo apt-get update -qq
-  $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+  $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+apt_need cmake ccache g++ make file
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install Rust with rustup first" >&2
   exit 1
