@@ -40,6 +40,9 @@ case "$arch" in
     export CARGO_TARGET_POWERPC64LE_UNKNOWN_LINUX_GNU_LINKER=powerpc64le-linux-gnu-gcc
     export CARGO_TARGET_POWERPC64LE_UNKNOWN_LINUX_GNU_RUSTFLAGS='-C target-feature=+crt-static'
     export CARGO_TARGET_POWERPC64LE_UNKNOWN_LINUX_GNU_RUNNER='qemu-ppc64le -L /usr/powerpc64le-linux-gnu'
+    # The tests spawn the plugin binary themselves: through qemu too (tests/common).
+    export JARVICE_TEST_RUNNER="$CARGO_TARGET_POWERPC64LE_UNKNOWN_LINUX_GNU_RUNNER"
+    command -v qemu-ppc64le >/dev/null || { echo "build-static: qemu-ppc64le missing after install" >&2; exit 1; }
     build=(cargo build --release --target "$target")
     test=(cargo test --release --target "$target")
     ;;

@@ -5,7 +5,6 @@ mod common;
 
 use std::fs;
 use std::os::unix::net::UnixListener;
-use std::process::Command;
 
 use common::*;
 use grpcio::RpcStatusCode;
@@ -341,15 +340,15 @@ fn bad_flags_exit_2_with_a_message() {
         &["--plugin-dir", "relative"],
         &["--no-such-flag"],
     ] {
-        let out = Command::new(plugin_bin()).args(args).output().unwrap();
+        let out = plugin_command().args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("see --help"), "{args:?}: {err}");
     }
-    let out = Command::new(plugin_bin()).arg("--help").output().unwrap();
+    let out = plugin_command().arg("--help").output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("--host-root"));
-    let out = Command::new(plugin_bin())
+    let out = plugin_command()
         .arg("--version")
         .output()
         .unwrap();

@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use common::*;
 
 fn run(host: &Host, args: &[&str]) -> Output {
-    Command::new(plugin_bin())
+    plugin_command()
         .args(args)
         .args(host.args())
         .output()

@@ -126,6 +126,22 @@ pub fn plugin_bin() -> PathBuf {
         .expect("target/<profile>/ above examples/")
 }
 
+/// A command that runs the plugin binary. A binary for another architecture (ppc64le tests on
+/// x86_64) goes through `$JARVICE_TEST_RUNNER` (e.g. `qemu-ppc64le -L /usr/powerpc64le-linux-gnu`),
+/// since the kernel cannot exec it directly without binfmt_misc.
+pub fn plugin_command() -> Command {
+    let runner = std::env::var("JARVICE_TEST_RUNNER").unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    match words.next() {
+        Some(program) => {
+            let mut cmd = Command::new(program);
+            cmd.args(words).arg(plugin_bin());
+            cmd
+        }
+        None => Command::new(plugin_bin()),
+    }
+}
+
 /// The real plugin binary, running; killed on drop. Its log goes to a file in the host dir.
 pub struct Plugin {
     pub child: Child,
@@ -143,7 +159,7 @@ impl Plugin {
             .tmp
             .0
             .join(format!("plugin-{}.log", N.fetch_add(1, Ordering::Relaxed)));
-        let mut cmd = Command::new(plugin_bin());
+        let mut cmd = plugin_command();
         cmd.args(host.args())
             .args(extra)
             .env("RUST_LOG", "debug")
