@@ -6,15 +6,10 @@
 //! a termination signal or a second instance already serving our socket.
 
 use std::fmt;
-use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use grpcio::{EnvBuilder, Environment};
@@ -23,7 +18,7 @@ use log::{debug, info, warn};
 use crate::config::Config;
 use crate::discovery::Inventory;
 use crate::plugin::Settings;
-use crate::registration;
+use crate::registration::{kubelet_id, KubeletId, Registrar};
 use crate::resource::{HEALTHY, UNHEALTHY};
 use crate::server::{self, Serving};
 use crate::sys::{self, EventFd, SignalFd};
@@ -68,94 +63,6 @@ impl Backoff {
         let d = self.0;
         self.0 = (self.0 * 2).min(BACKOFF_CAP);
         d
-    }
-}
-
-/// The identity of the kubelet.sock we registered with: a restarted kubelet makes a new file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct KubeletId {
-    dev: u64,
-    ino: u64,
-    ctime_ns: i128,
-}
-
-fn kubelet_id(path: &Path) -> Option<KubeletId> {
-    let m = fs::metadata(path).ok()?;
-    Some(KubeletId {
-        dev: m.dev(),
-        ino: m.ino(),
-        ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
-    })
-}
-
-type Outcome = (u64, Option<KubeletId>, Result<(), registration::Error>);
-
-/// Runs Register calls on short-lived threads and reports back through an eventfd, so the main
-/// loop never blocks on the kubelet. Only the newest attempt's outcome counts.
-struct Registrar {
-    tx: Sender<Outcome>,
-    rx: Receiver<Outcome>,
-    wake: Arc<EventFd>,
-    attempt: u64,
-    in_flight: bool,
-}
-
-impl Registrar {
-    fn new() -> io::Result<Registrar> {
-        let (tx, rx) = mpsc::channel();
-        Ok(Registrar {
-            tx,
-            rx,
-            wake: Arc::new(EventFd::new()?),
-            attempt: 0,
-            in_flight: false,
-        })
-    }
-
-    fn start(&mut self, env: &Arc<Environment>, cfg: &Config) {
-        self.attempt += 1;
-        self.in_flight = true;
-        let attempt = self.attempt;
-        let (env, tx, wake) = (Arc::clone(env), self.tx.clone(), Arc::clone(&self.wake));
-        let kubelet = cfg.kubelet_socket();
-        let req = registration::request(&cfg.socket_name, &cfg.resource_name);
-        let timeout = cfg.register_timeout;
-        let spawned = thread::Builder::new()
-            .name("register".into())
-            .spawn(move || {
-                let id = kubelet_id(&kubelet);
-                let result = registration::register(&env, &kubelet, &req, timeout);
-                // The receiver lives as long as the loop; after it is gone nobody needs the answer.
-                let _ = tx.send((attempt, id, result));
-                wake.notify();
-            });
-        if let Err(e) = spawned {
-            warn!("cannot start a Register thread: {e}");
-            let _ = self.tx.send((
-                attempt,
-                None,
-                Err(registration::Error::Rpc {
-                    path: cfg.kubelet_socket(),
-                    source: grpcio::Error::RemoteStopped,
-                }),
-            ));
-            self.wake.notify();
-        }
-    }
-
-    /// The outcome of the newest attempt, if it has arrived.
-    fn outcome(&mut self) -> Option<(Option<KubeletId>, Result<(), registration::Error>)> {
-        self.wake.drain();
-        let mut newest = None;
-        while let Ok((attempt, id, result)) = self.rx.try_recv() {
-            if attempt == self.attempt {
-                self.in_flight = false;
-                newest = Some((id, result));
-            } else {
-                debug!("ignoring the outcome of superseded Register attempt {attempt}");
-            }
-        }
-        newest
     }
 }
 
@@ -229,6 +136,8 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         last_failure: None,
     };
     let mut next_check = d.self_check_deadline();
+    // Kept across iterations, so frequent unrelated events cannot postpone it for ever.
+    let mut poll_at: Option<Instant> = None;
     loop {
         let now = Instant::now();
         if d.retry_at.is_some_and(|t| t <= now) {
@@ -243,14 +152,18 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             d.self_check(&mut watcher)?;
             next_check = d.self_check_deadline();
         }
-        let poll_at = (!watcher.complete()).then(|| now + d.cfg.poll_interval);
+        if watcher.complete() {
+            poll_at = None;
+        } else if poll_at.is_none() {
+            poll_at = Some(now + d.cfg.poll_interval);
+        }
         let deadline = [d.retry_at, d.stream_check_at, next_check, poll_at]
             .into_iter()
             .flatten()
             .min();
         let mut fds = vec![
             signals.as_raw_fd(),
-            d.registrar.wake.as_raw_fd(),
+            d.registrar.as_raw_fd(),
             d.client_left.as_raw_fd(),
         ];
         fds.extend(watcher.fd());
@@ -277,6 +190,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             d.on_changes(changes)?;
         }
         if poll_at.is_some_and(|t| t <= Instant::now()) {
+            poll_at = None;
             // No inotify for some directory: look for it again, rescan, check the sockets.
             let changes = watcher.refresh();
             d.on_changes(changes)?;

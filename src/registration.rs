@@ -5,14 +5,23 @@
 //! a thread of its own so the main loop keeps handling signals and events while it waits.
 
 use std::fmt;
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
+use std::thread;
 use std::time::Duration;
 
 use grpcio::{CallOption, ChannelBuilder, Environment};
+use log::{debug, warn};
 
 use crate::api;
+use crate::config::Config;
 use crate::plugin;
+use crate::sys::EventFd;
 
 #[derive(Debug)]
 pub enum Error {
@@ -77,4 +86,101 @@ pub fn register(
             path: kubelet_socket.to_path_buf(),
             source,
         })
+}
+
+/// The identity of the kubelet.sock we registered with: a restarted kubelet makes a new file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KubeletId {
+    dev: u64,
+    ino: u64,
+    ctime_ns: i128,
+}
+
+pub fn kubelet_id(path: &Path) -> Option<KubeletId> {
+    let m = fs::metadata(path).ok()?;
+    Some(KubeletId {
+        dev: m.dev(),
+        ino: m.ino(),
+        ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+    })
+}
+
+type Outcome = (u64, Option<KubeletId>, Result<(), Error>);
+
+/// Runs Register calls on short-lived threads and reports back through an eventfd, so the main
+/// loop never blocks on the kubelet. Only the newest attempt's outcome counts.
+pub struct Registrar {
+    tx: Sender<Outcome>,
+    rx: Receiver<Outcome>,
+    wake: Arc<EventFd>,
+    attempt: u64,
+    /// An attempt is running and its outcome has not been taken yet.
+    pub in_flight: bool,
+}
+
+impl Registrar {
+    pub fn new() -> io::Result<Registrar> {
+        let (tx, rx) = mpsc::channel();
+        Ok(Registrar {
+            tx,
+            rx,
+            wake: Arc::new(EventFd::new()?),
+            attempt: 0,
+            in_flight: false,
+        })
+    }
+
+    /// Starts a Register attempt on its own thread; a running one is superseded.
+    pub fn start(&mut self, env: &Arc<Environment>, cfg: &Config) {
+        self.attempt += 1;
+        self.in_flight = true;
+        let attempt = self.attempt;
+        let (env, tx, wake) = (Arc::clone(env), self.tx.clone(), Arc::clone(&self.wake));
+        let kubelet = cfg.kubelet_socket();
+        let req = request(&cfg.socket_name, &cfg.resource_name);
+        let timeout = cfg.register_timeout;
+        let spawned = thread::Builder::new()
+            .name("register".into())
+            .spawn(move || {
+                let id = kubelet_id(&kubelet);
+                let result = register(&env, &kubelet, &req, timeout);
+                // The receiver lives as long as the loop; after it is gone nobody needs the answer.
+                let _ = tx.send((attempt, id, result));
+                wake.notify();
+            });
+        if let Err(e) = spawned {
+            warn!("cannot start a Register thread: {e}");
+            let _ = self.tx.send((
+                attempt,
+                None,
+                Err(Error::Rpc {
+                    path: cfg.kubelet_socket(),
+                    source: grpcio::Error::RemoteStopped,
+                }),
+            ));
+            self.wake.notify();
+        }
+    }
+
+    /// The outcome of the newest attempt, if it has arrived.
+    pub fn outcome(&mut self) -> Option<(Option<KubeletId>, Result<(), Error>)> {
+        self.wake.drain();
+        let mut newest = None;
+        while let Ok((attempt, id, result)) = self.rx.try_recv() {
+            if attempt == self.attempt {
+                self.in_flight = false;
+                newest = Some((id, result));
+            } else {
+                debug!("ignoring the outcome of superseded Register attempt {attempt}");
+            }
+        }
+        newest
+    }
+}
+
+impl AsRawFd for Registrar {
+    /// Readable when an attempt's outcome has arrived.
+    fn as_raw_fd(&self) -> RawFd {
+        self.wake.as_raw_fd()
+    }
 }

@@ -348,9 +348,6 @@ fn bad_flags_exit_2_with_a_message() {
     let out = plugin_command().arg("--help").output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("--host-root"));
-    let out = plugin_command()
-        .arg("--version")
-        .output()
-        .unwrap();
+    let out = plugin_command().arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("jarvice-rdma-plugin "));
 }
