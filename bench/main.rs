@@ -7,15 +7,12 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use futures_core::Stream;
 use rdma_plugin::discovery::{self, Selection};
-use rdma_plugin::{api, wake};
 
 struct Row {
     what: String,
@@ -262,15 +259,7 @@ fn idle_and_streams(rows: &mut Vec<Row>) {
     let client = plugin_client(&host.socket());
     let t0 = Instant::now();
     for _ in 0..1000 {
-        let mut s = client
-            .list_and_watch_opt(&api::Empty::new(), opt())
-            .unwrap();
-        let first = wake::block_on(
-            std::future::poll_fn(|cx| Pin::new(&mut s).poll_next(cx)),
-            Some(WAIT),
-        );
-        assert!(matches!(first, Some(Some(Ok(_)))));
-        s.cancel();
+        open_watch(&client).cancel();
     }
     rows.push(Row {
         what: "1,000 ListAndWatch open -> first list -> close cycles".into(),
@@ -279,18 +268,7 @@ fn idle_and_streams(rows: &mut Vec<Row>) {
     });
     idle_figures(&plugin, "after 1,000 streams", rows);
 
-    let streams: Vec<_> = (0..50)
-        .map(|_| {
-            let mut s = client
-                .list_and_watch_opt(&api::Empty::new(), opt())
-                .unwrap();
-            let _ = wake::block_on(
-                std::future::poll_fn(|cx| Pin::new(&mut s).poll_next(cx)),
-                Some(WAIT),
-            );
-            s
-        })
-        .collect();
+    let streams: Vec<_> = (0..50).map(|_| open_watch(&client)).collect();
     let t0 = Instant::now();
     plugin.signal(libc::SIGTERM);
     let status = plugin.wait_exit(WAIT).expect("exit");

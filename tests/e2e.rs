@@ -202,10 +202,7 @@ fn sigterm_removes_the_socket_and_exits_zero() {
 #[test]
 fn sighup_serves_and_registers_again() {
     let host = Host::new("hup");
-    let kubelet = FakeKubelet::start(&host.plugin_dir());
-    let plugin = Plugin::start(&host, &[]);
-    kubelet.expect_registered();
-    kubelet.expect_list();
+    let (kubelet, plugin) = start_registered(&host, &[]);
     plugin.signal(libc::SIGHUP);
     kubelet.expect("the old stream to end", |ev| {
         matches!(ev, Event::StreamEnded).then_some(())
@@ -268,10 +265,7 @@ fn a_kubelet_that_appears_later_gets_registered() {
 #[test]
 fn a_kubelet_restart_is_followed_by_a_new_registration() {
     let host = Host::new("restart");
-    let kubelet = FakeKubelet::start(&host.plugin_dir());
-    let _plugin = Plugin::start(&host, &[]);
-    kubelet.expect_registered();
-    kubelet.expect_list();
+    let (kubelet, _plugin) = start_registered(&host, &[]);
     kubelet.stop();
 
     // The new kubelet removes our socket and creates kubelet.sock.

@@ -7,13 +7,11 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
-use std::pin::Pin;
 use std::time::Duration;
 
 use common::*;
-use futures_core::Stream;
 use grpcio::RpcStatusCode;
-use rdma_plugin::{api, wake};
+use rdma_plugin::api;
 
 fn healthy(list: &api::ListAndWatchResponse) -> bool {
     !list.devices.is_empty() && list.devices.iter().all(|d| d.health == "Healthy")
@@ -99,10 +97,7 @@ fn a_device_directory_we_may_not_read() {
 #[test]
 fn garbage_and_half_open_connections_do_not_disturb_serving() {
     let host = Host::new("garbage");
-    let kubelet = FakeKubelet::start(&host.plugin_dir());
-    let plugin = Plugin::start(&host, &[]);
-    kubelet.expect_registered();
-    kubelet.expect_list();
+    let (_kubelet, plugin) = start_registered(&host, &[]);
 
     let mut held = Vec::new();
     for i in 0..30u32 {
@@ -161,37 +156,20 @@ fn an_allocate_naming_ten_thousand_ids() {
     still_allocates(&host, 3);
 }
 
-fn first_message(
-    client: &api::DevicePluginClient,
-) -> grpcio::ClientSStreamReceiver<api::ListAndWatchResponse> {
-    let mut stream = client
-        .list_and_watch_opt(&api::Empty::new(), opt())
-        .unwrap();
-    let first = wake::block_on(
-        std::future::poll_fn(|cx| Pin::new(&mut stream).poll_next(cx)),
-        Some(WAIT),
-    );
-    assert!(matches!(first, Some(Some(Ok(_)))), "first list: {first:?}");
-    stream
-}
-
 #[test]
 fn a_thousand_streams_opened_and_closed_leave_no_threads_or_fds() {
     let host = Host::new("streams");
-    let kubelet = FakeKubelet::start(&host.plugin_dir());
-    let plugin = Plugin::start(&host, &[]);
-    kubelet.expect_registered();
-    kubelet.expect_list();
+    let (kubelet, plugin) = start_registered(&host, &[]);
     let client = plugin_client(&host.socket());
     // Warm up: grpc starts some threads lazily.
     for _ in 0..20 {
-        first_message(&client).cancel();
+        open_watch(&client).cancel();
     }
     assert!(wait_for(WAIT, || threads_and_fds(plugin.pid()).0 <= 12));
     let before = threads_and_fds(plugin.pid());
 
     for i in 0..1000 {
-        let mut s = first_message(&client);
+        let mut s = open_watch(&client);
         if i % 2 == 0 {
             s.cancel(); // the client says goodbye
         } // else: dropped mid-stream
@@ -214,10 +192,7 @@ fn a_thousand_streams_opened_and_closed_leave_no_threads_or_fds() {
 #[test]
 fn sigkill_then_restart_reclaims_the_socket() {
     let host = Host::new("kill");
-    let kubelet = FakeKubelet::start(&host.plugin_dir());
-    let mut plugin = Plugin::start(&host, &[]);
-    kubelet.expect_registered();
-    kubelet.expect_list();
+    let (kubelet, mut plugin) = start_registered(&host, &[]);
     plugin.signal(libc::SIGKILL);
     plugin.wait_exit(WAIT).expect("killed");
     assert!(host.socket().exists(), "SIGKILL leaves the socket behind");
@@ -235,12 +210,9 @@ fn sigkill_then_restart_reclaims_the_socket() {
 #[test]
 fn sigterm_with_open_streams_exits_zero_and_removes_the_socket() {
     let host = Host::new("termstreams");
-    let kubelet = FakeKubelet::start(&host.plugin_dir());
-    let mut plugin = Plugin::start(&host, &[]);
-    kubelet.expect_registered();
-    kubelet.expect_list();
+    let (_kubelet, mut plugin) = start_registered(&host, &[]);
     let client = plugin_client(&host.socket());
-    let streams: Vec<_> = (0..50).map(|_| first_message(&client)).collect();
+    let streams: Vec<_> = (0..50).map(|_| open_watch(&client)).collect();
     plugin.signal(libc::SIGTERM);
     let status = plugin.wait_exit(WAIT).expect("exits with streams open");
     assert_eq!(status.code(), Some(0));
@@ -295,10 +267,7 @@ fn a_kubelet_that_never_answers_register_is_retried() {
 #[test]
 fn a_kubelet_that_drops_the_stream_gets_a_new_registration() {
     let host = Host::new("drop");
-    let kubelet = FakeKubelet::start(&host.plugin_dir());
-    let plugin = Plugin::start(&host, &[]);
-    kubelet.expect_registered();
-    kubelet.expect_list();
+    let (kubelet, plugin) = start_registered(&host, &[]);
     kubelet.drop_streams();
     kubelet.expect_registered();
     assert!(healthy(&kubelet.expect_list()));
@@ -308,10 +277,7 @@ fn a_kubelet_that_drops_the_stream_gets_a_new_registration() {
 #[test]
 fn our_socket_deleted_is_served_again() {
     let host = Host::new("unlinked");
-    let kubelet = FakeKubelet::start(&host.plugin_dir());
-    let plugin = Plugin::start(&host, &[]);
-    kubelet.expect_registered();
-    kubelet.expect_list();
+    let (kubelet, plugin) = start_registered(&host, &[]);
     fs::remove_file(host.socket()).unwrap();
     kubelet.expect_registered();
     assert!(healthy(&kubelet.expect_list()));
@@ -327,7 +293,7 @@ fn hot_plug_reaches_every_stream_with_stable_ids() {
     kubelet.expect_registered();
     let first = kubelet.expect_list();
     let client = plugin_client(&host.socket());
-    let mut watcher = first_message(&client);
+    let mut watcher = open_watch(&client);
 
     host.add_node("uverbs2");
     let list = kubelet.expect_list();
@@ -336,10 +302,7 @@ fn hot_plug_reaches_every_stream_with_stable_ids() {
         healths(&first),
         "a node added: same IDs, same health"
     );
-    let next = wake::block_on(
-        std::future::poll_fn(|cx| Pin::new(&mut watcher).poll_next(cx)),
-        Some(WAIT),
-    );
+    let next = next_list(&mut watcher);
     assert!(
         matches!(next, Some(Some(Ok(_)))),
         "every stream gets the news"

@@ -545,6 +545,37 @@ pub fn plugin_client_as(socket: &Path, authority: Authority) -> api::DevicePlugi
     api::DevicePluginClient::new(ch)
 }
 
+/// The usual start: a kubelet, then the plugin with `extra` flags, registered and listed.
+pub fn start_registered(host: &Host, extra: &[&str]) -> (FakeKubelet, Plugin) {
+    let kubelet = FakeKubelet::start(&host.plugin_dir());
+    let plugin = Plugin::start(host, extra);
+    kubelet.expect_registered();
+    kubelet.expect_list();
+    (kubelet, plugin)
+}
+
+/// The next message of a ListAndWatch stream, within [`WAIT`].
+pub fn next_list(
+    stream: &mut grpcio::ClientSStreamReceiver<api::ListAndWatchResponse>,
+) -> Option<Option<grpcio::Result<api::ListAndWatchResponse>>> {
+    wake::block_on(
+        std::future::poll_fn(|cx| Pin::new(&mut *stream).poll_next(cx)),
+        Some(WAIT),
+    )
+}
+
+/// Opens a ListAndWatch stream as a second client and reads its first list.
+pub fn open_watch(
+    client: &api::DevicePluginClient,
+) -> grpcio::ClientSStreamReceiver<api::ListAndWatchResponse> {
+    let mut stream = client
+        .list_and_watch_opt(&api::Empty::new(), opt())
+        .expect("ListAndWatch");
+    let first = next_list(&mut stream);
+    assert!(matches!(first, Some(Some(Ok(_)))), "first list: {first:?}");
+    stream
+}
+
 /// Call options for test RPCs: bounded, and waiting for the socket to accept.
 pub fn opt() -> CallOption {
     CallOption::default().timeout(WAIT).wait_for_ready(true)
