@@ -304,9 +304,10 @@ fn check_socket_name(name: &str) -> Result<(), UsageError> {
         || name == "."
         || name == ".."
         || name == crate::watch::KUBELET_SOCKET
+        || name == "kubelet_internal_checkpoint"
     {
         return Err(UsageError(format!(
-            "--socket-name must be a plain file name other than kubelet.sock, not {name:?}"
+            "--socket-name must be a plain file name other than the kubelet's own files, not {name:?}"
         )));
     }
     Ok(())
@@ -442,6 +443,10 @@ mod tests {
             (&["--host-root", ""], "absolute"),
             (&["--socket-name", "a/b.sock"], "plain file name"),
             (&["--socket-name", "kubelet.sock"], "plain file name"),
+            (
+                &["--socket-name", "kubelet_internal_checkpoint"],
+                "kubelet's own files",
+            ),
             (&["--poll-interval", "0"], "--poll-interval"),
             (&["--register-timeout", "0"], "--register-timeout"),
             (&["--bogus"], "bogus"),

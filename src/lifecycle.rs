@@ -8,7 +8,6 @@
 use std::fmt;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,10 +26,12 @@ use crate::watch::{Changes, Watcher};
 const SIGNALS: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT, libc::SIGHUP];
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
-/// After the kubelet ends a ListAndWatch stream, how long to wait for it to open a new one
-/// before registering again. A re-registration itself makes the kubelet cancel the old stream
-/// shortly before or after it opens the new one; the grace keeps that from looping.
+/// After a registration, or after the kubelet ended a ListAndWatch stream, how long to wait for
+/// it to open one before registering again. A registration itself makes the kubelet cancel the
+/// old stream shortly before or after it opens the new one; the grace keeps that from looping,
+/// and it doubles (to a minute) while the kubelet keeps not watching.
 const STREAM_GRACE: Duration = Duration::from_secs(1);
+const STREAM_GRACE_CAP: Duration = Duration::from_secs(60);
 
 #[derive(Debug)]
 pub enum Error {
@@ -52,17 +53,32 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
-/// Doubles from 100 ms to a 10 s cap; reset after a success.
-struct Backoff(Duration);
+/// A delay that doubles from `first` to `cap`; reset after a success.
+struct Backoff {
+    next: Duration,
+    first: Duration,
+    cap: Duration,
+}
 
 impl Backoff {
-    fn reset(&mut self) {
-        self.0 = BACKOFF_FIRST;
+    fn new(first: Duration, cap: Duration) -> Backoff {
+        Backoff {
+            next: first,
+            first,
+            cap,
+        }
     }
+    fn reset(&mut self) {
+        self.next = self.first;
+    }
+    /// The delay to use now; the one after it doubles.
     fn next(&mut self) -> Duration {
-        let d = self.0;
-        self.0 = (self.0 * 2).min(BACKOFF_CAP);
+        let d = self.next;
+        self.next = (self.next * 2).min(self.cap);
         d
+    }
+    fn peek(&self) -> Duration {
+        self.next
     }
 }
 
@@ -78,8 +94,9 @@ struct Daemon {
     retry_at: Option<Instant>,
     /// Woken by stream threads whose client went away.
     client_left: Arc<EventFd>,
-    /// When to check that the kubelet opened a new stream after dropping one.
+    /// When to check that the kubelet watches us (a stream is open).
     stream_check_at: Option<Instant>,
+    stream_grace: Backoff,
     backoff: Backoff,
     last_failure: Option<String>,
 }
@@ -132,7 +149,8 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         retry_at: Some(Instant::now()),
         client_left,
         stream_check_at: None,
-        backoff: Backoff(BACKOFF_FIRST),
+        stream_grace: Backoff::new(STREAM_GRACE, STREAM_GRACE_CAP),
+        backoff: Backoff::new(BACKOFF_FIRST, BACKOFF_CAP),
         last_failure: None,
     };
     let mut next_check = d.self_check_deadline();
@@ -181,9 +199,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         }
         if ready[2] {
             d.client_left.drain();
-            if d.registered.is_some() {
-                d.stream_check_at = Some(Instant::now() + STREAM_GRACE);
-            }
+            d.stream_check_at = Some(Instant::now() + d.stream_grace.peek());
         }
         if ready.get(3) == Some(&true) {
             let changes = watcher.read();
@@ -212,7 +228,10 @@ impl Daemon {
             self.inventory = inventory;
             let socket = self.cfg.socket_path();
             match Serving::start(&self.env, &self.settings, &socket, list, &self.client_left) {
-                Ok(s) => self.serving = Some(s),
+                Ok(s) => {
+                    self.serving = Some(s);
+                    self.log_inventory("advertising");
+                }
                 Err(e @ server::Error::InUse { .. }) => return Err(Error::Serve(e)),
                 Err(e) => {
                     self.failed(e.to_string());
@@ -247,6 +266,7 @@ impl Daemon {
         }
         self.registered = None;
         self.stream_check_at = None;
+        self.stream_grace.reset();
         self.backoff.reset();
         self.last_failure = None;
         self.retry_at = None;
@@ -294,6 +314,8 @@ impl Daemon {
                 self.registered = id;
                 self.backoff.reset();
                 self.last_failure = None;
+                // The kubelet opens ListAndWatch right after Register: verify it did.
+                self.stream_check_at = Some(Instant::now() + self.stream_grace.peek());
             }
             Err(e) => self.failed(e.to_string()),
         }
@@ -324,8 +346,16 @@ impl Daemon {
         if inv == self.inventory {
             return;
         }
-        let list = self.settings.resource.device_list(&inv);
-        serving.hub().publish(list);
+        serving
+            .hub()
+            .publish(self.settings.resource.device_list(&inv));
+        self.inventory = inv;
+        self.log_inventory("device nodes changed");
+    }
+
+    /// One line naming the nodes and the resulting health; a warning when Unhealthy.
+    fn log_inventory(&self, what: &str) {
+        let inv = &self.inventory;
         let (level, health) = if inv.has_verbs() {
             (log::Level::Info, HEALTHY)
         } else {
@@ -338,31 +368,33 @@ impl Daemon {
             .collect();
         log::log!(
             level,
-            "device nodes changed: {} node(s) [{}], {} is {health}",
+            "{what}: {} node(s) [{}], {} is {health}",
             inv.nodes.len(),
             paths.join(", "),
             self.cfg.resource_name
         );
-        self.inventory = inv;
     }
 
-    /// A stream ended a moment ago: if the kubelet has opened none since, it dropped us (or
-    /// lost our registration) and must be registered with again.
+    /// A registration or a stream end a moment ago: if no stream is open now, the kubelet
+    /// dropped us (or lost our registration) and must be registered with again.
     fn check_streams(&mut self) {
         let Some(serving) = &self.serving else {
             return;
         };
-        if self.registered.is_some()
-            && serving.hub().open_streams() == 0
-            && !self.registrar.in_flight
-        {
-            info!(
-                "the kubelet ended ListAndWatch and opened no new stream: registering {} again",
-                self.cfg.resource_name
-            );
-            self.registered = None;
-            self.registrar.start(&self.env, &self.cfg);
+        if self.registered.is_none() || self.registrar.in_flight {
+            return;
         }
+        if serving.hub().open_streams() > 0 {
+            self.stream_grace.reset();
+            return;
+        }
+        let grace = self.stream_grace.next();
+        info!(
+            "the kubelet has no ListAndWatch stream open (waited {grace:?}): registering {} again",
+            self.cfg.resource_name
+        );
+        self.registered = None;
+        self.registrar.start(&self.env, &self.cfg);
     }
 
     /// Catches what events missed: devices changed, our socket gone or not answering, a new
@@ -371,9 +403,11 @@ impl Daemon {
         let changes = watcher.refresh();
         self.on_changes(changes)?;
         self.rescan();
-        if self.serving.is_some() && UnixStream::connect(self.cfg.socket_path()).is_err() {
+        let answers = sys::socket_answers(&self.cfg.socket_path()).unwrap_or(false);
+        if self.serving.is_some() && !answers {
             return self.restart("self-check: our socket is gone or not answering");
         }
+        self.check_streams();
         let current = kubelet_id(&self.cfg.kubelet_socket());
         if self.registered.is_some() && current.is_some() && current != self.registered {
             return self.restart("self-check: kubelet.sock was replaced");

@@ -9,7 +9,7 @@ use log::{debug, warn};
 
 use crate::api;
 use crate::discovery::{self, Inventory, Selection};
-use crate::resource::Resource;
+use crate::resource::{RequestError, Resource};
 use crate::stream::{self, Hub};
 
 /// What the plugin serves; shared by every handler of one server.
@@ -72,8 +72,12 @@ fn reply<T>(ctx: &RpcContext<'_>, sink: UnarySink<T>, result: Result<T, RpcStatu
     });
 }
 
-fn invalid(e: impl std::fmt::Display) -> RpcStatus {
-    RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, e.to_string())
+fn status(e: RequestError) -> RpcStatus {
+    let code = match e {
+        RequestError::NoVerbs => RpcStatusCode::UNAVAILABLE,
+        _ => RpcStatusCode::INVALID_ARGUMENT,
+    };
+    RpcStatus::with_message(code, e.to_string())
 }
 
 impl api::DevicePlugin for Plugin {
@@ -101,7 +105,7 @@ impl api::DevicePlugin for Plugin {
         req: api::PreferredAllocationRequest,
         sink: UnarySink<api::PreferredAllocationResponse>,
     ) {
-        let result = self.settings.resource.preferred(&req).map_err(invalid);
+        let result = self.settings.resource.preferred(&req).map_err(status);
         reply(&ctx, sink, result, "GetPreferredAllocation");
     }
 
@@ -113,7 +117,7 @@ impl api::DevicePlugin for Plugin {
     ) {
         // Read live: a node added or removed since the last ListAndWatch message counts.
         let inv = self.settings.scan();
-        let result = self.settings.resource.allocate(&req, &inv).map_err(invalid);
+        let result = self.settings.resource.allocate(&req, &inv).map_err(status);
         if let Ok(resp) = &result {
             debug!(
                 "Allocate: {} container(s), {} device node(s) each",

@@ -26,9 +26,13 @@ pub struct Resource {
     ids: Vec<String>,
 }
 
-/// A request the plugin refuses; becomes gRPC `INVALID_ARGUMENT`.
+/// A request the plugin refuses: gRPC `UNAVAILABLE` for [`RequestError::NoVerbs`],
+/// `INVALID_ARGUMENT` for the rest.
 #[derive(Debug, PartialEq, Eq)]
 pub enum RequestError {
+    /// No `uverbs*` node exists right now (driver unloaded, or the directory unreadable): a pod
+    /// started anyway would silently run without RDMA, so admission had better fail.
+    NoVerbs,
     NoContainers,
     NoDevices {
         container: usize,
@@ -43,6 +47,10 @@ pub enum RequestError {
 impl fmt::Display for RequestError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            RequestError::NoVerbs => write!(
+                f,
+                "no /dev/infiniband/uverbs* node on this node right now (RDMA driver not loaded?)"
+            ),
             RequestError::NoContainers => write!(f, "request names no containers"),
             RequestError::NoDevices { container } => {
                 write!(f, "container request {container} names no device IDs")
@@ -141,7 +149,8 @@ impl Resource {
     }
 
     /// One answer per container request, each granting every discovered node (host path =
-    /// container path, `rw`). Unknown or missing IDs refuse the whole request.
+    /// container path, `rw`). Unknown or missing IDs refuse the whole request, and so does an
+    /// inventory without a `uverbs*` node.
     pub fn allocate(
         &self,
         req: &api::AllocateRequest,
@@ -150,21 +159,33 @@ impl Resource {
         if req.container_requests.is_empty() {
             return Err(RequestError::NoContainers);
         }
-        let mut resp = api::AllocateResponse::new();
         for (i, creq) in req.container_requests.iter().enumerate() {
             if creq.devices_ids.is_empty() {
                 return Err(RequestError::NoDevices { container: i });
             }
             self.check_known(i, &creq.devices_ids)?;
-            let mut cresp = api::ContainerAllocateResponse::new();
-            cresp.devices = device_specs(inv);
-            resp.container_responses.push(cresp);
         }
+        if !inv.has_verbs() {
+            return Err(RequestError::NoVerbs);
+        }
+        let specs = device_specs(inv);
+        let mut resp = api::AllocateResponse::new();
+        resp.container_responses = req
+            .container_requests
+            .iter()
+            .map(|_| {
+                let mut cresp = api::ContainerAllocateResponse::new();
+                cresp.devices = specs.clone();
+                cresp
+            })
+            .collect();
         Ok(resp)
     }
 
     /// Picks `allocation_size` IDs per container: every `must_include` ID first, then available
-    /// ones in natural order. The same request always gets the same answer.
+    /// ones in natural order. The same request always gets the same answer. It is only a hint,
+    /// so IDs we do not know are not refused here (the kubelet would fail admission on an error);
+    /// Allocate checks them.
     pub fn preferred(
         &self,
         req: &api::PreferredAllocationRequest,
@@ -173,21 +194,19 @@ impl Resource {
             return Err(RequestError::NoContainers);
         }
         let mut resp = api::PreferredAllocationResponse::new();
-        for (i, creq) in req.container_requests.iter().enumerate() {
-            self.check_known(i, &creq.must_include_deviceIDs)?;
-            self.check_known(i, &creq.available_deviceIDs)?;
+        for creq in &req.container_requests {
             let size = usize::try_from(creq.allocation_size).unwrap_or(0);
             let mut chosen: Vec<String> = Vec::with_capacity(size);
             let mut seen = HashSet::new();
             let mut must = creq.must_include_deviceIDs.clone();
             must.sort_by(|a, b| natural_cmp_str(a, b));
+            let mut available = creq.available_deviceIDs.clone();
+            available.sort_by(|a, b| natural_cmp_str(a, b));
             for id in must {
                 if seen.insert(id.clone()) {
                     chosen.push(id);
                 }
             }
-            let mut available = creq.available_deviceIDs.clone();
-            available.sort_by(|a, b| natural_cmp_str(a, b));
             for id in available {
                 if chosen.len() >= size {
                     break;
@@ -339,6 +358,17 @@ mod tests {
         let err = r
             .allocate(&alloc_req(&[&["rdma-0"], &["rdma-0", "gpu-7"]]), &i)
             .unwrap_err();
+        // Valid IDs, but no uverbs node: refused as unavailable, not granted empty.
+        assert_eq!(
+            r.allocate(&alloc_req(&[&["rdma-0"]]), &i).unwrap_err(),
+            RequestError::NoVerbs
+        );
+        let cm_only = inv(&[(Kind::RdmaCm, "/dev/infiniband/rdma_cm", None)]);
+        assert_eq!(
+            r.allocate(&alloc_req(&[&["rdma-0"]]), &cm_only)
+                .unwrap_err(),
+            RequestError::NoVerbs
+        );
         assert_eq!(
             err,
             RequestError::UnknownId {
@@ -383,9 +413,10 @@ mod tests {
             ["rdma-0", "rdma-4"]
         );
         assert_eq!(pick(&["rdma-1", "rdma-1"], &[], 3), ["rdma-1"]);
-        assert!(matches!(
-            r.preferred(&pref_req(&["nope"], &[], 1)),
-            Err(RequestError::UnknownId { .. })
-        ));
+        // A hint: unknown IDs pass through (Allocate refuses them), nothing errors.
+        assert_eq!(pick(&["nope", "rdma-0"], &[], 2), ["nope", "rdma-0"]);
+        assert!(r
+            .preferred(&api::PreferredAllocationRequest::new())
+            .is_err());
     }
 }

@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::io;
-use std::os::unix::net::UnixStream;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use log::{debug, info, warn};
 use crate::api;
 use crate::plugin::{Plugin, Settings};
 use crate::stream::Hub;
-use crate::sys::EventFd;
+use crate::sys::{self, EventFd};
 use crate::wake;
 
 /// How long a stop waits for in-flight calls before cancelling them.
@@ -31,6 +31,10 @@ pub enum Error {
     RemoveStale {
         path: PathBuf,
         source: io::Error,
+    },
+    /// Something other than a socket sits at our socket path.
+    NotSocket {
+        path: PathBuf,
     },
     Build {
         source: grpcio::Error,
@@ -52,6 +56,11 @@ impl fmt::Display for Error {
             Error::RemoveStale { path, source } => {
                 write!(f, "cannot remove stale socket {}: {source}", path.display())
             }
+            Error::NotSocket { path } => write!(
+                f,
+                "{} exists and is not a socket: refusing to remove it",
+                path.display()
+            ),
             Error::Build { source } => write!(f, "cannot build the gRPC server: {source}"),
             Error::Listen { path, source } => {
                 write!(f, "cannot listen on {}: {source}", path.display())
@@ -145,14 +154,26 @@ impl Drop for Serving {
     }
 }
 
-/// Makes `socket` free to bind: absent is fine; a file nobody answers on is stale and removed;
-/// a socket that accepts a connection belongs to a live instance and is left alone.
+/// Makes `socket` free to bind: absent is fine; a socket nobody answers on is stale and
+/// removed; a socket that accepts connections belongs to a live instance and is left alone, and
+/// so is anything that is not a socket (we never delete a file we did not make).
 pub fn claim(socket: &Path) -> Result<(), Error> {
-    match std::fs::symlink_metadata(socket) {
+    let meta = match std::fs::symlink_metadata(socket) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        _ => {}
+        Err(source) => {
+            return Err(Error::RemoveStale {
+                path: socket.to_path_buf(),
+                source,
+            })
+        }
+        Ok(meta) => meta,
+    };
+    if !meta.file_type().is_socket() {
+        return Err(Error::NotSocket {
+            path: socket.to_path_buf(),
+        });
     }
-    if UnixStream::connect(socket).is_ok() {
+    if sys::socket_answers(socket).unwrap_or(false) {
         return Err(Error::InUse {
             path: socket.to_path_buf(),
         });

@@ -145,8 +145,9 @@ fn feed(
     match &end {
         End::ClientGone(e) => debug!("ListAndWatch of {peer} ended: {e}"),
         End::ServerStopped => {
-            // Close with OK so the kubelet sees a clean end; poll once, never wait: the server
-            // is shutting down and cancels whatever is still pending.
+            // Start sending an OK status but never wait for it: the server is shutting down,
+            // and dropping the sink right after cancels whatever is still pending. Either
+            // way the kubelet sees the stream end.
             let _ = Pin::new(&mut sink).poll_close(&mut cx);
             debug!("ListAndWatch of {peer} closed: server stopping");
         }

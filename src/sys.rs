@@ -222,6 +222,54 @@ impl AsRawFd for EventFd {
     }
 }
 
+/// Whether something listens on the unix socket at `path`, without ever blocking: a plain
+/// blocking connect would hang while a listener's backlog is full, freezing the main loop.
+/// `Ok(false)` for refused (a stale socket file) or absent.
+pub fn socket_answers(path: &Path) -> io::Result<bool> {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; zeroed is a valid (empty) value.
+    let mut addr: libc::sockaddr_un = unsafe { mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: no pointers; returns a new descriptor or -1.
+    let fd = cvt(unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    })?;
+    // SAFETY: socket returned a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes for the duration of the call.
+    let ret = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    };
+    if ret == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        // A listener whose backlog is full: alive, just busy.
+        Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => Ok(true),
+        Some(libc::ECONNREFUSED) | Some(libc::ENOENT) => Ok(false),
+        _ => Err(err),
+    }
+}
+
 /// Waits until one of `fds` is readable or `timeout` passes (`None`: forever). Returns which
 /// of them are readable. EINTR counts as "nothing ready".
 pub fn poll_readable(fds: &[RawFd], timeout: Option<Duration>) -> io::Result<Vec<bool>> {
@@ -272,6 +320,19 @@ mod tests {
         assert_eq!(events[0].wd, wd);
         assert_eq!(events[0].name(), "kubelet.sock");
         assert!(events[0].mask & libc::IN_CREATE != 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn socket_answers_tells_live_from_stale() {
+        let dir = std::env::temp_dir().join(format!("rdma-sock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        assert!(!socket_answers(&path).unwrap(), "absent");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert!(socket_answers(&path).unwrap(), "listening");
+        drop(listener);
+        assert!(!socket_answers(&path).unwrap(), "stale file");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

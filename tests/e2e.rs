@@ -64,7 +64,11 @@ fn allocate_for_one_and_two_containers_reads_nodes_live() {
     let host = Host::new("alloc");
     fs::write(host.root().join("dev/knem"), b"").unwrap();
     let kubelet = FakeKubelet::start(&host.plugin_dir());
-    let _plugin = Plugin::start(&host, &["--shares", "2"]);
+    // No inotify and a poll an hour away: only a live read at Allocate can see new nodes.
+    let _plugin = Plugin::start(
+        &host,
+        &["--shares", "2", "--poll", "--poll-interval", "3600"],
+    );
     kubelet.expect_registered();
     let client = plugin_client(&host.socket());
 
@@ -170,14 +174,17 @@ fn preferred_allocation_honours_must_include_and_size() {
     let again = client.get_preferred_allocation_opt(&req, opt()).unwrap();
     assert_eq!(first, again, "deterministic");
 
+    // Only a hint: an ID we do not know is not an error here (an error would fail admission);
+    // Allocate is where unknown IDs are refused.
     req.container_requests[0].must_include_deviceIDs = vec!["rdma-99".into()];
-    match client.get_preferred_allocation_opt(&req, opt()) {
-        Err(grpcio::Error::RpcFailure(s)) => {
-            assert_eq!(s.code(), RpcStatusCode::INVALID_ARGUMENT);
-            assert!(s.message().contains("rdma-99"));
-        }
-        other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
-    }
+    let hint = client.get_preferred_allocation_opt(&req, opt()).unwrap();
+    assert_eq!(
+        hint.container_responses[0].deviceIDs,
+        ["rdma-99", "rdma-2", "rdma-3"]
+    );
+    assert!(client
+        .allocate_opt(&alloc_request(&[&["rdma-99"]]), opt())
+        .is_err());
 }
 
 #[test]
@@ -289,6 +296,16 @@ fn no_driver_registers_unhealthy_then_turns_healthy() {
         healths(&kubelet.expect_list()),
         [("rdma-0".to_string(), "Unhealthy".to_string())]
     );
+    // Allocating anyway (a kubelet that has not seen the list yet) is refused, not granted
+    // empty: a pod without RDMA nodes must not start as if it had them.
+    let client = plugin_client(&host.socket());
+    match client.allocate_opt(&alloc_request(&[&["rdma-0"]]), opt()) {
+        Err(grpcio::Error::RpcFailure(s)) => {
+            assert_eq!(s.code(), RpcStatusCode::UNAVAILABLE);
+            assert!(s.message().contains("uverbs"), "{}", s.message());
+        }
+        other => panic!("expected UNAVAILABLE, got {other:?}"),
+    }
     // The driver loads: the directory appears, then a node in it.
     host.add_node("uverbs0");
     let list = kubelet.expect("a Healthy list", |ev| match ev {
@@ -296,6 +313,13 @@ fn no_driver_registers_unhealthy_then_turns_healthy() {
         _ => None,
     });
     assert_eq!(list.devices[0].ID, "rdma-0");
+    let resp = client
+        .allocate_opt(&alloc_request(&[&["rdma-0"]]), opt())
+        .unwrap();
+    assert_eq!(
+        spec_paths(&resp.container_responses[0]),
+        ["/dev/infiniband/uverbs0"]
+    );
 }
 
 #[test]

@@ -65,7 +65,7 @@ fn a_file_where_the_device_directory_should_be() {
 fn a_device_directory_we_may_not_read() {
     let host = Host::new("noread");
     let ib = host.root().join("dev/infiniband");
-    fs::set_permissions(&ib, fs::Permissions::from_mode(0o700)).unwrap();
+    fs::set_permissions(&ib, fs::Permissions::from_mode(0o000)).unwrap();
     fs::set_permissions(host.plugin_dir(), fs::Permissions::from_mode(0o777)).unwrap();
     let kubelet = FakeKubelet::start(&host.plugin_dir());
     // The plugin runs unprivileged: as root, drop to nobody so the permission bites.
@@ -271,7 +271,7 @@ fn a_kubelet_that_drops_the_stream_gets_a_new_registration() {
     kubelet.drop_streams();
     kubelet.expect_registered();
     assert!(healthy(&kubelet.expect_list()));
-    assert!(plugin.log_text().contains("opened no new stream"));
+    assert!(plugin.log_text().contains("no ListAndWatch stream open"));
 }
 
 #[test]
@@ -343,7 +343,51 @@ fn another_process_holding_our_socket_name_is_not_touched() {
     // A live listener at our path: the plugin refuses rather than stealing it.
     let host = Host::new("held");
     let _kubelet = FakeKubelet::start(&host.plugin_dir());
-    let _other = UnixListener::bind(host.socket()).unwrap();
+    let other = UnixListener::bind(host.socket()).unwrap();
     let mut plugin = Plugin::start(&host, &[]);
     assert_eq!(plugin.wait_exit(WAIT).and_then(|s| s.code()), Some(1));
+    // Still there and still the other process's: it accepts our connection.
+    let _client = UnixStream::connect(host.socket()).unwrap();
+    other.set_nonblocking(true).unwrap();
+    assert!(other.accept().is_ok());
+}
+
+#[test]
+fn a_file_that_is_not_a_socket_at_our_path_is_never_deleted() {
+    let host = Host::new("notsock");
+    let kubelet = FakeKubelet::start(&host.plugin_dir());
+    fs::write(host.socket(), b"precious").unwrap();
+    let plugin = Plugin::start(&host, &[]);
+    assert!(plugin.wait_log("is not a socket"));
+    assert_eq!(fs::read(host.socket()).unwrap(), b"precious");
+    // Once the operator moves it away, the plugin serves and registers by itself.
+    fs::remove_file(host.socket()).unwrap();
+    kubelet.expect_registered();
+    still_allocates(&host, 3);
+}
+
+#[test]
+fn restarts_leave_no_threads_or_fds_behind() {
+    let host = Host::new("restarts");
+    let (kubelet, plugin) = start_registered(&host, &[]);
+    // A first restart, so lazily started grpc threads exist before the baseline.
+    plugin.signal(libc::SIGHUP);
+    kubelet.expect_registered();
+    kubelet.expect_list();
+    let before = threads_and_fds(plugin.pid());
+    for _ in 0..30 {
+        plugin.signal(libc::SIGHUP);
+        kubelet.expect_registered();
+        kubelet.expect_list();
+    }
+    let settled = wait_for(WAIT, || {
+        let now = threads_and_fds(plugin.pid());
+        now.0 <= before.0 && now.1 <= before.1
+    });
+    assert!(
+        settled,
+        "threads/fds before {before:?}, after 30 restarts {:?}",
+        threads_and_fds(plugin.pid())
+    );
+    still_allocates(&host, 3);
 }

@@ -337,7 +337,12 @@ impl Registrar {
                 let _ = self
                     .events
                     .send((Instant::now(), Event::Registered { req, options }));
-                thread::sleep(self.behaviour.register_delay);
+                // Hold the answer back, but not past stop(): a live call keeps gRPC's shutdown waiting.
+                let (lock, cond) = &*self.stopped;
+                let stopped = lock.lock().unwrap();
+                let _ = cond
+                    .wait_timeout_while(stopped, self.behaviour.register_delay, |s| !*s)
+                    .unwrap();
                 let _ = wake::block_on(sink.success(api::Empty::new()), Some(WAIT));
                 None
             }
