@@ -118,8 +118,8 @@ else
     "${bah[@]}" manifest rm "$list" >/dev/null
   fi
   run "${bah[@]}" manifest create "$list"
-  run "${bah[@]}" manifest add --os linux --arch amd64 "$list" "containers-storage:$list-amd64"
-  run "${bah[@]}" manifest add --os linux --arch ppc64le "$list" "containers-storage:$list-ppc64le"
+  run "${bah[@]}" manifest add --os linux --arch amd64 "$list" "$list-amd64"
+  run "${bah[@]}" manifest add --os linux --arch ppc64le "$list" "$list-ppc64le"
   if [ -n "$archive" ]; then
     run "${bah[@]}" manifest push --all --format oci "$list" "oci-archive:$archive"
   else
