@@ -133,7 +133,7 @@ impl std::error::Error for Error {
 pub fn scan(root: &Path, selection: Selection) -> Result<Inventory, Error> {
     let mut nodes = scan_infiniband(root, selection)?;
     let knem = root.join(KNEM_NODE);
-    if usable_node(&knem) {
+    if usable_node(&knem, None) {
         nodes.push(DeviceNode {
             kind: Kind::Knem,
             host_path: Path::new("/").join(KNEM_NODE),
@@ -172,7 +172,10 @@ fn scan_infiniband(root: &Path, selection: Selection) -> Result<Vec<DeviceNode>,
             debug!("skipping {name}: MAD nodes are passed only with --mad-devices");
             continue;
         }
-        if !usable_node(&entry.path()) {
+        // The entry's type comes with the listing (d_type): no stat per node, except to follow
+        // a symlink or on filesystems that do not report types.
+        let known = entry.file_type().ok().filter(|t| !t.is_symlink());
+        if !usable_node(&entry.path(), known) {
             continue;
         }
         let numa_node = match kind {
@@ -196,10 +199,9 @@ fn scan_infiniband(root: &Path, selection: Selection) -> Result<Vec<DeviceNode>,
 /// Character devices are real nodes; regular files stand in for them in mock trees (the
 /// original's documented `docker run` test touches `/tmp/infiniband/uverbs0`). A directory is what
 /// a container runtime leaves at a hostPath mount of a missing file: never pass it.
-fn usable_node(path: &Path) -> bool {
-    match fs::metadata(path) {
-        Ok(meta) => {
-            let ft = meta.file_type();
+fn usable_node(path: &Path, known: Option<fs::FileType>) -> bool {
+    match known.map_or_else(|| fs::metadata(path).map(|m| m.file_type()), Ok) {
+        Ok(ft) => {
             if ft.is_char_device() || ft.is_file() {
                 true
             } else {
@@ -456,6 +458,19 @@ mod tests {
                 case.name
             );
         }
+    }
+
+    #[test]
+    fn symlinks_are_followed_and_dangling_ones_ignored() {
+        let tree = Tree::new("links");
+        tree.file("dev/real/uverbs7");
+        tree.dir("dev/infiniband");
+        let ib = tree.0.join(INFINIBAND_DIR);
+        std::os::unix::fs::symlink("../real/uverbs7", ib.join("uverbs0")).unwrap();
+        std::os::unix::fs::symlink("../real/missing", ib.join("uverbs1")).unwrap();
+        std::os::unix::fs::symlink("../real", ib.join("uverbs2")).unwrap();
+        let inv = scan(&tree.0, Selection::default()).unwrap();
+        assert_eq!(paths(&inv), ["/dev/infiniband/uverbs0"]);
     }
 
     #[test]
