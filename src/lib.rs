@@ -15,3 +15,4 @@ pub mod stream;
 pub mod sys;
 pub mod wake;
 pub mod watch;
+pub mod workers;

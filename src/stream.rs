@@ -5,7 +5,6 @@
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll};
-use std::thread;
 
 use futures_sink::Sink;
 use grpcio::{ServerStreamingSink, WriteFlags};
@@ -14,6 +13,7 @@ use log::{debug, warn};
 use crate::api::ListAndWatchResponse;
 use crate::sys::EventFd;
 use crate::wake::Signal;
+use crate::workers;
 
 struct State {
     version: u64,
@@ -105,23 +105,21 @@ fn wake_all(st: &mut State) {
     });
 }
 
-/// Starts the thread that feeds one ListAndWatch call. Returns at once.
+/// Hands one ListAndWatch call to a stream thread of its own. Returns at once.
 pub fn spawn(hub: Arc<Hub>, sink: ServerStreamingSink<ListAndWatchResponse>, peer: String) {
     let signal = Signal::new();
     hub.subscribe(&signal);
-    let spawned = thread::Builder::new()
-        .name("list-and-watch".into())
-        .spawn(move || {
-            let end = feed(&hub, sink, &signal, &peer);
-            // Unsubscribe before telling anyone, so open_streams() no longer counts us.
-            drop(signal);
-            if let End::ClientGone(_) = end {
-                hub.client_left.notify();
-            }
-        });
-    if let Err(e) = spawned {
-        // The sink was moved into the failed closure and is dropped with it, which cancels the
-        // call: the kubelet sees the stream end and opens a new one.
+    let started = workers::run(move || {
+        let end = feed(&hub, sink, &signal, &peer);
+        // Unsubscribe before telling anyone, so open_streams() no longer counts us.
+        drop(signal);
+        if let End::ClientGone(_) = end {
+            hub.client_left.notify();
+        }
+    });
+    if let Err(e) = started {
+        // The sink was moved into the job and is dropped with it, which cancels the call: the
+        // kubelet sees the stream end and opens a new one.
         warn!("cannot start a ListAndWatch thread: {e}");
     }
 }
@@ -138,7 +136,10 @@ fn feed(
     signal: &Arc<Signal>,
     peer: &str,
 ) -> End {
-    debug!("ListAndWatch opened by {peer}");
+    debug!(
+        "ListAndWatch opened by {peer} ({} open)",
+        hub.open_streams()
+    );
     let waker = signal.waker();
     let mut cx = Context::from_waker(&waker);
     let end = pump(hub, &mut sink, signal, &mut cx);

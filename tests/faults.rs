@@ -7,6 +7,7 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
+use std::thread;
 use std::time::Duration;
 
 use common::*;
@@ -161,11 +162,16 @@ fn a_thousand_streams_opened_and_closed_leave_no_threads_or_fds() {
     let host = Host::new("streams");
     let (kubelet, plugin) = start_registered(&host, &[]);
     let client = plugin_client(&host.socket());
-    // Warm up: grpc starts some threads lazily.
-    for _ in 0..20 {
-        open_watch(&client).cancel();
-    }
-    assert!(wait_for(WAIT, || threads_and_fds(plugin.pid()).0 <= 12));
+    // Warm up: grpc starts some threads lazily, and stream threads that finish wait for the
+    // next stream (up to a few): fill that pool with concurrent streams first.
+    let warm: Vec<_> = (0..8).map(|_| open_watch(&client)).collect();
+    drop(warm);
+    let mut last = (0, 0);
+    assert!(wait_for(WAIT, || {
+        thread::sleep(Duration::from_millis(100));
+        let now = threads_and_fds(plugin.pid());
+        std::mem::replace(&mut last, now) == now
+    }));
     let before = threads_and_fds(plugin.pid());
 
     for i in 0..1000 {
