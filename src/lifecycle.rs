@@ -114,11 +114,11 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         source,
     })?;
     let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc").build());
-    let settings = Arc::new(Settings {
-        host_root: cfg.host_root.clone(),
-        selection: cfg.selection(),
-        resource: cfg.resource(),
-    });
+    let settings = Arc::new(Settings::new(
+        cfg.host_root.clone(),
+        cfg.selection(),
+        cfg.resource(),
+    ));
     let mut watcher = Watcher::new(
         &cfg.plugin_dir,
         &cfg.socket_name,
@@ -208,8 +208,6 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         if poll_at.is_some_and(|t| t <= Instant::now()) {
             poll_at = None;
             // No inotify for some directory: look for it again, rescan, check the sockets.
-            let changes = watcher.refresh();
-            d.on_changes(changes)?;
             d.self_check(&mut watcher)?;
         }
     }
@@ -400,9 +398,10 @@ impl Daemon {
     /// Catches what events missed: devices changed, our socket gone or not answering, a new
     /// kubelet.sock.
     fn self_check(&mut self, watcher: &mut Watcher) -> Result<(), Error> {
-        let changes = watcher.refresh();
+        // Rescan whatever the watches say: this is what catches changes they missed.
+        let mut changes = watcher.refresh();
+        changes.devices = true;
         self.on_changes(changes)?;
-        self.rescan();
         let answers = sys::socket_answers(&self.cfg.socket_path()).unwrap_or(false);
         if self.serving.is_some() && !answers {
             return self.restart("self-check: our socket is gone or not answering");

@@ -2,10 +2,10 @@
 //! answers from memory or a short directory listing and never waits on anything.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use grpcio::{RpcContext, RpcStatus, RpcStatusCode, ServerStreamingSink, UnarySink};
-use log::{debug, warn};
+use log::{debug, info, warn};
 
 use crate::api;
 use crate::discovery::{self, Inventory, Selection};
@@ -13,22 +13,49 @@ use crate::resource::{RequestError, Resource};
 use crate::stream::{self, Hub};
 
 /// What the plugin serves; shared by every handler of one server.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Settings {
     /// Where device nodes are looked for (`/` on a host, the host's `/` mount in a pod).
     pub host_root: PathBuf,
     pub selection: Selection,
     pub resource: Resource,
+    /// The last discovery error, so a lasting one is logged at warn once, not on every scan.
+    last_error: Mutex<Option<String>>,
 }
 
 impl Settings {
+    pub fn new(host_root: PathBuf, selection: Selection, resource: Resource) -> Settings {
+        Settings {
+            host_root,
+            selection,
+            resource,
+            last_error: Mutex::new(None),
+        }
+    }
+
     /// Discovers devices now. A directory that cannot be listed counts as no devices (the
     /// resource turns Unhealthy) and is logged, so the plugin keeps serving.
     pub fn scan(&self) -> Inventory {
-        match discovery::scan(&self.host_root, self.selection) {
-            Ok(inv) => inv,
+        let result = discovery::scan(&self.host_root, self.selection);
+        let mut last = self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match result {
+            Ok(inv) => {
+                if last.take().is_some() {
+                    info!("device discovery works again");
+                }
+                inv
+            }
             Err(e) => {
-                warn!("device discovery failed: {e}; advertising no device nodes");
+                let text = e.to_string();
+                if last.as_deref() == Some(text.as_str()) {
+                    debug!("device discovery still failing: {text}");
+                } else {
+                    warn!("device discovery failed: {text}; advertising no device nodes");
+                    *last = Some(text);
+                }
                 Inventory::default()
             }
         }

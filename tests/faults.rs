@@ -93,6 +93,7 @@ fn a_device_directory_we_may_not_read() {
     fs::set_permissions(&ib, fs::Permissions::from_mode(0o755)).unwrap();
     expect_health(&kubelet, "Healthy");
     still_allocates(&host, 3);
+    assert!(plugin.wait_log("device discovery works again"));
 }
 
 #[test]
