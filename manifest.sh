@@ -74,6 +74,14 @@ run() {
   fi
 }
 
+# BuildKit (docker buildx, the default builder since Docker 23) attaches provenance and SBOM
+# attestations, which turns each pushed per-arch tag into an index that `docker manifest create`
+# refuses ("is a manifest list"). Plain images are what a manifest list joins.
+docker_build=(docker build)
+if [ "$builder" = docker ] && docker buildx version >/dev/null 2>&1; then
+  docker_build+=(--provenance=false --sbom=false)
+fi
+
 # Debian's buildah as root in a container: vfs storage and chroot isolation need no daemon,
 # no overlay mounts and no user namespaces.
 bah=(buildah --storage-driver vfs)
@@ -92,7 +100,7 @@ for pair in x86_64:amd64 ppc64le:ppc64le; do
   tag="$list-$oci"
   if ((build)); then
     if [ "$builder" = docker ]; then
-      run docker build --platform "linux/$oci" --build-arg "VERSION=$version" -f "Dockerfile.$arch" -t "$tag" .
+      run "${docker_build[@]}" --platform "linux/$oci" --build-arg "VERSION=$version" -f "Dockerfile.$arch" -t "$tag" .
     else
       run "${bah[@]}" bud --isolation chroot --arch "$oci" --os linux --build-arg "VERSION=$version" \
         -f "Dockerfile.$arch" -t "$tag" .

@@ -21,7 +21,8 @@ case "$arch" in
   x86_64)
     target=x86_64-unknown-linux-musl
     rustup target add "$target" >/dev/null
-    python3 -c 'import ziglang' 2>/dev/null || python3 -m pip install -q ziglang==0.17.1
+    # cargo-zigbuild runs `python3 -m ziglang` when no `zig` is on PATH.
+    py_tools ziglang==0.17.1
     command -v cargo-zigbuild >/dev/null || cargo install -q cargo-zigbuild --version 0.24.1 --locked
     # zig's musl (>= 1.2.4) hides off64_t unless asked; clang >= 19 rejects an old idiom in
     # abseil. Both only affect gRPC's C++ core.

@@ -51,6 +51,7 @@ def check_daemonset(path, plugin_dir):
     for name, v in vols.items():
         want(v.get("type") in ("Directory", "CharDevice"), f"hostPath {name} typed (an untyped one becomes an empty dir)")
     want(vols["host-dev"]["path"] == "/dev" and mounts["host-dev"]["readOnly"], "host /dev read-only")
+    want(set(vols) == {"device-plugins", "host-dev"}, "no host mounts beyond the plugin dir and /dev (no /sys: cgroupfs)")
     want("--host-root=/host" in ctr["args"] and mounts["host-dev"]["mountPath"] == "/host/dev", "--host-root matches the mount")
 
 
@@ -68,7 +69,6 @@ def check_pods(path):
 
 
 check_daemonset("deploy/rdma-device.yml", "/var/lib/kubelet/device-plugins")
-check_daemonset("deploy/rdma-device-k3s.yml", "/var/lib/rancher/k3s/agent/kubelet/device-plugins")
-check_daemonset("deploy/rdma-device-microk8s.yml", "/var/snap/microk8s/common/var/lib/kubelet/device-plugins")
+check_daemonset("deploy/rdma-device-k3s-legacy.yml", "/var/lib/rancher/k3s/agent/kubelet/device-plugins")
 check_pods("deploy/pod-example.yml")
 print("check-deploy: drop-in names and hardening hold in every manifest")

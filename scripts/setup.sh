@@ -16,6 +16,21 @@ apt_need() {
   $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+# py_tools PKG==VERSION...: installs Python tools into a venv under target/ (Debian's own
+# python3 refuses pip installs into the system) and puts that venv first on PATH.
+py_tools() {
+  local venv="$PWD/target/py-tools"
+  if [ ! -x "$venv/bin/python3" ]; then
+    command -v python3 >/dev/null 2>&1 || apt_need python3
+    python3 -m venv "$venv" 2>/dev/null || {
+      apt_need python3-venv
+      python3 -m venv "$venv"
+    }
+  fi
+  "$venv/bin/python3" -m pip install -q --disable-pip-version-check "$@"
+  export PATH="$venv/bin:$PATH"
+}
+
 apt_need cmake ccache g++ make file
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install Rust with rustup first" >&2

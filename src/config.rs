@@ -14,6 +14,8 @@ pub const DEFAULT_PLUGIN_DIR: &str = "/var/lib/kubelet/device-plugins";
 pub const DEFAULT_SOCKET_NAME: &str = "rdma.sock";
 pub const DEFAULT_RESOURCE_NAME: &str = "jarvice.com/rdma";
 pub const DEFAULT_HOST_ROOT: &str = "/";
+/// A container's own (read-only) sysfs lists the host's HCAs, so no host mount is needed.
+pub const DEFAULT_SYSFS: &str = "/sys";
 pub const DEFAULT_SHARES: u32 = 1;
 pub const MAX_SHARES: u32 = 4096;
 pub const DEFAULT_POLL_SECS: u64 = 5;
@@ -34,6 +36,8 @@ pub struct Config {
     pub resource_name: String,
     /// Where the host's `/` is seen (`/` normally; e.g. `/host` in a pod that mounts it there).
     pub host_root: PathBuf,
+    /// Where sysfs is seen, for the HCAs' NUMA nodes.
+    pub sysfs: PathBuf,
     /// How many devices to advertise; each grants all device nodes.
     pub shares: u32,
     /// Also pass `umad*` and `issm*`.
@@ -55,6 +59,7 @@ impl Default for Config {
             socket_name: DEFAULT_SOCKET_NAME.to_string(),
             resource_name: DEFAULT_RESOURCE_NAME.to_string(),
             host_root: PathBuf::from(DEFAULT_HOST_ROOT),
+            sysfs: PathBuf::from(DEFAULT_SYSFS),
             shares: DEFAULT_SHARES,
             mad_devices: false,
             poll_interval: Duration::from_secs(DEFAULT_POLL_SECS),
@@ -140,6 +145,12 @@ fn options() -> Options {
             "where the host's / is mounted; devices are looked for under ROOT/dev [default: {DEFAULT_HOST_ROOT}]"
         ),
         "ROOT",
+    );
+    o.optopt(
+        "",
+        "sysfs",
+        &format!("where sysfs is mounted, for the HCAs' NUMA nodes [default: {DEFAULT_SYSFS}]"),
+        "DIR",
     );
     o.optopt(
         "",
@@ -246,6 +257,9 @@ fn config_from(m: &getopts::Matches) -> Result<Config, UsageError> {
     }
     if let Some(root) = m.opt_str("host-root") {
         c.host_root = absolute_dir("--host-root", &root)?;
+    }
+    if let Some(dir) = m.opt_str("sysfs") {
+        c.sysfs = absolute_dir("--sysfs", &dir)?;
     }
     if let Some(n) = m.opt_str("shares") {
         c.shares = match n.parse::<u32>() {
@@ -389,6 +403,8 @@ mod tests {
             "example.org/ib",
             "--host-root",
             "/host",
+            "--sysfs",
+            "/host/sys",
             "--shares",
             "8",
             "--mad-devices",
@@ -409,6 +425,7 @@ mod tests {
         assert_eq!(c.socket_name, "ib.sock");
         assert_eq!(c.resource_name, "example.org/ib");
         assert_eq!(c.host_root, Path::new("/host"));
+        assert_eq!(c.sysfs, Path::new("/host/sys"));
         assert_eq!(c.shares, 8);
         assert!(c.mad_devices);
         assert_eq!(c.poll_interval, Duration::from_secs(2));
@@ -471,6 +488,7 @@ mod tests {
             "--socket-name",
             "--resource-name",
             "--host-root",
+            "--sysfs",
             "--shares",
             "--mad-devices",
             "--poll-interval",

@@ -128,10 +128,11 @@ impl std::error::Error for Error {
     }
 }
 
-/// Lists the RDMA device nodes under `root`. An absent `dev/infiniband` or `dev/knem` is not an
+/// Lists the RDMA device nodes under `root` (`root/dev/...`), with NUMA nodes from `sysfs`
+/// (`sysfs/class/infiniband_verbs/...`). An absent `dev/infiniband` or `dev/knem` is not an
 /// error (no driver loaded yet); an unreadable one is.
-pub fn scan(root: &Path, selection: Selection) -> Result<Inventory, Error> {
-    let mut nodes = scan_infiniband(root, selection)?;
+pub fn scan(root: &Path, sysfs: &Path, selection: Selection) -> Result<Inventory, Error> {
+    let mut nodes = scan_infiniband(root, sysfs, selection)?;
     let knem = root.join(KNEM_NODE);
     if usable_node(&knem, None) {
         nodes.push(DeviceNode {
@@ -143,7 +144,11 @@ pub fn scan(root: &Path, selection: Selection) -> Result<Inventory, Error> {
     Ok(Inventory { nodes })
 }
 
-fn scan_infiniband(root: &Path, selection: Selection) -> Result<Vec<DeviceNode>, Error> {
+fn scan_infiniband(
+    root: &Path,
+    sysfs: &Path,
+    selection: Selection,
+) -> Result<Vec<DeviceNode>, Error> {
     let dir = root.join(INFINIBAND_DIR);
     let entries = match fs::read_dir(&dir) {
         Ok(entries) => entries,
@@ -179,7 +184,7 @@ fn scan_infiniband(root: &Path, selection: Selection) -> Result<Vec<DeviceNode>,
             continue;
         }
         let numa_node = match kind {
-            Kind::Uverbs => read_numa_node(root, name),
+            Kind::Uverbs => read_numa_node(sysfs, name),
             _ => None,
         };
         nodes.push(DeviceNode {
@@ -221,11 +226,11 @@ fn usable_node(path: &Path, known: Option<fs::FileType>) -> bool {
     }
 }
 
-/// Reads `<root>/sys/class/infiniband_verbs/<uverbsN>/device/numa_node`; the kernel writes -1
+/// Reads `<sysfs>/class/infiniband_verbs/<uverbsN>/device/numa_node`; the kernel writes -1
 /// when the platform does not say.
-fn read_numa_node(root: &Path, uverbs: &str) -> Option<i64> {
-    let path = root
-        .join("sys/class/infiniband_verbs")
+fn read_numa_node(sysfs: &Path, uverbs: &str) -> Option<i64> {
+    let path = sysfs
+        .join("class/infiniband_verbs")
         .join(uverbs)
         .join("device/numa_node");
     let text = fs::read_to_string(&path).ok()?;
@@ -449,7 +454,7 @@ mod tests {
             for f in case.files {
                 tree.file(f);
             }
-            let inv = scan(&tree.0, Selection { mad: case.mad }).unwrap();
+            let inv = scan(&tree.0, &tree.0.join("sys"), Selection { mad: case.mad }).unwrap();
             assert_eq!(paths(&inv), case.want, "case: {}", case.name);
             assert_eq!(
                 inv.has_verbs(),
@@ -469,13 +474,18 @@ mod tests {
         std::os::unix::fs::symlink("../real/uverbs7", ib.join("uverbs0")).unwrap();
         std::os::unix::fs::symlink("../real/missing", ib.join("uverbs1")).unwrap();
         std::os::unix::fs::symlink("../real", ib.join("uverbs2")).unwrap();
-        let inv = scan(&tree.0, Selection::default()).unwrap();
+        let inv = scan(&tree.0, &tree.0.join("sys"), Selection::default()).unwrap();
         assert_eq!(paths(&inv), ["/dev/infiniband/uverbs0"]);
     }
 
     #[test]
     fn root_absent_is_empty_not_error() {
-        let inv = scan(Path::new("/nonexistent/rdma-root"), Selection::default()).unwrap();
+        let inv = scan(
+            Path::new("/nonexistent/rdma-root"),
+            Path::new("/nonexistent/sys"),
+            Selection::default(),
+        )
+        .unwrap();
         assert!(inv.nodes.is_empty());
     }
 
@@ -483,7 +493,7 @@ mod tests {
     fn file_where_directory_should_be_is_an_error() {
         let tree = Tree::new("file-dir");
         tree.file("dev/infiniband");
-        let err = scan(&tree.0, Selection::default()).unwrap_err();
+        let err = scan(&tree.0, &tree.0.join("sys"), Selection::default()).unwrap_err();
         assert!(err.to_string().contains("dev/infiniband"), "{err}");
     }
 
@@ -494,7 +504,7 @@ mod tests {
         let tree = Tree::new("loop");
         tree.dir("dev");
         std::os::unix::fs::symlink("infiniband", tree.0.join(INFINIBAND_DIR)).unwrap();
-        let err = scan(&tree.0, Selection::default()).unwrap_err();
+        let err = scan(&tree.0, &tree.0.join("sys"), Selection::default()).unwrap_err();
         assert!(err.to_string().contains("cannot list"), "{err}");
     }
 
@@ -505,7 +515,7 @@ mod tests {
         tree.file("dev/infiniband/uverbs1");
         tree.write("sys/class/infiniband_verbs/uverbs0/device/numa_node", "1\n");
         tree.write("sys/class/infiniband_verbs/uverbs1/device/numa_node", "0\n");
-        let inv = scan(&tree.0, Selection::default()).unwrap();
+        let inv = scan(&tree.0, &tree.0.join("sys"), Selection::default()).unwrap();
         assert_eq!(inv.numa_nodes(), vec![0, 1]);
 
         // One HCA with an unknown node (-1) makes the whole answer unknown.
@@ -513,7 +523,7 @@ mod tests {
             "sys/class/infiniband_verbs/uverbs1/device/numa_node",
             "-1\n",
         );
-        let inv = scan(&tree.0, Selection::default()).unwrap();
+        let inv = scan(&tree.0, &tree.0.join("sys"), Selection::default()).unwrap();
         assert_eq!(inv.numa_nodes(), Vec::<i64>::new());
     }
 

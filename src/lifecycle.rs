@@ -116,6 +116,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc").build());
     let settings = Arc::new(Settings::new(
         cfg.host_root.clone(),
+        cfg.sysfs.clone(),
         cfg.selection(),
         cfg.resource(),
     ));

@@ -10,7 +10,7 @@ use crate::resource::device_specs;
 
 /// Renders the report; `Err` when the device directory cannot be listed at all.
 pub fn report(cfg: &Config, json: bool) -> Result<String, discovery::Error> {
-    let inv = discovery::scan(&cfg.host_root, cfg.selection())?;
+    let inv = discovery::scan(&cfg.host_root, &cfg.sysfs, cfg.selection())?;
     let list = cfg.resource().device_list(&inv);
     let specs = device_specs(&inv);
     Ok(if json {

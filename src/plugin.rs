@@ -17,6 +17,8 @@ use crate::stream::{self, Hub};
 pub struct Settings {
     /// Where device nodes are looked for (`/` on a host, the host's `/` mount in a pod).
     pub host_root: PathBuf,
+    /// Where sysfs is seen, for NUMA nodes (`/sys`: a container's own sysfs shows the host's HCAs).
+    pub sysfs: PathBuf,
     pub selection: Selection,
     pub resource: Resource,
     /// The last discovery error, so a lasting one is logged at warn once, not on every scan.
@@ -24,9 +26,15 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn new(host_root: PathBuf, selection: Selection, resource: Resource) -> Settings {
+    pub fn new(
+        host_root: PathBuf,
+        sysfs: PathBuf,
+        selection: Selection,
+        resource: Resource,
+    ) -> Settings {
         Settings {
             host_root,
+            sysfs,
             selection,
             resource,
             last_error: Mutex::new(None),
@@ -36,7 +44,7 @@ impl Settings {
     /// Discovers devices now. A directory that cannot be listed counts as no devices (the
     /// resource turns Unhealthy) and is logged, so the plugin keeps serving.
     pub fn scan(&self) -> Inventory {
-        let result = discovery::scan(&self.host_root, self.selection);
+        let result = discovery::scan(&self.host_root, &self.sysfs, self.selection);
         let mut last = self
             .last_error
             .lock()

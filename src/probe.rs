@@ -15,8 +15,8 @@ use crate::api;
 use crate::resource::{HEALTHY, UNHEALTHY};
 use crate::wake;
 
-/// Probes must answer well inside the kubelet's probe timeout.
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Per call; two calls stay inside the DaemonSet probes' 5 s timeoutSeconds.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug)]
 pub enum Error {

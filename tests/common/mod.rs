@@ -105,6 +105,8 @@ impl Host {
             self.plugin_dir().display().to_string(),
             "--host-root".into(),
             self.root().display().to_string(),
+            "--sysfs".into(),
+            self.root().join("sys").display().to_string(),
         ]
     }
 }
