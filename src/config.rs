@@ -10,12 +10,15 @@ use getopts::Options;
 use crate::discovery::Selection;
 use crate::resource::Resource;
 
+/// The kubelet hard-codes this directory, whatever its `--root-dir` (upstream
+/// `pkg/apis/deviceplugin/v1beta1/constants.go`).
 pub const DEFAULT_PLUGIN_DIR: &str = "/var/lib/kubelet/device-plugins";
 pub const DEFAULT_SOCKET_NAME: &str = "rdma.sock";
 pub const DEFAULT_RESOURCE_NAME: &str = "jarvice.com/rdma";
 pub const DEFAULT_HOST_ROOT: &str = "/";
 /// A container's own (read-only) sysfs lists the host's HCAs, so no host mount is needed.
 pub const DEFAULT_SYSFS: &str = "/sys";
+/// One device granting every HCA: JARVICE gives jobs whole nodes.
 pub const DEFAULT_SHARES: u32 = 1;
 pub const MAX_SHARES: u32 = 4096;
 pub const DEFAULT_POLL_SECS: u64 = 5;
@@ -71,20 +74,24 @@ impl Default for Config {
 }
 
 impl Config {
+    /// `<plugin-dir>/<socket-name>`: where we serve.
     pub fn socket_path(&self) -> PathBuf {
         self.plugin_dir.join(&self.socket_name)
     }
 
+    /// `<plugin-dir>/kubelet.sock`: where the kubelet takes registrations.
     pub fn kubelet_socket(&self) -> PathBuf {
         self.plugin_dir.join(crate::watch::KUBELET_SOCKET)
     }
 
+    /// Which optional node families discovery passes.
     pub fn selection(&self) -> Selection {
         Selection {
             mad: self.mad_devices,
         }
     }
 
+    /// The advertised devices (`--shares` of them).
     pub fn resource(&self) -> Resource {
         Resource::new(self.shares)
     }

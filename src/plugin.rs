@@ -85,6 +85,7 @@ pub struct Plugin {
 }
 
 impl Plugin {
+    /// The service of one serving generation, streaming from `hub`.
     pub fn new(settings: Arc<Settings>, hub: Arc<Hub>) -> Plugin {
         Plugin { settings, hub }
     }

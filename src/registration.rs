@@ -96,6 +96,7 @@ pub struct KubeletId {
     ctime_ns: i128,
 }
 
+/// The identity of the file at `path` now; `None` when it does not exist.
 pub fn kubelet_id(path: &Path) -> Option<KubeletId> {
     let m = fs::metadata(path).ok()?;
     Some(KubeletId {

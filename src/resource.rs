@@ -85,6 +85,7 @@ impl Resource {
         }
     }
 
+    /// The advertised IDs, `rdma-0` first.
     pub fn ids(&self) -> &[String] {
         &self.ids
     }

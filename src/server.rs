@@ -113,12 +113,9 @@ impl Serving {
         })
     }
 
+    /// Where this generation's device list is published.
     pub fn hub(&self) -> &Arc<Hub> {
         &self.hub
-    }
-
-    pub fn socket(&self) -> &Path {
-        &self.socket
     }
 
     /// Ends the streams, shuts the server down (cancelling calls still running after a short

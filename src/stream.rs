@@ -31,6 +31,7 @@ pub struct Hub {
 }
 
 impl Hub {
+    /// A hub serving `list`; `client_left` is bumped whenever a client ends its stream.
     pub fn new(list: ListAndWatchResponse, client_left: Arc<EventFd>) -> Arc<Hub> {
         Arc::new(Hub {
             state: Mutex::new(State {
@@ -56,10 +57,6 @@ impl Hub {
         st.list = list;
         st.version += 1;
         wake_all(&mut st);
-    }
-
-    pub fn current(&self) -> ListAndWatchResponse {
-        self.lock().list.clone()
     }
 
     /// Ends every stream of this generation (they close their calls and their threads exit).

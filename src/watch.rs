@@ -54,6 +54,7 @@ struct Target {
     wd: Option<libc::c_int>,
 }
 
+/// The inotify watches of the plugin dir, `<root>/dev` and `<root>/dev/infiniband`.
 pub struct Watcher {
     inotify: Option<Inotify>,
     plugin_dir: Target,
