@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use grpcio::RpcStatusCode;
-use rdma_plugin::api;
+use rdma_plugin::{api, workers};
 
 fn healthy(list: &api::ListAndWatchResponse) -> bool {
     !list.devices.is_empty() && list.devices.iter().all(|d| d.health == "Healthy")
@@ -387,9 +387,11 @@ fn restarts_leave_no_threads_or_fds_behind() {
         kubelet.expect_registered();
         kubelet.expect_list();
     }
+    // Stream threads that finish wait for the next stream, up to MAX_IDLE of them, so the pool
+    // may have grown by that much; a leak per restart would add 30.
     let settled = wait_for(WAIT, || {
         let now = threads_and_fds(plugin.pid());
-        now.0 <= before.0 && now.1 <= before.1
+        now.0 <= before.0 + workers::MAX_IDLE && now.1 <= before.1
     });
     assert!(
         settled,
