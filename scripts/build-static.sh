@@ -3,8 +3,8 @@
 # suite against it (ppc64le under qemu-user). Output: out/jarvice-rdma-plugin-<arch>.
 #
 #   scripts/build-static.sh x86_64 [--test]    musl, through zig (cargo-zigbuild)
-#   scripts/build-static.sh ppc64le [--test]   glibc static, Debian's cross gcc (no musl route
-#                                              here yet: see the README's design notes)
+#   scripts/build-static.sh ppc64le [--test]   musl too, through zig, with a standard library
+#                                              built from source (-Zbuild-std)
 #   scripts/build-static.sh x86_64 --bench     build, then run bench/ against that binary
 #
 # Installs what it needs (apt packages, rustup targets, zig from PyPI, cargo-zigbuild) and fails
@@ -17,35 +17,53 @@ case "$mode" in build | --test | --bench) ;; *) echo "usage: $0 x86_64|ppc64le [
 # shellcheck source=scripts/setup.sh
 source scripts/setup.sh
 
+# zig (from PyPI) as C/C++ compiler and linker, through cargo-zigbuild.
+zig_setup() {
+  # cargo-zigbuild runs `python3 -m ziglang` when no `zig` is on PATH.
+  py_tools ziglang==0.17.1
+  command -v cargo-zigbuild >/dev/null || cargo install -q cargo-zigbuild --version 0.24.1 --locked
+}
+
+# zig's musl (>= 1.2.4) hides off64_t unless asked; clang >= 19 rejects an old idiom in abseil.
+# Both only affect gRPC's C++ core.
+musl_cflags="-D_LARGEFILE64_SOURCE"
+musl_cxxflags="-D_LARGEFILE64_SOURCE -Wno-missing-template-arg-list-after-template-kw"
+
 case "$arch" in
   x86_64)
     target=x86_64-unknown-linux-musl
     rustup target add "$target" >/dev/null
-    # cargo-zigbuild runs `python3 -m ziglang` when no `zig` is on PATH.
-    py_tools ziglang==0.17.1
-    command -v cargo-zigbuild >/dev/null || cargo install -q cargo-zigbuild --version 0.24.1 --locked
-    # zig's musl (>= 1.2.4) hides off64_t unless asked; clang >= 19 rejects an old idiom in
-    # abseil. Both only affect gRPC's C++ core.
-    export CFLAGS_x86_64_unknown_linux_musl=-D_LARGEFILE64_SOURCE
-    export CXXFLAGS_x86_64_unknown_linux_musl="-D_LARGEFILE64_SOURCE -Wno-missing-template-arg-list-after-template-kw"
+    zig_setup
+    export CFLAGS_x86_64_unknown_linux_musl="$musl_cflags"
+    export CXXFLAGS_x86_64_unknown_linux_musl="$musl_cxxflags"
     build=(cargo zigbuild --release --target "$target")
     test=(cargo-zigbuild test --release --target "$target")
     ;;
   ppc64le)
-    target=powerpc64le-unknown-linux-gnu
-    apt_need gcc-powerpc64le-linux-gnu g++-powerpc64le-linux-gnu libc6-dev-ppc64el-cross qemu-user libclang-dev
-    rustup target add "$target" >/dev/null
-    export CC_powerpc64le_unknown_linux_gnu=powerpc64le-linux-gnu-gcc
-    export CXX_powerpc64le_unknown_linux_gnu=powerpc64le-linux-gnu-g++
-    export AR_powerpc64le_unknown_linux_gnu=powerpc64le-linux-gnu-ar
-    export CARGO_TARGET_POWERPC64LE_UNKNOWN_LINUX_GNU_LINKER=powerpc64le-linux-gnu-gcc
-    export CARGO_TARGET_POWERPC64LE_UNKNOWN_LINUX_GNU_RUSTFLAGS='-C target-feature=+crt-static'
-    export CARGO_TARGET_POWERPC64LE_UNKNOWN_LINUX_GNU_RUNNER='qemu-ppc64le -L /usr/powerpc64le-linux-gnu'
-    # The tests spawn the plugin binary themselves: through qemu too (tests/common).
-    export JARVICE_TEST_RUNNER="$CARGO_TARGET_POWERPC64LE_UNKNOWN_LINUX_GNU_RUNNER"
+    # rustup ships no standard library for powerpc64le-unknown-linux-musl: build it from
+    # rust-src (-Zbuild-std, which stable cargo allows with RUSTC_BOOTSTRAP=1).
+    target=powerpc64le-unknown-linux-musl
+    apt_need qemu-user libclang-dev
     command -v qemu-ppc64le >/dev/null || { echo "build-static: qemu-ppc64le missing after install" >&2; exit 1; }
-    build=(cargo build --release --target "$target")
-    test=(cargo test --release --target "$target")
+    rustup component add rust-src >/dev/null
+    zig_setup
+    export RUSTC_BOOTSTRAP=1
+    # abseil's PowerPC cycle clock needs glibc's __ppc_get_timebase_freq: use the portable clock.
+    export CFLAGS_powerpc64le_unknown_linux_musl="$musl_cflags -DABSL_USE_UNSCALED_CYCLECLOCK=0"
+    export CXXFLAGS_powerpc64le_unknown_linux_musl="$musl_cxxflags -DABSL_USE_UNSCALED_CYCLECLOCK=0"
+    # grpcio-sys generates its bindings for ppc64le with bindgen, which needs musl's headers.
+    zig_inc="$(python3 -c 'import os, ziglang; print(os.path.dirname(ziglang.__file__))')/lib/libc/include"
+    export BINDGEN_EXTRA_CLANG_ARGS="-I$zig_inc/powerpc64-linux-musl -I$zig_inc/powerpc-linux-any -I$zig_inc/generic-musl -I$zig_inc/any-linux-any"
+    # A std built from source has no self-contained crt objects: zig's musl provides them.
+    export CARGO_TARGET_POWERPC64LE_UNKNOWN_LINUX_MUSL_RUSTFLAGS="-C link-self-contained=no"
+    # The test harness needs unwinding; build and test with one panic strategy, so the binary
+    # the tests ran is the one shipped.
+    export CARGO_PROFILE_RELEASE_PANIC=unwind
+    export CARGO_TARGET_POWERPC64LE_UNKNOWN_LINUX_MUSL_RUNNER=qemu-ppc64le
+    # The tests spawn the plugin binary themselves: through qemu too (tests/common).
+    export JARVICE_TEST_RUNNER=qemu-ppc64le
+    build=(cargo zigbuild --release --target "$target" "-Zbuild-std=std,panic_unwind")
+    test=(cargo-zigbuild test --release --target "$target" "-Zbuild-std=std,panic_unwind,test")
     ;;
   *)
     echo "usage: $0 x86_64|ppc64le [--test]" >&2
