@@ -7,7 +7,7 @@ mod common;
 use std::fs;
 use std::time::Instant;
 
-use common::{alloc_request, opt, plugin_client, Event, FakeKubelet, Host, Plugin, WAIT};
+use common::{alloc_request, opt, plugin_client, FakeKubelet, Host, Plugin, WAIT};
 use protobuf::text_format::print_to_string_pretty;
 
 fn section(title: &str) {
@@ -54,19 +54,13 @@ fn main() {
     section("hot-plug: the driver removes every uverbs node, then one comes back");
     host.remove_node("uverbs0");
     host.remove_node("uverbs1");
-    let list = kubelet.expect("an Unhealthy list", |ev| match ev {
-        Event::List(l) if l.devices[0].health == "Unhealthy" => Some(l.clone()),
-        _ => None,
-    });
+    let list = kubelet.expect_health("Unhealthy");
     println!(
         "kubelet sees: {} {}",
         list.devices[0].ID, list.devices[0].health
     );
     host.add_node("uverbs0");
-    let list = kubelet.expect("a Healthy list", |ev| match ev {
-        Event::List(l) if l.devices[0].health == "Healthy" => Some(l.clone()),
-        _ => None,
-    });
+    let list = kubelet.expect_health("Healthy");
     println!(
         "kubelet sees: {} {}",
         list.devices[0].ID, list.devices[0].health

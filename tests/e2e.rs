@@ -120,13 +120,11 @@ fn bad_requests_get_invalid_argument_and_the_plugin_keeps_serving() {
         (alloc_request(&[&[]]), "no device IDs"),
     ];
     for (req, needle) in cases {
-        match client.allocate_opt(&req, opt()) {
-            Err(grpcio::Error::RpcFailure(status)) => {
-                assert_eq!(status.code(), RpcStatusCode::INVALID_ARGUMENT);
-                assert!(status.message().contains(needle), "{}", status.message());
-            }
-            other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
-        }
+        let status = rpc_status(
+            client.allocate_opt(&req, opt()),
+            RpcStatusCode::INVALID_ARGUMENT,
+        );
+        assert!(status.message().contains(needle), "{}", status.message());
     }
     // Still serving, and still correct.
     let resp = client
@@ -299,19 +297,14 @@ fn no_driver_registers_unhealthy_then_turns_healthy() {
     // Allocating anyway (a kubelet that has not seen the list yet) is refused, not granted
     // empty: a pod without RDMA nodes must not start as if it had them.
     let client = plugin_client(&host.socket());
-    match client.allocate_opt(&alloc_request(&[&["rdma-0"]]), opt()) {
-        Err(grpcio::Error::RpcFailure(s)) => {
-            assert_eq!(s.code(), RpcStatusCode::UNAVAILABLE);
-            assert!(s.message().contains("uverbs"), "{}", s.message());
-        }
-        other => panic!("expected UNAVAILABLE, got {other:?}"),
-    }
+    let s = rpc_status(
+        client.allocate_opt(&alloc_request(&[&["rdma-0"]]), opt()),
+        RpcStatusCode::UNAVAILABLE,
+    );
+    assert!(s.message().contains("uverbs"), "{}", s.message());
     // The driver loads: the directory appears, then a node in it.
     host.add_node("uverbs0");
-    let list = kubelet.expect("a Healthy list", |ev| match ev {
-        Event::List(l) if l.devices[0].health == "Healthy" => Some(l.clone()),
-        _ => None,
-    });
+    let list = kubelet.expect_health("Healthy");
     assert_eq!(list.devices[0].ID, "rdma-0");
     let resp = client
         .allocate_opt(&alloc_request(&[&["rdma-0"]]), opt())

@@ -18,13 +18,6 @@ fn healthy(list: &api::ListAndWatchResponse) -> bool {
     !list.devices.is_empty() && list.devices.iter().all(|d| d.health == "Healthy")
 }
 
-fn expect_health(kubelet: &FakeKubelet, want: &'static str) -> api::ListAndWatchResponse {
-    kubelet.expect(want, |ev| match ev {
-        Event::List(l) if l.devices.iter().all(|d| d.health == want) => Some(l.clone()),
-        _ => None,
-    })
-}
-
 /// Allocate still grants every node: nothing was lost to the fault.
 fn still_allocates(host: &Host, want_nodes: usize) {
     let resp = plugin_client(&host.socket())
@@ -54,11 +47,11 @@ fn a_file_where_the_device_directory_should_be() {
     let kubelet = FakeKubelet::start(&host.plugin_dir());
     let plugin = Plugin::start(&host, &["--poll-interval", "1"]);
     kubelet.expect_registered();
-    expect_health(&kubelet, "Unhealthy");
+    kubelet.expect_health("Unhealthy");
     assert!(plugin.wait_log("cannot list"));
     fs::remove_file(host.root().join("dev/infiniband")).unwrap();
     host.add_node("uverbs0");
-    expect_health(&kubelet, "Healthy");
+    kubelet.expect_health("Healthy");
     still_allocates(&host, 1);
 }
 
@@ -84,14 +77,14 @@ fn a_device_directory_we_may_not_read() {
         }
     });
     kubelet.expect_registered();
-    expect_health(&kubelet, "Unhealthy");
+    kubelet.expect_health("Unhealthy");
     assert!(
         plugin.wait_log("Permission denied"),
         "{}",
         plugin.log_text()
     );
     fs::set_permissions(&ib, fs::Permissions::from_mode(0o755)).unwrap();
-    expect_health(&kubelet, "Healthy");
+    kubelet.expect_health("Healthy");
     still_allocates(&host, 3);
     assert!(plugin.wait_log("device discovery works again"));
 }
@@ -144,17 +137,15 @@ fn an_allocate_naming_ten_thousand_ids() {
 
     c.devices_ids.push(format!("rdma-{}", "9".repeat(5000)));
     req.container_requests[0] = c;
-    match client.allocate_opt(&req, opt()) {
-        Err(grpcio::Error::RpcFailure(s)) => {
-            assert_eq!(s.code(), RpcStatusCode::INVALID_ARGUMENT);
-            assert!(
-                s.message().len() < 400,
-                "message is bounded: {} bytes",
-                s.message().len()
-            );
-        }
-        other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
-    }
+    let s = rpc_status(
+        client.allocate_opt(&req, opt()),
+        RpcStatusCode::INVALID_ARGUMENT,
+    );
+    assert!(
+        s.message().len() < 400,
+        "message is bounded: {} bytes",
+        s.message().len()
+    );
     still_allocates(&host, 3);
 }
 
@@ -193,7 +184,7 @@ fn a_thousand_streams_opened_and_closed_leave_no_threads_or_fds() {
     // The kubelet's own stream was never disturbed and still gets news.
     host.remove_node("uverbs0");
     host.remove_node("uverbs1");
-    expect_health(&kubelet, "Unhealthy");
+    kubelet.expect_health("Unhealthy");
 }
 
 #[test]
@@ -319,10 +310,10 @@ fn hot_plug_reaches_every_stream_with_stable_ids() {
     for n in ["uverbs0", "uverbs1", "uverbs2"] {
         host.remove_node(n);
     }
-    let list = expect_health(&kubelet, "Unhealthy");
+    let list = kubelet.expect_health("Unhealthy");
     assert_eq!(list.devices.len(), 2);
     host.add_node("uverbs0");
-    let list = expect_health(&kubelet, "Healthy");
+    let list = kubelet.expect_health("Healthy");
     assert_eq!(healths(&list), healths(&first));
 }
 
@@ -332,9 +323,9 @@ fn polling_mode_still_sees_hot_plug_and_kubelet_restarts() {
     let kubelet = FakeKubelet::start(&host.plugin_dir());
     let plugin = Plugin::start(&host, &["--poll", "--poll-interval", "1"]);
     kubelet.expect_registered();
-    expect_health(&kubelet, "Unhealthy");
+    kubelet.expect_health("Unhealthy");
     host.add_node("uverbs0");
-    expect_health(&kubelet, "Healthy");
+    kubelet.expect_health("Healthy");
     kubelet.stop();
     let kubelet = FakeKubelet::start(&host.plugin_dir());
     kubelet.expect_registered();

@@ -502,6 +502,14 @@ impl FakeKubelet {
         })
     }
 
+    /// Skips lists until one where every device has health `want` ("Healthy"/"Unhealthy").
+    pub fn expect_health(&self, want: &'static str) -> api::ListAndWatchResponse {
+        self.expect(want, |ev| match ev {
+            Event::List(l) if l.devices.iter().all(|d| d.health == want) => Some(l.clone()),
+            _ => None,
+        })
+    }
+
     /// Cancels every open ListAndWatch stream, like a kubelet that drops the stream.
     pub fn drop_streams(&self) {
         for s in self.streams.lock().unwrap().iter_mut() {
@@ -581,6 +589,17 @@ pub fn open_watch(
     let first = next_list(&mut stream);
     assert!(matches!(first, Some(Some(Ok(_)))), "first list: {first:?}");
     stream
+}
+
+/// The status of a call that must fail; panics naming `want` if it succeeded.
+pub fn rpc_status<T: std::fmt::Debug>(result: grpcio::Result<T>, want: RpcStatusCode) -> RpcStatus {
+    match result {
+        Err(grpcio::Error::RpcFailure(status)) => {
+            assert_eq!(status.code(), want, "{}", status.message());
+            status
+        }
+        other => panic!("expected {want:?}, got {other:?}"),
+    }
 }
 
 /// Call options for test RPCs: bounded, and waiting for the socket to accept.
