@@ -12,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use rdma_plugin::discovery::{self, Selection};
+use rdma_plugin::host::nodes::{self, Selection};
 
 struct Row {
     what: String,
@@ -198,7 +198,7 @@ fn discovery_time(rows: &mut Vec<Row>) {
     for _ in 0..200 {
         let t = Instant::now();
         let inv =
-            discovery::scan(tmp.path(), &tmp.path().join("sys"), Selection::default()).unwrap();
+            nodes::scan(tmp.path(), &tmp.path().join("sys"), Selection::default()).unwrap();
         samples.push(ms(t.elapsed()));
         assert_eq!(inv.nodes.len(), 1025);
     }

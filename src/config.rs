@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use getopts::Options;
 
-use crate::discovery::Selection;
+use crate::host::nodes::Selection;
 use crate::resource::Resource;
 
 /// The kubelet hard-codes this directory, whatever its `--root-dir` (upstream
@@ -81,7 +81,7 @@ impl Config {
 
     /// `<plugin-dir>/kubelet.sock`: where the kubelet takes registrations.
     pub fn kubelet_socket(&self) -> PathBuf {
-        self.plugin_dir.join(crate::watch::KUBELET_SOCKET)
+        self.plugin_dir.join(crate::daemon::watch::KUBELET_SOCKET)
     }
 
     /// Which optional node families discovery passes.
@@ -324,7 +324,7 @@ fn check_socket_name(name: &str) -> Result<(), UsageError> {
         || name.contains('\0')
         || name == "."
         || name == ".."
-        || name == crate::watch::KUBELET_SOCKET
+        || name == crate::daemon::watch::KUBELET_SOCKET
         || name == "kubelet_internal_checkpoint"
     {
         return Err(UsageError(format!(

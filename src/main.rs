@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use log::error;
 use rdma_plugin::config::{self, Command};
-use rdma_plugin::{lifecycle, list, probe};
+use rdma_plugin::daemon::lifecycle;
+use rdma_plugin::tools::{list, probe};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

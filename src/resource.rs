@@ -7,8 +7,8 @@
 use std::collections::HashSet;
 use std::fmt;
 
-use crate::api;
-use crate::discovery::{natural_cmp_str, Inventory};
+use crate::kubelet::api;
+use crate::host::nodes::{natural_cmp_str, Inventory};
 
 /// The kubelet counts a device healthy only for this exact string (`manager.go`).
 pub const HEALTHY: &str = "Healthy";
@@ -243,7 +243,7 @@ pub fn device_specs(inv: &Inventory) -> Vec<api::DeviceSpec> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::{DeviceNode, Kind};
+    use crate::host::nodes::{DeviceNode, Kind};
     use std::path::PathBuf;
 
     fn inv(paths: &[(Kind, &str, Option<i64>)]) -> Inventory {

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use common::*;
 use grpcio::RpcStatusCode;
-use rdma_plugin::{api, workers};
+use rdma_plugin::kubelet::api;
+use rdma_plugin::workers;
 
 fn healthy(list: &api::ListAndWatchResponse) -> bool {
     !list.devices.is_empty() && list.devices.iter().all(|d| d.health == "Healthy")

@@ -19,7 +19,7 @@ use grpcio::{
     CallOption, ChannelBuilder, EnvBuilder, Environment, RpcContext, RpcStatus, RpcStatusCode,
     Server, ServerBuilder, ServerCredentials, UnarySink,
 };
-use rdma_plugin::api;
+use rdma_plugin::kubelet::api;
 use rdma_plugin::wake;
 
 /// Upper bound of every wait in the tests; generous for a loaded 2-core CI machine.

@@ -3,14 +3,14 @@
 
 use std::fmt::Write as _;
 
-use crate::api;
+use crate::kubelet::api;
 use crate::config::Config;
-use crate::discovery;
+use crate::host::nodes;
 use crate::resource::device_specs;
 
 /// Renders the report; `Err` when the device directory cannot be listed at all.
-pub fn report(cfg: &Config, json: bool) -> Result<String, discovery::Error> {
-    let inv = discovery::scan(&cfg.host_root, &cfg.sysfs, cfg.selection())?;
+pub fn report(cfg: &Config, json: bool) -> Result<String, nodes::Error> {
+    let inv = nodes::scan(&cfg.host_root, &cfg.sysfs, cfg.selection())?;
     let list = cfg.resource().device_list(&inv);
     let specs = device_specs(&inv);
     Ok(if json {

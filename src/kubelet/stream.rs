@@ -10,7 +10,7 @@ use futures_sink::Sink;
 use grpcio::{ServerStreamingSink, WriteFlags};
 use log::{debug, warn};
 
-use crate::api::ListAndWatchResponse;
+use crate::kubelet::api::ListAndWatchResponse;
 use crate::sys::EventFd;
 use crate::wake::Signal;
 use crate::workers;

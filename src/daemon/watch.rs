@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use log::{debug, warn};
 
-use crate::discovery::{INFINIBAND_DIR, KNEM_NODE};
+use crate::host::nodes::{INFINIBAND_DIR, KNEM_NODE};
 use crate::sys::{Inotify, InotifyEvent};
 
 /// The kubelet's own socket in the plugin dir; created anew on every kubelet start.

@@ -18,9 +18,9 @@ use std::time::Duration;
 use grpcio::{CallOption, ChannelBuilder, Environment};
 use log::{debug, warn};
 
-use crate::api;
+use crate::kubelet::api;
 use crate::config::Config;
-use crate::plugin;
+use crate::kubelet::service;
 use crate::sys::EventFd;
 
 #[derive(Debug)]
@@ -58,7 +58,7 @@ pub fn request(socket_name: &str, resource_name: &str) -> api::RegisterRequest {
     req.version = "v1beta1".to_string();
     req.endpoint = socket_name.to_string();
     req.resource_name = resource_name.to_string();
-    req.options = Some(plugin::options()).into();
+    req.options = Some(service::options()).into();
     req
 }
 

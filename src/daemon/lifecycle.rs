@@ -15,13 +15,13 @@ use grpcio::{EnvBuilder, Environment};
 use log::{debug, info, warn};
 
 use crate::config::Config;
-use crate::discovery::Inventory;
-use crate::plugin::Settings;
-use crate::registration::{kubelet_id, KubeletId, Registrar};
+use crate::host::nodes::Inventory;
+use crate::kubelet::service::Settings;
+use crate::kubelet::registration::{kubelet_id, KubeletId, Registrar};
 use crate::resource::{HEALTHY, UNHEALTHY};
-use crate::server::{self, Serving};
+use crate::kubelet::server::{self, Serving};
 use crate::sys::{self, EventFd, SignalFd};
-use crate::watch::{Changes, Watcher};
+use crate::daemon::watch::{Changes, Watcher};
 
 const SIGNALS: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT, libc::SIGHUP];
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);

@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use grpcio::{RpcContext, RpcStatus, RpcStatusCode, ServerStreamingSink, UnarySink};
 use log::{debug, info, warn};
 
-use crate::api;
-use crate::discovery::{self, Inventory, Selection};
+use crate::kubelet::api;
+use crate::host::nodes::{self, Inventory, Selection};
 use crate::resource::{RequestError, Resource};
-use crate::stream::{self, Hub};
+use crate::kubelet::stream::{self, Hub};
 
 /// What the plugin serves; shared by every handler of one server.
 #[derive(Debug)]
@@ -44,7 +44,7 @@ impl Settings {
     /// Discovers devices now. A directory that cannot be listed counts as no devices (the
     /// resource turns Unhealthy) and is logged, so the plugin keeps serving.
     pub fn scan(&self) -> Inventory {
-        let result = discovery::scan(&self.host_root, &self.sysfs, self.selection);
+        let result = nodes::scan(&self.host_root, &self.sysfs, self.selection);
         let mut last = self
             .last_error
             .lock()

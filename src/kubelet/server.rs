@@ -12,9 +12,9 @@ use std::time::Duration;
 use grpcio::{Environment, Server, ServerBuilder, ServerCredentials};
 use log::{debug, info, warn};
 
-use crate::api;
-use crate::plugin::{Plugin, Settings};
-use crate::stream::Hub;
+use crate::kubelet::api;
+use crate::kubelet::service::{Plugin, Settings};
+use crate::kubelet::stream::Hub;
 use crate::sys::{self, EventFd};
 use crate::wake;
 
