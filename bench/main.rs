@@ -12,7 +12,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
+use rdma_plugin::host::mock::{self, MockHca, MockPort};
 use rdma_plugin::host::nodes::{self, Selection};
+use rdma_plugin::host::{self as hostmodel, health, select::Selector};
 
 struct Row {
     what: String,
@@ -197,8 +199,7 @@ fn discovery_time(rows: &mut Vec<Row>) {
     let mut samples = Vec::new();
     for _ in 0..200 {
         let t = Instant::now();
-        let inv =
-            nodes::scan(tmp.path(), &tmp.path().join("sys"), Selection::default()).unwrap();
+        let inv = nodes::scan(tmp.path(), &tmp.path().join("sys"), Selection::default()).unwrap();
         samples.push(ms(t.elapsed()));
         assert_eq!(inv.nodes.len(), 1025);
     }
@@ -207,6 +208,95 @@ fn discovery_time(rows: &mut Vec<Row>) {
         value: summary(samples),
         target: "",
     });
+}
+
+/// A host with 16 dual-port InfiniBand HCAs (`mlx5_0` .. `mlx5_15`) and `rdma_cm`.
+fn sixteen_hcas(tag: &str) -> Host {
+    let host = Host::empty(tag);
+    for i in 0..16 {
+        host.add_hca(
+            &MockHca::connectx(i)
+                .numa(i64::from(i / 8))
+                .ports(vec![MockPort::ib(mock::ACTIVE), MockPort::ib(mock::ACTIVE)]),
+        );
+    }
+    mock::add_rdma_cm(&host.sys(), Some(&host.root().join("dev"))).unwrap();
+    host
+}
+
+fn hca_discovery_time(rows: &mut Vec<Row>) {
+    let host = sixteen_hcas("bench-hcas");
+    let mut samples = Vec::new();
+    let mut monitor = health::PortMonitor::new(Duration::from_secs(5));
+    for _ in 0..200 {
+        let t = Instant::now();
+        let h = hostmodel::scan(&host.root(), &host.sys(), Selection::default()).unwrap();
+        monitor.observe(&h, Instant::now());
+        let g = hostmodel::grant(&h, &Selector::default());
+        let a = health::assess(&h, &g, health::Mode::Auto, &monitor);
+        samples.push(ms(t.elapsed()));
+        assert_eq!((h.hcas.list.len(), a.up), (16, 16));
+    }
+    rows.push(Row {
+        what: "discovery with 16 HCAs x 2 ports: /dev + sysfs read, selection, port health".into(),
+        value: summary(samples),
+        target: "",
+    });
+}
+
+/// Port DOWN written to sysfs -> Unhealthy at the kubelet, minus the hold-down: what the
+/// plugin adds on top of the hold-down it is asked for (reading interval included).
+fn port_down_to_unhealthy(rows: &mut Vec<Row>) {
+    let host = Host::empty("bench-portdown");
+    host.add_hca(&MockHca::connectx(0));
+    let kubelet = FakeKubelet::start(&host.plugin_dir());
+    let _plugin = Plugin::start_with(
+        &host,
+        &["--health-interval", "0.5", "--hold-down", "2"],
+        |cmd| {
+            cmd.env("RUST_LOG", "info");
+        },
+    );
+    kubelet.expect_registered();
+    kubelet.expect_list();
+    let hold = 2000.0;
+    let mut beyond = Vec::new();
+    let mut up = Vec::new();
+    for _ in 0..10 {
+        let t0 = Instant::now();
+        host.set_port("mlx5_0", 1, mock::DOWN_POLLING);
+        kubelet.expect_health("Unhealthy");
+        beyond.push(ms(t0.elapsed()) - hold);
+        let t0 = Instant::now();
+        host.set_port("mlx5_0", 1, mock::ACTIVE);
+        kubelet.expect_health("Healthy");
+        up.push(ms(t0.elapsed()));
+    }
+    rows.push(Row {
+        what: "port DOWN -> Unhealthy at the kubelet, beyond the 2 s hold-down (--health-interval 0.5)".into(),
+        value: summary(beyond),
+        target: "<= one interval (500 ms)",
+    });
+    rows.push(Row {
+        what: "port back ACTIVE -> Healthy at the kubelet (--health-interval 0.5)".into(),
+        value: summary(up),
+        target: "<= one interval (500 ms)",
+    });
+}
+
+/// Idle wake-ups with HCAs in sysfs: `ports` mode reads them every interval (the one wake-up
+/// allowed), `nodes` mode only on events.
+fn idle_health_modes(rows: &mut Vec<Row>) {
+    for mode in ["ports", "nodes"] {
+        let host = sixteen_hcas("bench-idle-mode");
+        let kubelet = FakeKubelet::start(&host.plugin_dir());
+        let plugin = Plugin::start_with(&host, &["--health", mode], |cmd| {
+            cmd.env("RUST_LOG", "info");
+        });
+        kubelet.expect_registered();
+        kubelet.expect_list();
+        idle_figures(&plugin, &format!("--health {mode}, 16 HCAs"), rows);
+    }
 }
 
 /// (VmRSS KiB, threads, context switches summed over all threads).
@@ -327,6 +417,9 @@ fn main() {
     kubelet_restarts(&mut rows);
     allocate_latency(&mut rows);
     discovery_time(&mut rows);
+    hca_discovery_time(&mut rows);
+    port_down_to_unhealthy(&mut rows);
+    idle_health_modes(&mut rows);
     idle_and_streams(&mut rows);
 
     println!("Machine: {}", machine());

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use getopts::Options;
 
+use crate::host::health::Mode;
 use crate::host::nodes::Selection;
+use crate::host::select::{self, LinkSelect, NamePatterns, PciId, Selector};
 use crate::resource::Resource;
 
 /// The kubelet hard-codes this directory, whatever its `--root-dir` (upstream
@@ -25,6 +27,10 @@ pub const DEFAULT_POLL_SECS: u64 = 5;
 pub const DEFAULT_SELF_CHECK_SECS: u64 = 60;
 /// The kubelet waits up to 10 s for its dial-back before answering Register; a little more.
 pub const DEFAULT_REGISTER_TIMEOUT_SECS: u64 = 12;
+/// Port states are re-read this often in `ports` health mode (sysfs gives no events for them).
+pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 5_000;
+/// A port must stay down this long before the device turns Unhealthy.
+pub const DEFAULT_HOLD_DOWN_MS: u64 = 5_000;
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -53,6 +59,14 @@ pub struct Config {
     pub register_timeout: Duration,
     /// Poll instead of using inotify (`--poll`), for filesystems without inotify events.
     pub poll_only: bool,
+    /// Which HCAs are granted (`--hcas`, `--link-layer`, `--pci-ids`, `--pci-addrs`).
+    pub selector: Selector,
+    /// Which rule decides health (`--health`).
+    pub health: Mode,
+    /// How often port states are re-read in `ports` mode.
+    pub health_interval: Duration,
+    /// How long a port must stay down before it counts as down.
+    pub hold_down: Duration,
 }
 
 impl Default for Config {
@@ -69,6 +83,10 @@ impl Default for Config {
             self_check: Duration::from_secs(DEFAULT_SELF_CHECK_SECS),
             register_timeout: Duration::from_secs(DEFAULT_REGISTER_TIMEOUT_SECS),
             poll_only: false,
+            selector: Selector::default(),
+            health: Mode::Auto,
+            health_interval: Duration::from_millis(DEFAULT_HEALTH_INTERVAL_MS),
+            hold_down: Duration::from_millis(DEFAULT_HOLD_DOWN_MS),
         }
     }
 }
@@ -109,6 +127,11 @@ pub enum Command {
     },
     /// Check a running plugin the way the kubelet does (`probe`).
     Probe(Config),
+    /// Check what RDMA pods need on this node, one line per check (`diagnose [--json]`).
+    Diagnose {
+        config: Config,
+        json: bool,
+    },
     Help(String),
     Version,
 }
@@ -199,7 +222,59 @@ fn options() -> Options {
         "poll",
         "poll every --poll-interval instead of using inotify (filesystems without inotify) [default: off]",
     );
-    o.optflag("", "json", "with `list`: print JSON instead of a table");
+    o.optopt(
+        "",
+        "hcas",
+        "grant only these HCAs: names or patterns, comma-separated, '!' excludes (mlx5_*,!mlx5_2) [default: every HCA]",
+        "PATTERNS",
+    );
+    o.optopt(
+        "",
+        "link-layer",
+        "grant only HCAs with a port of this link layer: infiniband, ethernet (RoCE) or any [default: any]",
+        "LAYER",
+    );
+    o.optopt(
+        "",
+        "pci-ids",
+        "grant only HCAs with these PCI IDs, VENDOR:DEVICE in hex, comma-separated (15b3:101b,15b3:*) [default: any]",
+        "IDS",
+    );
+    o.optopt(
+        "",
+        "pci-addrs",
+        "grant only HCAs at these PCI addresses or patterns, comma-separated (0000:3b:00.0,0000:86:*) [default: any]",
+        "ADDRS",
+    );
+    o.optopt(
+        "",
+        "health",
+        "health rule: ports (an ACTIVE/LinkUp port and its uverbs node), nodes (a uverbs node), auto (ports when sysfs describes the HCAs, else nodes) [default: auto]",
+        "RULE",
+    );
+    o.optopt(
+        "",
+        "health-interval",
+        &format!(
+            "seconds between port-state readings in ports mode, decimals allowed [default: {}]",
+            DEFAULT_HEALTH_INTERVAL_MS / 1000
+        ),
+        "SECS",
+    );
+    o.optopt(
+        "",
+        "hold-down",
+        &format!(
+            "seconds a port must stay down before the device turns Unhealthy; coming up counts at once [default: {}]",
+            DEFAULT_HOLD_DOWN_MS / 1000
+        ),
+        "SECS",
+    );
+    o.optflag(
+        "",
+        "json",
+        "with `list` or `diagnose`: print JSON instead of text",
+    );
     o.optflag("h", "help", "print this help and exit");
     o.optflag("V", "version", "print the version and exit");
     o
@@ -211,7 +286,8 @@ pub fn usage() -> String {
         "jarvice-rdma-plugin {}: Kubernetes device plugin for InfiniBand/RDMA device nodes\n\n\
          Usage: jarvice-rdma-plugin [serve] [FLAGS]       run the device plugin (default)\n       \
          jarvice-rdma-plugin list [--json] [FLAGS]   print what would be advertised and allocated here\n       \
-         jarvice-rdma-plugin probe [FLAGS]           check the running plugin like the kubelet does (exit 0 = ok)\n\n\
+         jarvice-rdma-plugin probe [FLAGS]           check the running plugin like the kubelet does (exit 0 = ok)\n       \
+         jarvice-rdma-plugin diagnose [--json] [FLAGS]  check what RDMA pods need on this node (exit 0 = no failure)\n\n\
          Logging: RUST_LOG=debug|info|warn (default info).",
         env!("CARGO_PKG_VERSION")
     );
@@ -236,15 +312,18 @@ pub fn parse(args: &[String]) -> Result<Command, UsageError> {
     };
     let config = config_from(&m)?;
     let json = m.opt_present("json");
-    if json && verb != "list" {
-        return Err(UsageError("--json goes with `list` only".into()));
+    if json && verb != "list" && verb != "diagnose" {
+        return Err(UsageError(
+            "--json goes with `list` or `diagnose` only".into(),
+        ));
     }
     match verb {
         "serve" => Ok(Command::Serve(config)),
         "list" => Ok(Command::List { config, json }),
         "probe" => Ok(Command::Probe(config)),
+        "diagnose" => Ok(Command::Diagnose { config, json }),
         other => Err(UsageError(format!(
-            "unknown command {other:?}: expected serve, list or probe"
+            "unknown command {other:?}: expected serve, list, probe or diagnose"
         ))),
     }
 }
@@ -289,6 +368,32 @@ fn config_from(m: &getopts::Matches) -> Result<Config, UsageError> {
         c.register_timeout = seconds("--register-timeout", &s, 1)?;
     }
     c.poll_only = m.opt_present("poll");
+    fn flag_err(flag: &'static str) -> impl Fn(select::ParseError) -> UsageError {
+        move |e| UsageError(format!("{flag}: {e}"))
+    }
+    if let Some(v) = m.opt_str("hcas") {
+        c.selector.names = Some(NamePatterns::parse(&v).map_err(flag_err("--hcas"))?);
+    }
+    if let Some(v) = m.opt_str("link-layer") {
+        c.selector.link = LinkSelect::parse(&v).map_err(flag_err("--link-layer"))?;
+    }
+    if let Some(v) = m.opt_str("pci-ids") {
+        c.selector.pci_ids = PciId::parse_list(&v).map_err(flag_err("--pci-ids"))?;
+    }
+    if let Some(v) = m.opt_str("pci-addrs") {
+        c.selector.pci_addrs = select::parse_pci_addrs(&v).map_err(flag_err("--pci-addrs"))?;
+    }
+    if let Some(v) = m.opt_str("health") {
+        c.health = Mode::parse(&v).ok_or_else(|| {
+            UsageError(format!("--health must be ports, nodes or auto, not {v:?}"))
+        })?;
+    }
+    if let Some(s) = m.opt_str("health-interval") {
+        c.health_interval = decimal_seconds("--health-interval", &s, 0.05)?;
+    }
+    if let Some(s) = m.opt_str("hold-down") {
+        c.hold_down = decimal_seconds("--hold-down", &s, 0.0)?;
+    }
     let len = c.socket_path().as_os_str().len();
     if len > MAX_SOCKET_PATH {
         return Err(UsageError(format!(
@@ -314,6 +419,16 @@ fn seconds(flag: &str, value: &str, min: u64) -> Result<Duration, UsageError> {
         Ok(n) if n >= min && n <= 86_400 => Ok(Duration::from_secs(n)),
         _ => Err(UsageError(format!(
             "{flag} must be whole seconds from {min} to 86400, not {value:?}"
+        ))),
+    }
+}
+
+/// Seconds with an optional fraction (`0.5`), from `min` to a day.
+fn decimal_seconds(flag: &str, value: &str, min: f64) -> Result<Duration, UsageError> {
+    match value.parse::<f64>() {
+        Ok(n) if n.is_finite() && n >= min && n <= 86_400.0 => Ok(Duration::from_secs_f64(n)),
+        _ => Err(UsageError(format!(
+            "{flag} must be seconds from {min} to 86400 (decimals allowed), not {value:?}"
         ))),
     }
 }
@@ -439,6 +554,55 @@ mod tests {
         assert_eq!(c.self_check, Duration::ZERO);
         assert_eq!(c.register_timeout, Duration::from_secs(3));
         assert!(c.poll_only);
+        assert_eq!(c.health, Mode::Auto);
+        assert_eq!(c.hold_down, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn hca_selection_and_health_flags() {
+        let cmd = parse(&args(&[
+            "--hcas",
+            "mlx5_*,!mlx5_3",
+            "--link-layer=infiniband",
+            "--pci-ids",
+            "15b3:101b,15b3:*",
+            "--pci-addrs",
+            "0000:3B:00.0",
+            "--health",
+            "ports",
+            "--health-interval",
+            "0.25",
+            "--hold-down",
+            "0",
+        ]))
+        .unwrap();
+        let Command::Serve(c) = cmd else { panic!() };
+        assert_eq!(
+            c.selector.describe(),
+            "--hcas mlx5_*,!mlx5_3 --link-layer infiniband --pci-ids 15b3:101b,15b3:* --pci-addrs 0000:3b:00.0"
+        );
+        assert_eq!(c.health, Mode::Ports);
+        assert_eq!(c.health_interval, Duration::from_millis(250));
+        assert_eq!(c.hold_down, Duration::ZERO);
+        for bad in [
+            &["--hcas", ""][..],
+            &["--hcas", "!"],
+            &["--link-layer", "fddi"],
+            &["--pci-ids", "15b3"],
+            &["--pci-addrs", "mlx5_0"],
+            &["--health", "maybe"],
+            &["--health-interval", "0"],
+            &["--health-interval", "NaN"],
+            &["--hold-down", "-1"],
+            &["--hold-down", "1e9"],
+        ] {
+            let err = parse(&args(bad)).unwrap_err();
+            assert!(err.to_string().contains(bad[0]), "{bad:?}: {err}");
+        }
+        assert!(matches!(
+            parse(&args(&["diagnose", "--json"])).unwrap(),
+            Command::Diagnose { json: true, .. }
+        ));
     }
 
     #[test]
@@ -502,6 +666,13 @@ mod tests {
             "--self-check",
             "--register-timeout",
             "--poll",
+            "--hcas",
+            "--link-layer",
+            "--pci-ids",
+            "--pci-addrs",
+            "--health",
+            "--health-interval",
+            "--hold-down",
             "--json",
             "--help",
             "--version",

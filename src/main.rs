@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use log::error;
 use rdma_plugin::config::{self, Command};
 use rdma_plugin::daemon::lifecycle;
-use rdma_plugin::tools::{list, probe};
+use rdma_plugin::tools::{diagnose, list, probe};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -32,6 +32,19 @@ fn main() -> ExitCode {
         Command::Serve(cfg) => outcome(lifecycle::run(cfg)),
         Command::List { config, json } => {
             outcome(list::report(&config, json).map(|r| print!("{r}")))
+        }
+        Command::Diagnose { config, json } => {
+            let checks = diagnose::run(&config);
+            if json {
+                print!("{}", diagnose::as_json(&checks));
+            } else {
+                print!("{}", diagnose::as_text(&checks));
+            }
+            if diagnose::passed(&checks) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Command::Probe(cfg) => outcome(probe::probe(&cfg.socket_path()).map(|seen| {
             print!("{seen}");

@@ -7,8 +7,8 @@
 use std::collections::HashSet;
 use std::fmt;
 
-use crate::kubelet::api;
 use crate::host::nodes::{natural_cmp_str, Inventory};
+use crate::kubelet::api;
 
 /// The kubelet counts a device healthy only for this exact string (`manager.go`).
 pub const HEALTHY: &str = "Healthy";
@@ -115,11 +115,11 @@ impl Resource {
         Ok(())
     }
 
-    /// The full device list for ListAndWatch: every share, healthy when a `uverbs*` node exists,
-    /// with the NUMA nodes of the HCAs when sysfs tells them all.
-    pub fn device_list(&self, inv: &Inventory) -> api::ListAndWatchResponse {
-        let health = if inv.has_verbs() { HEALTHY } else { UNHEALTHY };
-        let numa = inv.numa_nodes();
+    /// The full device list for ListAndWatch: every share, with the health the host model
+    /// assessed and the NUMA nodes of the granted HCAs when sysfs tells them all.
+    pub fn device_list(&self, healthy: bool, granted: &Inventory) -> api::ListAndWatchResponse {
+        let health = if healthy { HEALTHY } else { UNHEALTHY };
+        let numa = granted.numa_nodes();
         let topology = if numa.is_empty() {
             None
         } else {
@@ -254,8 +254,16 @@ mod tests {
                     kind,
                     host_path: PathBuf::from(p),
                     numa_node,
+                    hca: None,
                 })
                 .collect(),
+        }
+    }
+
+    impl Resource {
+        /// Health by the drop-in's rule, as the daemon assesses it in `nodes` mode.
+        fn device_list_of(&self, inv: &Inventory) -> api::ListAndWatchResponse {
+            self.device_list(inv.has_verbs(), inv)
         }
     }
 
@@ -274,13 +282,13 @@ mod tests {
         assert_eq!(Resource::new(3).ids(), ["rdma-0", "rdma-1", "rdma-2"]);
         assert_eq!(Resource::new(3), Resource::new(3));
         let r = Resource::new(2);
-        let list = r.device_list(&inv(&[(Kind::Uverbs, "/dev/infiniband/uverbs0", None)]));
+        let list = r.device_list_of(&inv(&[(Kind::Uverbs, "/dev/infiniband/uverbs0", None)]));
         assert_eq!(list.devices.len(), 2);
         assert!(list.devices.iter().all(|d| d.health == HEALTHY));
         assert!(list.devices.iter().all(|d| d.topology.is_none()));
-        let list = r.device_list(&inv(&[(Kind::RdmaCm, "/dev/infiniband/rdma_cm", None)]));
+        let list = r.device_list_of(&inv(&[(Kind::RdmaCm, "/dev/infiniband/rdma_cm", None)]));
         assert!(list.devices.iter().all(|d| d.health == UNHEALTHY));
-        let list = r.device_list(&Inventory::default());
+        let list = r.device_list_of(&Inventory::default());
         assert_eq!(list.devices[1].ID, "rdma-1");
         assert_eq!(list.devices[1].health, UNHEALTHY);
     }
@@ -301,7 +309,7 @@ mod tests {
     #[test]
     fn topology_lists_numa_nodes() {
         let r = Resource::new(1);
-        let list = r.device_list(&inv(&[
+        let list = r.device_list_of(&inv(&[
             (Kind::Uverbs, "/dev/infiniband/uverbs0", Some(1)),
             (Kind::Uverbs, "/dev/infiniband/uverbs1", Some(0)),
         ]));

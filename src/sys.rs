@@ -371,3 +371,39 @@ mod tests {
         assert!(out[1].name.is_empty());
     }
 }
+
+/// A resource limit's soft and hard values; `None` is unlimited (`RLIM_INFINITY`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limit {
+    pub soft: Option<u64>,
+    pub hard: Option<u64>,
+}
+
+/// The limits we read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitKind {
+    /// `RLIMIT_MEMLOCK`: what RDMA can register (pin) per process.
+    Memlock,
+    /// `RLIMIT_NOFILE`: open descriptors.
+    Nofile,
+}
+
+/// `getrlimit` for `kind`.
+pub fn get_limit(kind: LimitKind) -> io::Result<Limit> {
+    // The constants' type differs between glibc and musl; matching here keeps it out of the API.
+    let resource = match kind {
+        LimitKind::Memlock => libc::RLIMIT_MEMLOCK,
+        LimitKind::Nofile => libc::RLIMIT_NOFILE,
+    };
+    // SAFETY: rlimit is plain data; zeroed is a valid value that getrlimit overwrites.
+    let mut lim: libc::rlimit = unsafe { mem::zeroed() };
+    // SAFETY: `lim` is a valid, exclusively borrowed rlimit for the duration of the call.
+    cvt(unsafe { libc::getrlimit(resource, &mut lim) })?;
+    // rlim_t is not u64 on every target.
+    #[allow(clippy::unnecessary_cast)]
+    let value = |v: libc::rlim_t| (v != libc::RLIM_INFINITY).then_some(v as u64);
+    Ok(Limit {
+        soft: value(lim.rlim_cur),
+        hard: value(lim.rlim_max),
+    })
+}

@@ -15,13 +15,15 @@ use grpcio::{EnvBuilder, Environment};
 use log::{debug, info, warn};
 
 use crate::config::Config;
-use crate::host::nodes::Inventory;
-use crate::kubelet::service::Settings;
-use crate::kubelet::registration::{kubelet_id, KubeletId, Registrar};
-use crate::resource::{HEALTHY, UNHEALTHY};
-use crate::kubelet::server::{self, Serving};
-use crate::sys::{self, EventFd, SignalFd};
 use crate::daemon::watch::{Changes, Watcher};
+use crate::host::health::{self, Health, Mode, PortMonitor, Transition};
+use crate::host::{self, Grant, Host};
+use crate::kubelet::api;
+use crate::kubelet::registration::{kubelet_id, KubeletId, Registrar};
+use crate::kubelet::server::{self, Serving};
+use crate::kubelet::service::Settings;
+use crate::resource::{HEALTHY, UNHEALTHY};
+use crate::sys::{self, EventFd, SignalFd};
 
 const SIGNALS: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT, libc::SIGHUP];
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
@@ -87,8 +89,12 @@ struct Daemon {
     env: Arc<Environment>,
     settings: Arc<Settings>,
     serving: Option<Serving>,
-    /// The nodes the current server's list was made from.
-    inventory: Inventory,
+    /// What the current server's list was made from, and the list.
+    state: Option<Assessed>,
+    /// Every port's reported state, with hold-down.
+    monitor: PortMonitor,
+    /// When to read the port states again (`ports` health only: sysfs gives no events).
+    health_at: Option<Instant>,
     registrar: Registrar,
     registered: Option<KubeletId>,
     retry_at: Option<Instant>,
@@ -118,8 +124,10 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         cfg.host_root.clone(),
         cfg.sysfs.clone(),
         cfg.selection(),
+        cfg.selector.clone(),
         cfg.resource(),
     ));
+    crate::tools::diagnose::warn_memlock();
     let mut watcher = Watcher::new(
         &cfg.plugin_dir,
         &cfg.socket_name,
@@ -133,18 +141,24 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     let registrar = Registrar::new().map_err(eventfd)?;
     let client_left = Arc::new(EventFd::new().map_err(eventfd)?);
     info!(
-        "starting: resource {}, socket {}, devices under {}, {} device(s) advertised",
+        "starting: resource {}, socket {}, devices under {}, HCAs from {}, {} device(s) advertised, granting {}, health {}",
         cfg.resource_name,
         cfg.socket_path().display(),
         cfg.host_root.join("dev").display(),
-        cfg.shares
+        cfg.sysfs.display(),
+        cfg.shares,
+        cfg.selector.describe(),
+        cfg.health
     );
+    let monitor = PortMonitor::new(cfg.hold_down);
     let mut d = Daemon {
         cfg,
         env,
         settings,
         serving: None,
-        inventory: Inventory::default(),
+        state: None,
+        monitor,
+        health_at: None,
         registrar,
         registered: None,
         retry_at: Some(Instant::now()),
@@ -176,10 +190,20 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         } else if poll_at.is_none() {
             poll_at = Some(now + d.cfg.poll_interval);
         }
-        let deadline = [d.retry_at, d.stream_check_at, next_check, poll_at]
-            .into_iter()
-            .flatten()
-            .min();
+        if d.health_at.is_some_and(|t| t <= now) {
+            d.health_at = None;
+            d.rescan();
+        }
+        let deadline = [
+            d.retry_at,
+            d.stream_check_at,
+            next_check,
+            poll_at,
+            d.health_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let mut fds = vec![
             signals.as_raw_fd(),
             d.registrar.as_raw_fd(),
@@ -222,14 +246,15 @@ impl Daemon {
     /// Serves if not serving yet, then starts a Register attempt.
     fn attempt(&mut self) -> Result<(), Error> {
         if self.serving.is_none() {
-            let inventory = self.settings.scan();
-            let list = self.settings.resource.device_list(&inventory);
-            self.inventory = inventory;
+            let now = self.assess();
+            let list = now.list.clone();
             let socket = self.cfg.socket_path();
             match Serving::start(&self.env, &self.settings, &socket, list, &self.client_left) {
                 Ok(s) => {
                     self.serving = Some(s);
-                    self.log_inventory("advertising");
+                    self.log_hcas(&now);
+                    self.log_inventory("advertising", &now);
+                    self.state = Some(now);
                 }
                 Err(e @ server::Error::InUse { .. }) => return Err(Error::Serve(e)),
                 Err(e) => {
@@ -336,42 +361,149 @@ impl Daemon {
         Ok(())
     }
 
-    /// Discovers devices; when the nodes changed, sends every stream the full list.
+    /// Reads the host; when the list changed (nodes or health), sends every stream the full
+    /// list. Logs each port transition once and what changed.
     fn rescan(&mut self) {
-        let Some(serving) = &self.serving else {
-            return;
-        };
-        let inv = self.settings.scan();
-        if inv == self.inventory {
+        if self.serving.is_none() {
             return;
         }
-        serving
-            .hub()
-            .publish(self.settings.resource.device_list(&inv));
-        self.inventory = inv;
-        self.log_inventory("device nodes changed");
+        let now = self.assess();
+        let Some(old) = self.state.take() else {
+            self.state = Some(now);
+            return;
+        };
+        // Node changes are published even when the list reads the same: the kubelet takes
+        // every message as the whole list, and a repeat tells it the news promptly.
+        if now.list != old.list || now.grant.nodes != old.grant.nodes {
+            if let Some(serving) = &self.serving {
+                serving.hub().publish(now.list.clone());
+            }
+        }
+        for t in &now.transitions {
+            self.log_transition(t, &now);
+        }
+        if now.grant.nodes != old.grant.nodes {
+            self.log_inventory("device nodes changed", &now);
+        } else if now.health.healthy != old.health.healthy && now.transitions.is_empty() {
+            self.log_inventory("health changed", &now);
+        }
+        if host_hcas(&now.host) != host_hcas(&old.host) {
+            self.log_hcas(&now);
+        }
+        self.state = Some(now);
     }
 
-    /// One line naming the nodes and the resulting health; a warning when Unhealthy.
-    fn log_inventory(&self, what: &str) {
-        let inv = &self.inventory;
-        let (level, health) = if inv.has_verbs() {
-            (log::Level::Info, HEALTHY)
+    /// Reads the host and assesses what the resource grants and its health; schedules the next
+    /// port-state reading when health comes from the ports.
+    fn assess(&mut self) -> Assessed {
+        let host = self.settings.scan();
+        let at = Instant::now();
+        let transitions = self.monitor.observe(&host, at);
+        let grant = host::grant(&host, &self.settings.selector);
+        let health = health::assess(&host, &grant, self.cfg.health, &self.monitor);
+        let list = self
+            .settings
+            .resource
+            .device_list(health.healthy, &grant.nodes);
+        self.health_at = (health.mode == Mode::Ports).then(|| {
+            let next = at + self.cfg.health_interval;
+            // A hold-down ending sooner is read right then, so Unhealthy is not late by up to
+            // an interval.
+            self.monitor.deadline().map_or(next, |d| d.min(next))
+        });
+        Assessed {
+            host,
+            grant,
+            health,
+            list,
+            transitions,
+        }
+    }
+
+    /// `mlx5_1 port 1: DOWN (Polling): jarvice.com/rdma is Unhealthy (0 of 2 HCAs up)`.
+    fn log_transition(&self, t: &Transition, now: &Assessed) {
+        let what = if t.up { "up" } else { "down" };
+        if !now.grant.hcas.contains(&t.hca) {
+            debug!(
+                "{} port {}: {} ({what}), not granted by {}",
+                t.hca, t.port, t.state, self.cfg.resource_name
+            );
+            return;
+        }
+        let level = if now.health.healthy && t.up {
+            log::Level::Info
         } else {
-            (log::Level::Warn, UNHEALTHY)
+            log::Level::Warn
         };
-        let paths: Vec<String> = inv
+        log::log!(
+            level,
+            "{} port {}: {}: {} is {} ({})",
+            t.hca,
+            t.port,
+            t.state,
+            self.cfg.resource_name,
+            health_word(&now.health),
+            now.health.reason
+        );
+    }
+
+    /// One line naming the granted nodes and the resulting health; a warning when Unhealthy.
+    fn log_inventory(&self, what: &str, now: &Assessed) {
+        let level = if now.health.healthy {
+            log::Level::Info
+        } else {
+            log::Level::Warn
+        };
+        let paths: Vec<String> = now
+            .grant
+            .nodes
             .nodes
             .iter()
             .map(|n| n.host_path.display().to_string())
             .collect();
         log::log!(
             level,
-            "{what}: {} node(s) [{}], {} is {health}",
-            inv.nodes.len(),
+            "{what}: {} node(s) [{}], {} is {} ({}, health from {})",
+            paths.len(),
             paths.join(", "),
-            self.cfg.resource_name
+            self.cfg.resource_name,
+            health_word(&now.health),
+            now.health.reason,
+            now.health.mode
         );
+    }
+
+    /// One line per HCA: ports, NUMA, PCI, nodes, selected or why not.
+    fn log_hcas(&self, now: &Assessed) {
+        if now.host.hcas.list.is_empty() {
+            info!(
+                "sysfs at {} lists no HCA: health from device nodes, every node granted as found",
+                self.cfg.sysfs.display()
+            );
+        }
+        for (hca, (_, verdict)) in now.host.hcas.list.iter().zip(&now.grant.verdicts) {
+            let ports: Vec<String> = hca
+                .ports
+                .iter()
+                .map(|p| {
+                    let link = p.link_layer.as_ref().map_or("?", |l| l.as_str());
+                    format!("port {} {} {link}", p.number, p.describe())
+                })
+                .collect();
+            let nodes: Vec<&str> = hca.verbs.iter().map(|e| e.name.as_str()).collect();
+            let numa = hca.numa_node().map_or("?".into(), |n| n.to_string());
+            let pci = hca.pci.as_ref().map_or("?", |p| p.address.as_str());
+            let verdict = match verdict {
+                host::select::Verdict::Selected => "granted".to_string(),
+                host::select::Verdict::Excluded(why) => format!("not granted: {why}"),
+            };
+            info!(
+                "HCA {}: {}; NUMA {numa}; PCI {pci}; nodes {}; {verdict}",
+                hca.name,
+                ports.join(", "),
+                nodes.join(",")
+            );
+        }
     }
 
     /// A registration or a stream end a moment ago: if no stream is open now, the kubelet
@@ -414,4 +546,26 @@ impl Daemon {
         }
         Ok(())
     }
+}
+
+/// One reading and what the daemon made of it.
+struct Assessed {
+    host: Host,
+    grant: Grant,
+    health: Health,
+    list: api::ListAndWatchResponse,
+    transitions: Vec<Transition>,
+}
+
+fn health_word(h: &Health) -> &'static str {
+    if h.healthy {
+        HEALTHY
+    } else {
+        UNHEALTHY
+    }
+}
+
+/// The HCAs and their ports' raw states are not compared: only which HCAs exist.
+fn host_hcas(h: &Host) -> Vec<&str> {
+    h.hcas.list.iter().map(|x| x.name.as_str()).collect()
 }

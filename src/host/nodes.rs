@@ -63,6 +63,9 @@ pub struct DeviceNode {
     pub host_path: PathBuf,
     /// The NUMA node of the HCA behind a `uverbs*` node, from sysfs; `None` when unknown.
     pub numa_node: Option<i64>,
+    /// The HCA sysfs attributes a `uverbs*`, `umad*` or `issm*` node to (its `ibdev`);
+    /// `None` for `rdma_cm`, `knem`, and nodes sysfs does not describe.
+    pub hca: Option<String>,
 }
 
 /// Everything discovery found, sorted: by kind, then in natural order within a kind.
@@ -139,6 +142,7 @@ pub fn scan(root: &Path, sysfs: &Path, selection: Selection) -> Result<Inventory
             kind: Kind::Knem,
             host_path: Path::new("/").join(KNEM_NODE),
             numa_node: None,
+            hca: None,
         });
     }
     Ok(Inventory { nodes })
@@ -174,7 +178,8 @@ fn scan_infiniband(
             continue;
         };
         if kind.is_mad() && !selection.mad {
-            debug!("skipping {name}: MAD nodes are passed only with --mad-devices");
+            // Every health reading scans: trace, not debug, to keep debug logs readable.
+            log::trace!("skipping {name}: MAD nodes are passed only with --mad-devices");
             continue;
         }
         // The entry's type comes with the listing (d_type): no stat per node, except to follow
@@ -187,10 +192,16 @@ fn scan_infiniband(
             Kind::Uverbs => read_numa_node(sysfs, name),
             _ => None,
         };
+        let hca = match kind {
+            Kind::Uverbs => read_ibdev(sysfs, "class/infiniband_verbs", name),
+            Kind::Umad | Kind::Issm => read_ibdev(sysfs, "class/infiniband_mad", name),
+            _ => None,
+        };
         nodes.push(DeviceNode {
             kind,
             host_path: Path::new("/").join(INFINIBAND_DIR).join(name),
             numa_node,
+            hca,
         });
     }
     nodes.sort_by(|a, b| {
@@ -238,6 +249,14 @@ fn read_numa_node(sysfs: &Path, uverbs: &str) -> Option<i64> {
         Ok(n) if n >= 0 => Some(n),
         _ => None,
     }
+}
+
+/// Reads `<sysfs>/<class>/<node>/ibdev`: the HCA a node belongs to (`uverbs3` may be
+/// `mlx5_0`'s: node numbers are not HCA numbers).
+fn read_ibdev(sysfs: &Path, class: &str, node: &str) -> Option<String> {
+    let text = fs::read_to_string(sysfs.join(class).join(node).join("ibdev")).ok()?;
+    let name = text.trim();
+    (!name.is_empty()).then(|| name.to_string())
 }
 
 /// Orders `uverbs2` before `uverbs10`: digit runs compare by value, the rest byte-wise.

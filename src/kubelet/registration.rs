@@ -18,8 +18,8 @@ use std::time::Duration;
 use grpcio::{CallOption, ChannelBuilder, Environment};
 use log::{debug, warn};
 
-use crate::kubelet::api;
 use crate::config::Config;
+use crate::kubelet::api;
 use crate::kubelet::service;
 use crate::sys::EventFd;
 

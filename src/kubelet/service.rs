@@ -7,10 +7,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use grpcio::{RpcContext, RpcStatus, RpcStatusCode, ServerStreamingSink, UnarySink};
 use log::{debug, info, warn};
 
+use crate::host::nodes::{Inventory, Selection};
+use crate::host::select::Selector;
+use crate::host::{self, Host};
 use crate::kubelet::api;
-use crate::host::nodes::{self, Inventory, Selection};
-use crate::resource::{RequestError, Resource};
 use crate::kubelet::stream::{self, Hub};
+use crate::resource::{RequestError, Resource};
 
 /// What the plugin serves; shared by every handler of one server.
 #[derive(Debug)]
@@ -20,9 +22,13 @@ pub struct Settings {
     /// Where sysfs is seen, for NUMA nodes (`/sys`: a container's own sysfs shows the host's HCAs).
     pub sysfs: PathBuf,
     pub selection: Selection,
+    /// Which HCAs are granted.
+    pub selector: Selector,
     pub resource: Resource,
     /// The last discovery error, so a lasting one is logged at warn once, not on every scan.
     last_error: Mutex<Option<String>>,
+    /// What sysfs could not tell at the last scan, so it is logged (at debug) once.
+    last_notes: Mutex<Vec<String>>,
 }
 
 impl Settings {
@@ -30,21 +36,41 @@ impl Settings {
         host_root: PathBuf,
         sysfs: PathBuf,
         selection: Selection,
+        selector: Selector,
         resource: Resource,
     ) -> Settings {
         Settings {
             host_root,
             sysfs,
             selection,
+            selector,
             resource,
             last_error: Mutex::new(None),
+            last_notes: Mutex::new(Vec::new()),
         }
     }
 
-    /// Discovers devices now. A directory that cannot be listed counts as no devices (the
+    /// The device nodes granted now (what Allocate hands out).
+    pub fn granted(&self) -> Inventory {
+        host::grant(&self.scan(), &self.selector).nodes
+    }
+
+    /// Reads the host now. A device directory that cannot be listed counts as no devices (the
     /// resource turns Unhealthy) and is logged, so the plugin keeps serving.
-    pub fn scan(&self) -> Inventory {
-        let result = nodes::scan(&self.host_root, &self.sysfs, self.selection);
+    pub fn scan(&self) -> Host {
+        let result = host::scan(&self.host_root, &self.sysfs, self.selection);
+        if let Ok(h) = &result {
+            let mut last = self
+                .last_notes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if *last != h.hcas.notes {
+                for note in &h.hcas.notes {
+                    debug!("sysfs: cannot read {note}; that much stays unknown");
+                }
+                last.clone_from(&h.hcas.notes);
+            }
+        }
         let mut last = self
             .last_error
             .lock()
@@ -64,7 +90,10 @@ impl Settings {
                     warn!("device discovery failed: {text}; advertising no device nodes");
                     *last = Some(text);
                 }
-                Inventory::default()
+                Host {
+                    nodes: Inventory::default(),
+                    hcas: host::sysfs::read(&self.sysfs),
+                }
             }
         }
     }
@@ -152,7 +181,7 @@ impl api::DevicePlugin for Plugin {
         sink: UnarySink<api::AllocateResponse>,
     ) {
         // Read live: a node added or removed since the last ListAndWatch message counts.
-        let inv = self.settings.scan();
+        let inv = self.settings.granted();
         let result = self.settings.resource.allocate(&req, &inv).map_err(status);
         if let Ok(resp) = &result {
             debug!(

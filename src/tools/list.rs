@@ -1,36 +1,145 @@
 //! `jarvice-rdma-plugin list`: what the plugin would advertise and the Allocate answer it would
-//! give on this host, from the same flags as the daemon, with no kubelet needed.
+//! give on this host, HCA by HCA, from the same flags as the daemon, with no kubelet needed.
 
 use std::fmt::Write as _;
+use std::time::Instant;
 
-use crate::kubelet::api;
 use crate::config::Config;
-use crate::host::nodes;
+use crate::host::health::{self, Health, PortMonitor};
+use crate::host::select::Verdict;
+use crate::host::sysfs::Hca;
+use crate::host::{self, nodes, Grant, Host};
+use crate::kubelet::api;
 use crate::resource::device_specs;
+use crate::tools::json::{array, opt, quote};
+
+/// One reading, as the daemon would assess it at start.
+struct Report<'a> {
+    cfg: &'a Config,
+    host: Host,
+    grant: Grant,
+    health: Health,
+    list: api::ListAndWatchResponse,
+    specs: Vec<api::DeviceSpec>,
+}
 
 /// Renders the report; `Err` when the device directory cannot be listed at all.
 pub fn report(cfg: &Config, json: bool) -> Result<String, nodes::Error> {
-    let inv = nodes::scan(&cfg.host_root, &cfg.sysfs, cfg.selection())?;
-    let list = cfg.resource().device_list(&inv);
-    let specs = device_specs(&inv);
-    Ok(if json {
-        as_json(cfg, &list, &specs)
-    } else {
-        as_table(cfg, &list, &specs)
-    })
+    let h = host::scan(&cfg.host_root, &cfg.sysfs, cfg.selection())?;
+    let grant = host::grant(&h, &cfg.selector);
+    let mut monitor = PortMonitor::new(cfg.hold_down);
+    monitor.observe(&h, Instant::now());
+    let health = health::assess(&h, &grant, cfg.health, &monitor);
+    let list = cfg.resource().device_list(health.healthy, &grant.nodes);
+    let specs = device_specs(&grant.nodes);
+    let r = Report {
+        cfg,
+        host: h,
+        grant,
+        health,
+        list,
+        specs,
+    };
+    Ok(if json { as_json(&r) } else { as_table(&r) })
 }
 
 fn numa_of(d: &api::Device) -> Vec<i64> {
     d.topology.nodes.iter().map(|n| n.ID).collect()
 }
 
-fn as_table(cfg: &Config, list: &api::ListAndWatchResponse, specs: &[api::DeviceSpec]) -> String {
+fn verdict_of<'a>(r: &'a Report<'_>, hca: &str) -> Option<&'a Verdict> {
+    r.grant
+        .verdicts
+        .iter()
+        .find(|(n, _)| n == hca)
+        .map(|(_, v)| v)
+}
+
+fn pci_ids(hca: &Hca) -> Option<String> {
+    let p = hca.pci.as_ref()?;
+    Some(format!("{:04x}:{:04x}", p.vendor?, p.device?))
+}
+
+fn as_table(r: &Report<'_>) -> String {
+    let cfg = r.cfg;
     let mut out = String::new();
     let _ = writeln!(out, "resource  {}", cfg.resource_name);
     let _ = writeln!(out, "socket    {}", cfg.socket_path().display());
     let _ = writeln!(out, "root      {}", cfg.host_root.display());
+    let _ = writeln!(out, "sysfs     {}", cfg.sysfs.display());
+    let _ = writeln!(out, "granting  {}", cfg.selector.describe());
+    let word = if r.health.healthy {
+        "Healthy"
+    } else {
+        "Unhealthy"
+    };
+    let _ = writeln!(
+        out,
+        "health    {word}: {} (rule {})",
+        r.health.reason, r.health.mode
+    );
+    if r.host.hcas.list.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n(sysfs lists no HCA under {})",
+            cfg.sysfs.join("class/infiniband").display()
+        );
+    }
+    for hca in &r.host.hcas.list {
+        let granted = match verdict_of(r, &hca.name) {
+            Some(Verdict::Selected) | None => "granted".to_string(),
+            Some(Verdict::Excluded(why)) => format!("not granted: {why}"),
+        };
+        let _ = writeln!(out, "\nHCA {}  {granted}", hca.name);
+        for p in &hca.ports {
+            let link = p.link_layer.as_ref().map_or("?", |l| l.as_str());
+            let rate = p.rate.as_deref().unwrap_or("?");
+            let _ = writeln!(out, "  port {}  {}  {link}  {rate}", p.number, p.describe());
+        }
+        if hca.ports.is_empty() {
+            let _ = writeln!(out, "  ports   (none in sysfs)");
+        }
+        let numa = hca.numa_node().map_or("unknown".into(), |n| n.to_string());
+        let _ = writeln!(out, "  numa    {numa}");
+        match &hca.pci {
+            Some(p) => {
+                let _ = writeln!(
+                    out,
+                    "  pci     {} ({})  path {}",
+                    p.address,
+                    pci_ids(hca).as_deref().unwrap_or("?"),
+                    p.path.join("/")
+                );
+            }
+            None => {
+                let _ = writeln!(out, "  pci     unknown");
+            }
+        }
+        let _ = writeln!(
+            out,
+            "  guid    {}  fw {}",
+            hca.node_guid.as_deref().unwrap_or("?"),
+            hca.fw_ver.as_deref().unwrap_or("?")
+        );
+        let _ = writeln!(
+            out,
+            "  netdevs {}",
+            if hca.netdevs.is_empty() {
+                "-".to_string()
+            } else {
+                hca.netdevs.join(" ")
+            }
+        );
+        let nodes: Vec<&str> = hca
+            .verbs
+            .iter()
+            .chain(&hca.mad)
+            .map(|e| e.name.as_str())
+            .collect();
+        let _ = writeln!(out, "  nodes   {}", nodes.join(" "));
+    }
     let _ = writeln!(out, "\nDEVICE ID   HEALTH      NUMA");
-    for d in &list.devices {
+    for d in &r.list.devices {
         let numa: Vec<String> = numa_of(d).iter().map(i64::to_string).collect();
         let numa = if numa.is_empty() {
             "-".to_string()
@@ -40,14 +149,14 @@ fn as_table(cfg: &Config, list: &api::ListAndWatchResponse, specs: &[api::Device
         let _ = writeln!(out, "{:<11} {:<11} {numa}", d.ID, d.health);
     }
     let _ = writeln!(out, "\nALLOCATE (per container)");
-    if specs.is_empty() {
+    if r.specs.is_empty() {
         let _ = writeln!(
             out,
             "(no device nodes found under {})",
             cfg.host_root.join("dev").display()
         );
     }
-    for s in specs {
+    for s in &r.specs {
         let _ = writeln!(
             out,
             "{} -> {} {}",
@@ -57,65 +166,76 @@ fn as_table(cfg: &Config, list: &api::ListAndWatchResponse, specs: &[api::Device
     out
 }
 
-/// Minimal JSON string quoting (no serde: the card keeps runtime crates to a fixed few).
-fn quote(s: &str) -> String {
-    let mut q = String::with_capacity(s.len() + 2);
-    q.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => q.push_str("\\\""),
-            '\\' => q.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(q, "\\u{:04x}", c as u32);
-            }
-            c => q.push(c),
-        }
-    }
-    q.push('"');
-    q
-}
-
-fn as_json(cfg: &Config, list: &api::ListAndWatchResponse, specs: &[api::DeviceSpec]) -> String {
-    let devices: Vec<String> = list
-        .devices
-        .iter()
-        .map(|d| {
-            let numa: Vec<String> = numa_of(d).iter().map(i64::to_string).collect();
-            format!(
-                "{{\"id\":{},\"health\":{},\"numa_nodes\":[{}]}}",
-                quote(&d.ID),
-                quote(&d.health),
-                numa.join(",")
-            )
-        })
-        .collect();
-    let specs: Vec<String> = specs
-        .iter()
-        .map(|s| {
-            format!(
-                "{{\"container_path\":{},\"host_path\":{},\"permissions\":{}}}",
-                quote(&s.container_path),
-                quote(&s.host_path),
-                quote(&s.permissions)
-            )
-        })
-        .collect();
+fn hca_json(r: &Report<'_>, hca: &Hca) -> String {
+    let ports = array(hca.ports.iter().map(|p| {
+        format!(
+            "{{\"port\":{},\"state\":{},\"phys_state\":{},\"link_layer\":{},\"rate\":{},\"up\":{}}}",
+            p.number,
+            opt(p.state.as_ref().map(|s| s.text.as_str())),
+            opt(p.phys_state.as_ref().map(|s| s.text.as_str())),
+            opt(p.link_layer.as_ref().map(|l| l.as_str())),
+            opt(p.rate.as_deref()),
+            p.is_up()
+        )
+    }));
+    let (granted, why) = match verdict_of(r, &hca.name) {
+        Some(Verdict::Excluded(why)) => (false, Some(why.as_str())),
+        _ => (true, None),
+    };
+    let pci = hca.pci.as_ref();
+    let nodes = array(hca.verbs.iter().chain(&hca.mad).map(|e| {
+        format!(
+            "{{\"name\":{},\"port\":{},\"dev\":{}}}",
+            quote(&e.name),
+            e.port.map_or("null".into(), |p| p.to_string()),
+            opt(e.dev.map(|d| d.to_string()).as_deref())
+        )
+    }));
     format!(
-        "{{\"resource_name\":{},\"socket\":{},\"host_root\":{},\"devices\":[{}],\"allocate\":{{\"devices\":[{}]}}}}\n",
-        quote(&cfg.resource_name),
-        quote(&cfg.socket_path().to_string_lossy()),
-        quote(&cfg.host_root.to_string_lossy()),
-        devices.join(","),
-        specs.join(",")
+        "{{\"name\":{},\"granted\":{granted},\"why_not\":{},\"ports\":{ports},\"numa_node\":{},\"pci_address\":{},\"pci_path\":{},\"pci_id\":{},\"node_guid\":{},\"fw_ver\":{},\"netdevs\":{},\"nodes\":{nodes}}}",
+        quote(&hca.name),
+        opt(why),
+        hca.numa_node().map_or("null".into(), |n| n.to_string()),
+        opt(pci.map(|p| p.address.as_str())),
+        array(pci.map(|p| p.path.clone()).unwrap_or_default().iter().map(|s| quote(s))),
+        opt(pci_ids(hca).as_deref()),
+        opt(hca.node_guid.as_deref()),
+        opt(hca.fw_ver.as_deref()),
+        array(hca.netdevs.iter().map(|n| quote(n))),
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::quote;
-
-    #[test]
-    fn quoting() {
-        assert_eq!(quote("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
-    }
+fn as_json(r: &Report<'_>) -> String {
+    let cfg = r.cfg;
+    let devices = array(r.list.devices.iter().map(|d| {
+        let numa: Vec<String> = numa_of(d).iter().map(i64::to_string).collect();
+        format!(
+            "{{\"id\":{},\"health\":{},\"numa_nodes\":[{}]}}",
+            quote(&d.ID),
+            quote(&d.health),
+            numa.join(",")
+        )
+    }));
+    let specs = array(r.specs.iter().map(|s| {
+        format!(
+            "{{\"container_path\":{},\"host_path\":{},\"permissions\":{}}}",
+            quote(&s.container_path),
+            quote(&s.host_path),
+            quote(&s.permissions)
+        )
+    }));
+    let hcas = array(r.host.hcas.list.iter().map(|h| hca_json(r, h)));
+    format!(
+        "{{\"resource_name\":{},\"socket\":{},\"host_root\":{},\"sysfs\":{},\"selection\":{},\"health\":{{\"healthy\":{},\"rule\":{},\"reason\":{},\"hcas_up\":{},\"hcas_granted\":{}}},\"hcas\":{hcas},\"devices\":{devices},\"allocate\":{{\"devices\":{specs}}}}}\n",
+        quote(&cfg.resource_name),
+        quote(&cfg.socket_path().to_string_lossy()),
+        quote(&cfg.host_root.to_string_lossy()),
+        quote(&cfg.sysfs.to_string_lossy()),
+        quote(&cfg.selector.describe()),
+        r.health.healthy,
+        quote(&r.health.mode.to_string()),
+        quote(&r.health.reason),
+        r.health.up,
+        r.health.total,
+    )
 }

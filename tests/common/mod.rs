@@ -19,6 +19,7 @@ use grpcio::{
     CallOption, ChannelBuilder, EnvBuilder, Environment, RpcContext, RpcStatus, RpcStatusCode,
     Server, ServerBuilder, ServerCredentials, UnarySink,
 };
+use rdma_plugin::host::mock::{self, MockHca};
 use rdma_plugin::kubelet::api;
 use rdma_plugin::wake;
 
@@ -92,6 +93,33 @@ impl Host {
         let dir = self.root().join("dev/infiniband");
         fs::create_dir_all(&dir).unwrap();
         fs::write(dir.join(name), b"").unwrap();
+    }
+
+    /// The host's sysfs (`--sysfs`).
+    pub fn sys(&self) -> PathBuf {
+        self.root().join("sys")
+    }
+
+    /// Adds an HCA to sysfs, laid out as the kernel does, and its nodes to `/dev/infiniband`.
+    pub fn add_hca(&self, hca: &MockHca) {
+        mock::add_hca(&self.sys(), Some(&self.root().join("dev")), hca).unwrap();
+    }
+
+    /// A host with InfiniBand HCAs `mlx5_0` (`uverbs1`) and `mlx5_1` (`uverbs0`), a RoCE NIC
+    /// `mlx5_2` (`uverbs2`), all ports ACTIVE, `rdma_cm`, RDMA netns mode shared.
+    pub fn with_hcas(tag: &str) -> Host {
+        let h = Host::empty(tag);
+        h.add_hca(&MockHca::connectx(0).uverbs(1));
+        h.add_hca(&MockHca::connectx(1).uverbs(0).numa(1));
+        h.add_hca(&MockHca::roce(2));
+        mock::add_rdma_cm(&h.sys(), Some(&h.root().join("dev"))).unwrap();
+        mock::set_netns_mode(&h.sys(), true).unwrap();
+        h
+    }
+
+    /// Sets a port's state and phys_state (e.g. `mock::DOWN_POLLING`).
+    pub fn set_port(&self, hca: &str, port: u32, state: (&str, &str)) {
+        mock::set_port(&self.sys(), hca, port, state).unwrap();
     }
 
     pub fn remove_node(&self, name: &str) {
@@ -459,6 +487,11 @@ impl FakeKubelet {
             streams,
             stopped,
         }
+    }
+
+    /// The next event if one comes within `timeout` (to show that nothing happens).
+    pub fn next_within(&self, timeout: Duration) -> Option<Event> {
+        self.events.recv_timeout(timeout).ok().map(|(_, ev)| ev)
     }
 
     /// Next event within [`WAIT`]; panics with `what` if none comes.
