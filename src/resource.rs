@@ -257,6 +257,7 @@ mod tests {
                     hca: None,
                 })
                 .collect(),
+            refused: Vec::new(),
         }
     }
 

@@ -253,6 +253,7 @@ impl Daemon {
                 Ok(s) => {
                     self.serving = Some(s);
                     self.log_hcas(&now);
+                    log_refused(&now);
                     self.log_inventory("advertising", &now);
                     self.state = Some(now);
                 }
@@ -381,6 +382,9 @@ impl Daemon {
         }
         for t in &now.transitions {
             self.log_transition(t, &now);
+        }
+        if now.host.nodes.refused != old.host.nodes.refused {
+            log_refused(&now);
         }
         if now.grant.nodes != old.grant.nodes {
             self.log_inventory("device nodes changed", &now);
@@ -555,6 +559,13 @@ struct Assessed {
     health: Health,
     list: api::ListAndWatchResponse,
     transitions: Vec<Transition>,
+}
+
+/// Nodes that look like ours but failed verification: never granted, and said loudly.
+fn log_refused(now: &Assessed) {
+    for x in &now.host.nodes.refused {
+        warn!("refusing {}: {}", x.host_path, x.why);
+    }
 }
 
 fn health_word(h: &Health) -> &'static str {

@@ -97,7 +97,10 @@ pub fn grant(host: &Host, selector: &Selector) -> Grant {
     Grant {
         hcas,
         verdicts,
-        nodes: Inventory { nodes },
+        nodes: Inventory {
+            nodes,
+            refused: host.nodes.refused.clone(),
+        },
         problem,
     }
 }

@@ -404,6 +404,14 @@ fn attr(path: &Path, notes: &mut Vec<String>) -> Option<String> {
         f.take(MAX_ATTR).read_to_string(&mut s).map(|_| s)
     });
     match read {
+        // Values end up in log lines and in what we tell the kubelet: nothing raw.
+        Ok(s) if s.trim().chars().any(char::is_control) => {
+            notes.push(format!(
+                "{}: control characters in the value",
+                path.display()
+            ));
+            None
+        }
         Ok(s) => Some(s.trim().to_string()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(e) => {
@@ -427,6 +435,9 @@ fn list_dir(dir: &Path, notes: &mut Vec<String>) -> Vec<String> {
     for entry in entries {
         match entry {
             Ok(e) => match e.file_name().into_string() {
+                Ok(n) if n.chars().any(char::is_control) => {
+                    notes.push(format!("{}: skipping entry {n:?}", dir.display()));
+                }
                 Ok(n) => names.push(n),
                 Err(n) => notes.push(format!("{}: non-UTF-8 entry {n:?}", dir.display())),
             },

@@ -338,6 +338,15 @@ pub fn run(cfg: &Config) -> Vec<Check> {
         ));
     }
     checks.extend(nodes(cfg, &h));
+    for x in &h.nodes.refused {
+        checks.push(Check::bad(
+            "device nodes",
+            Status::Fail,
+            format!("{} refused: {}", x.host_path, x.why),
+            "device nodes must be the character devices sysfs names (or plain files in a test tree); \
+             remove what is there and reload the drivers or `udevadm trigger`",
+        ));
+    }
     let grant = host::grant(&h, &cfg.selector);
     checks.push(match &grant.problem {
         Some(p) => Check::bad(

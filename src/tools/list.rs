@@ -148,6 +148,12 @@ fn as_table(r: &Report<'_>) -> String {
         };
         let _ = writeln!(out, "{:<11} {:<11} {numa}", d.ID, d.health);
     }
+    if !r.host.nodes.refused.is_empty() {
+        let _ = writeln!(out, "\nREFUSED (named like device nodes, never granted)");
+        for x in &r.host.nodes.refused {
+            let _ = writeln!(out, "{}: {}", x.host_path, x.why);
+        }
+    }
     let _ = writeln!(out, "\nALLOCATE (per container)");
     if r.specs.is_empty() {
         let _ = writeln!(
@@ -225,8 +231,15 @@ fn as_json(r: &Report<'_>) -> String {
         )
     }));
     let hcas = array(r.host.hcas.list.iter().map(|h| hca_json(r, h)));
+    let refused = array(r.host.nodes.refused.iter().map(|x| {
+        format!(
+            "{{\"host_path\":{},\"why\":{}}}",
+            quote(&x.host_path),
+            quote(&x.why)
+        )
+    }));
     format!(
-        "{{\"resource_name\":{},\"socket\":{},\"host_root\":{},\"sysfs\":{},\"selection\":{},\"health\":{{\"healthy\":{},\"rule\":{},\"reason\":{},\"hcas_up\":{},\"hcas_granted\":{}}},\"hcas\":{hcas},\"devices\":{devices},\"allocate\":{{\"devices\":{specs}}}}}\n",
+        "{{\"resource_name\":{},\"socket\":{},\"host_root\":{},\"sysfs\":{},\"selection\":{},\"health\":{{\"healthy\":{},\"rule\":{},\"reason\":{},\"hcas_up\":{},\"hcas_granted\":{}}},\"hcas\":{hcas},\"refused\":{refused},\"devices\":{devices},\"allocate\":{{\"devices\":{specs}}}}}\n",
         quote(&cfg.resource_name),
         quote(&cfg.socket_path().to_string_lossy()),
         quote(&cfg.host_root.to_string_lossy()),
