@@ -17,6 +17,15 @@ pub const UNHEALTHY: &str = "Unhealthy";
 pub const PERMISSIONS: &str = "rw";
 /// Device IDs are this prefix and the share index: `rdma-0`, `rdma-1`, ...
 const ID_PREFIX: &str = "rdma-";
+/// The kubelet sends one container per Allocate; a pod with more containers than this asking
+/// for RDMA is not a workload but an attack on our memory.
+pub const MAX_CONTAINERS: usize = 128;
+/// IDs one container request may name (available, must-include or requested); the kubelet
+/// never names more than we advertise (at most 4,096 shares).
+pub const MAX_IDS: usize = 8192;
+/// Device specs in one Allocate answer (containers x granted nodes): a bound on what any
+/// request can make us build, about 2 MiB of answer.
+pub const MAX_SPECS: usize = 16_384;
 
 /// The advertised devices: `shares` of them, with IDs that depend on nothing but their index,
 /// so they are the same after a plugin or kubelet restart (the original's random IDs made pods
@@ -42,6 +51,11 @@ pub enum RequestError {
         id: String,
         advertised: usize,
     },
+    /// Device discovery failed (an unreadable directory, too many open files): `UNAVAILABLE`
+    /// with the cause, not "no driver".
+    Discovery(String),
+    /// Over a bound on what one request may ask for: `RESOURCE_EXHAUSTED`.
+    TooLarge(String),
 }
 
 impl fmt::Display for RequestError {
@@ -52,6 +66,10 @@ impl fmt::Display for RequestError {
                 "no /dev/infiniband/uverbs* node on this node right now (RDMA driver not loaded?)"
             ),
             RequestError::NoContainers => write!(f, "request names no containers"),
+            RequestError::Discovery(why) => {
+                write!(f, "cannot discover the device nodes right now: {why}")
+            }
+            RequestError::TooLarge(why) => write!(f, "request too large: {why}"),
             RequestError::NoDevices { container } => {
                 write!(f, "container request {container} names no device IDs")
             }
@@ -76,6 +94,26 @@ impl fmt::Display for RequestError {
 }
 
 impl std::error::Error for RequestError {}
+
+/// Refuses requests over the bounds, before anything is built for them.
+fn check_size<'a>(
+    containers: usize,
+    ids: impl Iterator<Item = usize> + 'a,
+) -> Result<(), RequestError> {
+    if containers > MAX_CONTAINERS {
+        return Err(RequestError::TooLarge(format!(
+            "{containers} container requests; at most {MAX_CONTAINERS} are served per call"
+        )));
+    }
+    for (i, n) in ids.enumerate() {
+        if n > MAX_IDS {
+            return Err(RequestError::TooLarge(format!(
+                "container request {i} names {n} device IDs; at most {MAX_IDS} are served"
+            )));
+        }
+    }
+    Ok(())
+}
 
 impl Resource {
     /// `shares` must be at least 1 (checked when flags are parsed).
@@ -160,6 +198,10 @@ impl Resource {
         if req.container_requests.is_empty() {
             return Err(RequestError::NoContainers);
         }
+        check_size(
+            req.container_requests.len(),
+            req.container_requests.iter().map(|c| c.devices_ids.len()),
+        )?;
         for (i, creq) in req.container_requests.iter().enumerate() {
             if creq.devices_ids.is_empty() {
                 return Err(RequestError::NoDevices { container: i });
@@ -168,6 +210,14 @@ impl Resource {
         }
         if !inv.has_verbs() {
             return Err(RequestError::NoVerbs);
+        }
+        let total = req.container_requests.len() * inv.nodes.len();
+        if total > MAX_SPECS {
+            return Err(RequestError::TooLarge(format!(
+                "{} containers x {} device nodes = {total} device specs; at most {MAX_SPECS} per answer",
+                req.container_requests.len(),
+                inv.nodes.len()
+            )));
         }
         let specs = device_specs(inv);
         let mut resp = api::AllocateResponse::new();
@@ -194,9 +244,21 @@ impl Resource {
         if req.container_requests.is_empty() {
             return Err(RequestError::NoContainers);
         }
+        check_size(
+            req.container_requests.len(),
+            req.container_requests.iter().map(|c| {
+                c.available_deviceIDs
+                    .len()
+                    .max(c.must_include_deviceIDs.len())
+            }),
+        )?;
         let mut resp = api::PreferredAllocationResponse::new();
         for creq in &req.container_requests {
-            let size = usize::try_from(creq.allocation_size).unwrap_or(0);
+            // Never reserve what the request merely claims: only what it offers can be chosen.
+            let offered = creq.must_include_deviceIDs.len() + creq.available_deviceIDs.len();
+            let size = usize::try_from(creq.allocation_size)
+                .unwrap_or(0)
+                .min(offered);
             let mut chosen: Vec<String> = Vec::with_capacity(size);
             let mut seen = HashSet::new();
             let mut must = creq.must_include_deviceIDs.clone();

@@ -142,6 +142,7 @@ impl Registrar {
         let timeout = cfg.register_timeout;
         let spawned = thread::Builder::new()
             .name("register".into())
+            .stack_size(crate::workers::STACK_SIZE)
             .spawn(move || {
                 let id = kubelet_id(&kubelet);
                 let result = register(&env, &kubelet, &req, timeout);

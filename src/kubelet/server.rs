@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use grpcio::{Environment, Server, ServerBuilder, ServerCredentials};
+use grpcio::{ChannelBuilder, Environment, Server, ServerBuilder, ServerCredentials};
 use log::{debug, info, warn};
 
 use crate::kubelet::api;
@@ -18,6 +18,11 @@ use crate::kubelet::stream::Hub;
 use crate::sys::{self, EventFd};
 use crate::wake;
 
+/// The largest request we read: the kubelet's largest (4,096 IDs in one Allocate) is ~60 KiB,
+/// and gRPC's default (4 MiB) would let one call cost us far more memory than our limit allows.
+pub const MAX_REQUEST_BYTES: i32 = 1 << 20;
+/// Concurrent calls per connection (gRPC's default is unbounded).
+const MAX_CONCURRENT_CALLS: i32 = 64;
 /// How long a stop waits for in-flight calls before cancelling them.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
@@ -91,7 +96,12 @@ impl Serving {
         let hub = Hub::new(list, Arc::clone(client_left));
         let service =
             api::create_device_plugin(Plugin::new(Arc::clone(settings), Arc::clone(&hub)));
+        let args = ChannelBuilder::new(Arc::clone(env))
+            .max_receive_message_len(MAX_REQUEST_BYTES)
+            .max_concurrent_stream(MAX_CONCURRENT_CALLS)
+            .build_args();
         let mut server = ServerBuilder::new(Arc::clone(env))
+            .channel_args(args)
             .register_service(service)
             .build()
             .map_err(|source| Error::Build { source })?;

@@ -50,14 +50,25 @@ impl Settings {
         }
     }
 
-    /// The device nodes granted now (what Allocate hands out).
-    pub fn granted(&self) -> Inventory {
-        host::grant(&self.scan(), &self.selector).nodes
+    /// The device nodes granted now (what Allocate hands out), or why discovery failed (an
+    /// unreadable device directory, too many open files): a pod must not be told "no driver"
+    /// when the cause is something else.
+    pub fn granted(&self) -> Result<Inventory, String> {
+        self.try_scan()
+            .map(|h| host::grant(&h, &self.selector).nodes)
     }
 
     /// Reads the host now. A device directory that cannot be listed counts as no devices (the
     /// resource turns Unhealthy) and is logged, so the plugin keeps serving.
     pub fn scan(&self) -> Host {
+        self.try_scan().unwrap_or_else(|_| Host {
+            nodes: Inventory::default(),
+            hcas: host::sysfs::read(&self.sysfs),
+        })
+    }
+
+    /// Reads the host now; a lasting error is logged at warn once, then at debug.
+    fn try_scan(&self) -> Result<Host, String> {
         let result = host::scan(&self.host_root, &self.sysfs, self.selection);
         if let Ok(h) = &result {
             let mut last = self
@@ -76,11 +87,11 @@ impl Settings {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         match result {
-            Ok(inv) => {
+            Ok(h) => {
                 if last.take().is_some() {
                     info!("device discovery works again");
                 }
-                inv
+                Ok(h)
             }
             Err(e) => {
                 let text = e.to_string();
@@ -88,12 +99,9 @@ impl Settings {
                     debug!("device discovery still failing: {text}");
                 } else {
                     warn!("device discovery failed: {text}; advertising no device nodes");
-                    *last = Some(text);
+                    *last = Some(text.clone());
                 }
-                Host {
-                    nodes: Inventory::default(),
-                    hcas: host::sysfs::read(&self.sysfs),
-                }
+                Err(text)
             }
         }
     }
@@ -139,7 +147,8 @@ fn reply<T>(ctx: &RpcContext<'_>, sink: UnarySink<T>, result: Result<T, RpcStatu
 
 fn status(e: RequestError) -> RpcStatus {
     let code = match e {
-        RequestError::NoVerbs => RpcStatusCode::UNAVAILABLE,
+        RequestError::NoVerbs | RequestError::Discovery(_) => RpcStatusCode::UNAVAILABLE,
+        RequestError::TooLarge(_) => RpcStatusCode::RESOURCE_EXHAUSTED,
         _ => RpcStatusCode::INVALID_ARGUMENT,
     };
     RpcStatus::with_message(code, e.to_string())
@@ -161,6 +170,24 @@ impl api::DevicePlugin for Plugin {
         _req: api::Empty,
         sink: ServerStreamingSink<api::ListAndWatchResponse>,
     ) {
+        // Each stream owns a thread: bound them, so a client that opens thousands cannot take
+        // the process's threads and memory (the kubelet holds one; probes open one each).
+        let open = self.hub.open_streams();
+        if open >= stream::MAX_STREAMS {
+            let msg = format!(
+                "{open} ListAndWatch streams are open; at most {} are served",
+                stream::MAX_STREAMS
+            );
+            warn!("ListAndWatch refused: {msg}");
+            let failed = sink.fail(RpcStatus::with_message(
+                RpcStatusCode::RESOURCE_EXHAUSTED,
+                msg,
+            ));
+            ctx.spawn(async move {
+                let _ = failed.await;
+            });
+            return;
+        }
         stream::spawn(Arc::clone(&self.hub), sink, ctx.peer());
     }
 
@@ -181,15 +208,20 @@ impl api::DevicePlugin for Plugin {
         sink: UnarySink<api::AllocateResponse>,
     ) {
         // Read live: a node added or removed since the last ListAndWatch message counts.
-        let inv = self.settings.granted();
-        let result = self.settings.resource.allocate(&req, &inv).map_err(status);
-        if let Ok(resp) = &result {
-            debug!(
-                "Allocate: {} container(s), {} device node(s) each",
-                resp.container_responses.len(),
-                inv.nodes.len()
-            );
-        }
+        let result = match self.settings.granted() {
+            Ok(inv) => {
+                let result = self.settings.resource.allocate(&req, &inv).map_err(status);
+                if let Ok(resp) = &result {
+                    debug!(
+                        "Allocate: {} container(s), {} device node(s) each",
+                        resp.container_responses.len(),
+                        inv.nodes.len()
+                    );
+                }
+                result
+            }
+            Err(why) => Err(status(RequestError::Discovery(why))),
+        };
         reply(&ctx, sink, result, "Allocate");
     }
 

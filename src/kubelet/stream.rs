@@ -15,6 +15,9 @@ use crate::sys::EventFd;
 use crate::wake::Signal;
 use crate::workers;
 
+/// Streams served at once (each owns a thread); more are refused with `RESOURCE_EXHAUSTED`.
+pub const MAX_STREAMS: usize = 64;
+
 struct State {
     version: u64,
     list: ListAndWatchResponse,
