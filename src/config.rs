@@ -45,7 +45,7 @@ pub struct Config {
     pub resource_name: String,
     /// Where the host's `/` is seen (`/` normally; e.g. `/host` in a pod that mounts it there).
     pub host_root: PathBuf,
-    /// Where sysfs is seen, for the HCAs' NUMA nodes.
+    /// Where sysfs is seen, for the HCAs: ports, PCI, NUMA nodes, which nodes are whose.
     pub sysfs: PathBuf,
     /// How many devices to advertise; each grants all device nodes.
     pub shares: u32,
@@ -179,7 +179,7 @@ fn options() -> Options {
     o.optopt(
         "",
         "sysfs",
-        &format!("where sysfs is mounted, for the HCAs' NUMA nodes [default: {DEFAULT_SYSFS}]"),
+        &format!("where sysfs is mounted, for the HCAs, their ports and NUMA nodes [default: {DEFAULT_SYSFS}]"),
         "DIR",
     );
     o.optopt(

@@ -6,12 +6,14 @@
 //! - [`kubelet`]: the gRPC service, server, streams and registration the kubelet talks to;
 //! - [`daemon`]: the main loop that serves, registers and reacts to events;
 //! - [`tools`]: the operator subcommands;
-//! - [`config`] (flags) and the OS glue: [`sys`], [`wake`], [`workers`].
+//! - [`config`] (flags), [`limits`] (memlock, open files) and the OS glue: [`sys`], [`wake`],
+//!   [`workers`].
 
 pub mod config;
 pub mod daemon;
 pub mod host;
 pub mod kubelet;
+pub mod limits;
 pub mod resource;
 pub mod sys;
 pub mod tools;

@@ -407,3 +407,22 @@ pub fn get_limit(kind: LimitKind) -> io::Result<Limit> {
         hard: value(lim.rlim_max),
     })
 }
+
+/// `setrlimit` of `kind`'s soft limit to `soft` (`None`: unlimited), keeping the hard limit.
+pub fn set_soft_limit(kind: LimitKind, soft: Option<u64>) -> io::Result<()> {
+    let resource = match kind {
+        LimitKind::Memlock => libc::RLIMIT_MEMLOCK,
+        LimitKind::Nofile => libc::RLIMIT_NOFILE,
+    };
+    // SAFETY: rlimit is plain data; getrlimit fills it.
+    let mut lim: libc::rlimit = unsafe { mem::zeroed() };
+    // SAFETY: `lim` is a valid, exclusively borrowed rlimit for the duration of the call.
+    cvt(unsafe { libc::getrlimit(resource, &mut lim) })?;
+    // rlim_t is not u64 on every target.
+    #[allow(clippy::unnecessary_cast)]
+    let soft = soft.map_or(libc::RLIM_INFINITY, |n| n as libc::rlim_t);
+    lim.rlim_cur = soft;
+    // SAFETY: as above; the kernel validates the values.
+    cvt(unsafe { libc::setrlimit(resource, &lim) })?;
+    Ok(())
+}

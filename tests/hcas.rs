@@ -175,7 +175,7 @@ fn list_shows_hcas_ports_selection_and_health() {
     let text = stdout(&out);
     for want in [
         "granting  --link-layer infiniband",
-        "health    Healthy: 1 of 2 HCAs up; down: mlx5_1: port 1 INIT (LinkUp) (rule ports)",
+        "health    Healthy: 1 of 2 HCAs up; down: mlx5_1: port 1 INIT (LinkUp) InfiniBand (rule ports)",
         "HCA mlx5_0  granted",
         "  port 1  ACTIVE (LinkUp)  InfiniBand  200 Gb/sec (4X HDR)",
         "  numa    1",

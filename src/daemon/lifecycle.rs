@@ -16,7 +16,7 @@ use log::{debug, info, warn};
 
 use crate::config::Config;
 use crate::daemon::watch::{Changes, Watcher};
-use crate::host::health::{self, Health, Mode, PortMonitor, Transition};
+use crate::host::health::{Health, Mode, PortMonitor, Transition};
 use crate::host::{self, Grant, Host};
 use crate::kubelet::api;
 use crate::kubelet::registration::{kubelet_id, KubeletId, Registrar};
@@ -127,7 +127,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         cfg.selector.clone(),
         cfg.resource(),
     ));
-    crate::tools::diagnose::warn_memlock();
+    crate::limits::warn_memlock();
     let mut watcher = Watcher::new(
         &cfg.plugin_dir,
         &cfg.socket_name,
@@ -252,7 +252,14 @@ impl Daemon {
             match Serving::start(&self.env, &self.settings, &socket, list, &self.client_left) {
                 Ok(s) => {
                     self.serving = Some(s);
-                    self.log_hcas(&now);
+                    for t in &now.transitions {
+                        self.log_transition(t, &now);
+                    }
+                    if self.state.as_ref().map(|old| host_hcas(&old.host))
+                        != Some(host_hcas(&now.host))
+                    {
+                        self.log_hcas(&now);
+                    }
                     log_refused(&now);
                     self.log_inventory("advertising", &now);
                     self.state = Some(now);
@@ -400,27 +407,30 @@ impl Daemon {
     /// Reads the host and assesses what the resource grants and its health; schedules the next
     /// port-state reading when health comes from the ports.
     fn assess(&mut self) -> Assessed {
-        let host = self.settings.scan();
         let at = Instant::now();
-        let transitions = self.monitor.observe(&host, at);
-        let grant = host::grant(&host, &self.settings.selector);
-        let health = health::assess(&host, &grant, self.cfg.health, &self.monitor);
+        let a = host::assess(
+            self.settings.scan(),
+            &self.settings.selector,
+            self.cfg.health,
+            &mut self.monitor,
+            at,
+        );
         let list = self
             .settings
             .resource
-            .device_list(health.healthy, &grant.nodes);
-        self.health_at = (health.mode == Mode::Ports).then(|| {
+            .device_list(a.health.healthy, &a.grant.nodes);
+        self.health_at = (a.health.mode == Mode::Ports).then(|| {
             let next = at + self.cfg.health_interval;
             // A hold-down ending sooner is read right then, so Unhealthy is not late by up to
             // an interval.
             self.monitor.deadline().map_or(next, |d| d.min(next))
         });
         Assessed {
-            host,
-            grant,
-            health,
+            host: a.host,
+            grant: a.grant,
+            health: a.health,
             list,
-            transitions,
+            transitions: a.transitions,
         }
     }
 
@@ -486,14 +496,12 @@ impl Daemon {
             );
         }
         for (hca, (_, verdict)) in now.host.hcas.list.iter().zip(&now.grant.verdicts) {
-            let ports: Vec<String> = hca
-                .ports
-                .iter()
-                .map(|p| {
-                    let link = p.link_layer.as_ref().map_or("?", |l| l.as_str());
-                    format!("port {} {} {link}", p.number, p.describe())
-                })
-                .collect();
+            let ports: Vec<String> = hca.ports.iter().map(|p| p.summary()).collect();
+            let ports = if ports.is_empty() {
+                vec!["no ports in sysfs".to_string()]
+            } else {
+                ports
+            };
             let nodes: Vec<&str> = hca.verbs.iter().map(|e| e.name.as_str()).collect();
             let numa = hca.numa_node().map_or("?".into(), |n| n.to_string());
             let pci = hca.pci.as_ref().map_or("?", |p| p.address.as_str());

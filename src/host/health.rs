@@ -2,11 +2,14 @@
 //! - going down takes effect only after a port stayed down for the hold-down time (a switch
 //!   reboot or a flap must not bounce admissions); coming back up takes effect at once;
 //! - a port that was never up since we started and is `Disabled` or `Polling` (an uncabled
-//!   second port) is never reported, and an HCA is up while any of its ports is.
+//!   second port) is not news: no transition, and it makes its HCA neither down nor degraded;
+//!   an HCA is up while any of its ports is, degraded while another port that counts is down;
+//! - what sysfs cannot tell (an HCA without readable port states) falls back to the nodes rule
+//!   for that HCA.
 //!
 //! Time is an argument, so every rule is a pure function a test can drive with made-up instants.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -96,7 +99,7 @@ impl PortMonitor {
     /// a transition (the start-up log names it).
     pub fn observe(&mut self, host: &Host, now: Instant) -> Vec<Transition> {
         let mut changed = Vec::new();
-        let mut seen = Vec::new();
+        let mut seen = HashSet::new();
         for hca in &host.hcas.list {
             for port in &hca.ports {
                 let key = (hca.name.clone(), port.number);
@@ -126,7 +129,7 @@ impl PortMonitor {
                         state: port.describe(),
                     });
                 }
-                seen.push(key);
+                seen.insert(key);
             }
         }
         // An HCA that vanished (driver unloaded) starts afresh when it comes back.
@@ -216,6 +219,7 @@ pub fn assess(host: &Host, grant: &Grant, mode: Mode, monitor: &PortMonitor) -> 
     }
     let mut up = 0;
     let mut down = Vec::new();
+    let mut degraded = Vec::new();
     for name in &grant.hcas {
         let Some(hca) = host.hcas.get(name) else {
             continue;
@@ -225,21 +229,50 @@ pub fn assess(host: &Host, grant: &Grant, mode: Mode, monitor: &PortMonitor) -> 
             .nodes
             .iter()
             .any(|n| n.kind == Kind::Uverbs && n.hca.as_deref() == Some(name));
-        let port_up = hca.ports.iter().any(|p| monitor.is_up(name, p.number));
-        if port_up && has_node {
-            up += 1;
-        } else if !has_node {
+        // With --link-layer, only the ports of that layer count (a VPI HCA has both kinds).
+        let ports: Vec<&Port> = hca
+            .ports
+            .iter()
+            .filter(|p| {
+                grant
+                    .link
+                    .as_ref()
+                    .map_or(true, |l| p.link_layer.as_ref() == Some(l))
+            })
+            .collect();
+        // What sysfs cannot tell falls back to the nodes rule, for that HCA alone.
+        let known: Vec<&&Port> = ports
+            .iter()
+            .filter(|p| p.state.is_some() && p.phys_state.is_some())
+            .collect();
+        if !has_node {
             down.push(format!("{name}: no uverbs node"));
+            continue;
+        }
+        if known.is_empty() {
+            up += 1;
+            degraded.push(format!("{name}: port state unknown, uverbs node present"));
+            continue;
+        }
+        let lost: Vec<String> = known
+            .iter()
+            .filter(|p| !monitor.is_up(name, p.number) && !monitor.is_unused(name, p))
+            .map(|p| p.summary())
+            .collect();
+        if known.iter().any(|p| monitor.is_up(name, p.number)) {
+            up += 1;
+            if !lost.is_empty() {
+                degraded.push(format!("{name}: {}", lost.join(", ")));
+            }
         } else {
-            let ports: Vec<String> = hca
-                .ports
-                .iter()
-                .map(|p| format!("port {} {}", p.number, p.describe()))
-                .collect();
-            down.push(format!("{name}: {}", ports.join(", ")));
+            let all: Vec<String> = known.iter().map(|p| p.summary()).collect();
+            down.push(format!("{name}: {}", all.join(", ")));
         }
     }
     let mut reason = format!("{up} of {total} HCAs up");
+    if !degraded.is_empty() {
+        reason.push_str(&format!("; degraded: {}", degraded.join("; ")));
+    }
     if !down.is_empty() {
         reason.push_str(&format!("; down: {}", down.join("; ")));
     }
@@ -344,7 +377,7 @@ mod tests {
         assert!(!h.healthy);
         assert_eq!(
             h.reason,
-            "0 of 1 HCAs up; down: mlx5_0: port 1 DOWN (Polling)"
+            "0 of 1 HCAs up; down: mlx5_0: port 1 DOWN (Polling) ?"
         );
         assert!(m.observe(&down, t0 + Duration::from_secs(20)).is_empty());
 
@@ -372,9 +405,61 @@ mod tests {
             "{}",
             health.reason
         );
+        // Uncabled ports neither degrade their HCA nor appear in the reason.
+        assert_eq!(
+            health.reason,
+            "2 of 3 HCAs up; down: mlx5_2: port 1 DOWN (Polling) ?"
+        );
         let p2 = &h.hcas.list[0].ports[1];
         assert!(m.is_unused("mlx5_0", p2));
         assert!(!m.is_unused("mlx5_0", &h.hcas.list[0].ports[0]));
+
+        // A second port that was up and lost its cable degrades its HCA (still up).
+        let both = host(&[vec![port(1, UP), port(2, UP)]]);
+        let mut m = PortMonitor::new(Duration::ZERO);
+        m.observe(&both, t0);
+        let lost = host(&[vec![port(1, UP), port(2, POLLING)]]);
+        assert_eq!(m.observe(&lost, t0).len(), 1);
+        let health = health_of(&lost, &m);
+        assert!(health.healthy);
+        assert_eq!(
+            health.reason,
+            "1 of 1 HCAs up; degraded: mlx5_0: port 2 DOWN (Polling) ?"
+        );
+    }
+
+    #[test]
+    fn unknown_port_states_fall_back_to_the_node_and_link_filters_ports() {
+        let t0 = Instant::now();
+        let mut m = PortMonitor::new(Duration::ZERO);
+        let mut unknown = port(1, UP);
+        unknown.phys_state = None;
+        let h = host(&[vec![unknown]]);
+        m.observe(&h, t0);
+        let health = health_of(&h, &m);
+        assert!(health.healthy, "{health:?}");
+        assert!(health
+            .reason
+            .contains("mlx5_0: port state unknown, uverbs node present"));
+
+        // A VPI HCA: port 1 InfiniBand down, port 2 Ethernet up. With --link-layer infiniband
+        // only port 1 counts.
+        let mut ib = port(1, POLLING);
+        ib.link_layer = Some(crate::host::sysfs::LinkLayer::InfiniBand);
+        let mut eth = port(2, UP);
+        eth.link_layer = Some(crate::host::sysfs::LinkLayer::Ethernet);
+        let vpi = host(&[vec![ib, eth]]);
+        m.observe(&vpi, t0);
+        let sel = Selector {
+            link: crate::host::select::LinkSelect::parse("infiniband").unwrap(),
+            ..Selector::default()
+        };
+        let g = crate::host::grant(&vpi, &sel);
+        assert!(!assess(&vpi, &g, Mode::Auto, &m).healthy);
+        assert!(
+            health_of(&vpi, &m).healthy,
+            "without the filter port 2 counts"
+        );
     }
 
     #[test]

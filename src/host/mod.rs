@@ -37,6 +37,36 @@ pub fn scan(root: &Path, sysfs: &Path, which: nodes::Selection) -> Result<Host, 
     })
 }
 
+/// One reading of the host and what it means for a resource: what is granted, its health, and
+/// the ports whose reported state changed since the last reading.
+#[derive(Clone, Debug)]
+pub struct Assessment {
+    pub host: Host,
+    pub grant: Grant,
+    pub health: health::Health,
+    pub transitions: Vec<health::Transition>,
+}
+
+/// Feeds `host`, read at `now`, to `monitor` and assesses what `selector` grants under `mode`.
+/// The daemon keeps one monitor for its lifetime; `list` and `diagnose` use a fresh one.
+pub fn assess(
+    host: Host,
+    selector: &Selector,
+    mode: health::Mode,
+    monitor: &mut health::PortMonitor,
+    now: std::time::Instant,
+) -> Assessment {
+    let transitions = monitor.observe(&host, now);
+    let grant = grant(&host, selector);
+    let health = health::assess(&host, &grant, mode, monitor);
+    Assessment {
+        host,
+        grant,
+        health,
+        transitions,
+    }
+}
+
 /// What a selector grants on a host: the HCAs and the device nodes that go into Allocate.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Grant {
@@ -49,6 +79,8 @@ pub struct Grant {
     /// Why nothing can be granted although a selector is set (it matches no HCA, or it needs
     /// sysfs and sysfs lists none): the resource is Unhealthy and this says why.
     pub problem: Option<String>,
+    /// With `--link-layer`, the only ports whose state counts for health.
+    pub link: Option<sysfs::LinkLayer>,
 }
 
 /// Applies `selector` to `host`. With an empty selector every node is granted, whether sysfs
@@ -72,6 +104,7 @@ pub fn grant(host: &Host, selector: &Selector) -> Grant {
             verdicts,
             nodes: host.nodes.clone(),
             problem: None,
+            link: None,
         };
     }
     let problem = if host.hcas.list.is_empty() {
@@ -102,6 +135,10 @@ pub fn grant(host: &Host, selector: &Selector) -> Grant {
             refused: host.nodes.refused.clone(),
         },
         problem,
+        link: match &selector.link {
+            select::LinkSelect::Only(l) => Some(l.clone()),
+            select::LinkSelect::Any => None,
+        },
     }
 }
 

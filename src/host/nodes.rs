@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use log::debug;
 
-use crate::host::sysfs::DevNum;
+use crate::host::sysfs::{read_attr, DevNum};
 
 /// The directory of verbs, CM and MAD nodes, relative to the host root.
 pub const INFINIBAND_DIR: &str = "dev/infiniband";
@@ -323,8 +323,9 @@ fn check_type(meta: &fs::Metadata, sysfs_dev: &Path) -> Verified {
         major: libc::major(meta.rdev()),
         minor: libc::minor(meta.rdev()),
     };
-    let want = fs::read_to_string(sysfs_dev)
+    let want = read_attr(sysfs_dev)
         .ok()
+        .flatten()
         .and_then(|s| DevNum::parse(&s));
     match want {
         Some(w) if w == have => Verified::Node,
@@ -346,7 +347,7 @@ fn read_numa_node(sysfs: &Path, uverbs: &str) -> Option<i64> {
         .join("class/infiniband_verbs")
         .join(uverbs)
         .join("device/numa_node");
-    let text = fs::read_to_string(&path).ok()?;
+    let text = read_attr(&path).ok()??;
     match text.trim().parse::<i64>() {
         Ok(n) if n >= 0 => Some(n),
         _ => None,
@@ -356,7 +357,7 @@ fn read_numa_node(sysfs: &Path, uverbs: &str) -> Option<i64> {
 /// Reads `<sysfs>/<class>/<node>/ibdev`: the HCA a node belongs to (`uverbs3` may be
 /// `mlx5_0`'s: node numbers are not HCA numbers).
 fn read_ibdev(sysfs: &Path, class: &str, node: &str) -> Option<String> {
-    let text = fs::read_to_string(sysfs.join(class).join(node).join("ibdev")).ok()?;
+    let text = read_attr(&sysfs.join(class).join(node).join("ibdev")).ok()??;
     let name = text.trim();
     (!name.is_empty()).then(|| name.to_string())
 }

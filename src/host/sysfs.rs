@@ -18,8 +18,6 @@ pub const CLASS_INFINIBAND: &str = "class/infiniband";
 pub const CLASS_VERBS: &str = "class/infiniband_verbs";
 /// `class/infiniband_mad`: one entry per `umad*`/`issm*` node (one per port).
 pub const CLASS_MAD: &str = "class/infiniband_mad";
-/// `rdma_cm` and `knem` are misc devices.
-pub const CLASS_MISC: &str = "class/misc";
 /// `Y`/`1`: every netns sees every HCA (shared); `N`/`0`: exclusive.
 pub const NETNS_MODE: &str = "module/ib_core/parameters/netns_mode";
 /// Bounds what we read from one attribute: sysfs attributes are a page at most.
@@ -105,6 +103,12 @@ impl Port {
             .is_some_and(|s| s.code == PHYS_DISABLED || s.code == PHYS_POLLING)
     }
 
+    /// `port 1 ACTIVE (LinkUp) InfiniBand`, for logs and reports.
+    pub fn summary(&self) -> String {
+        let link = self.link_layer.as_ref().map_or("?", LinkLayer::as_str);
+        format!("port {} {} {link}", self.number, self.describe())
+    }
+
     /// `ACTIVE (LinkUp)`, `DOWN (Polling)`, `? (?)` for what could not be read.
     pub fn describe(&self) -> String {
         let text = |s: &Option<Status>| s.as_ref().map_or("?".to_string(), |s| s.text.clone());
@@ -159,6 +163,8 @@ pub struct Pci {
     pub numa_node: Option<i64>,
     pub vendor: Option<u16>,
     pub device: Option<u16>,
+    /// Where it was read (the resolved `device` link, inside sysfs's `devices/`).
+    pub real: PathBuf,
 }
 
 /// One HCA of `class/infiniband`.
@@ -214,10 +220,6 @@ pub struct Hcas {
     pub list: Vec<Hca>,
     /// `uverbs*` entries whose HCA is not in `list` (a partial tree).
     pub orphans: Vec<NodeEntry>,
-    /// `class/misc/rdma_cm/dev`.
-    pub rdma_cm: Option<DevNum>,
-    /// `class/misc/knem/dev`.
-    pub knem: Option<DevNum>,
     /// What could not be read, one line each (for a debug log).
     pub notes: Vec<String>,
 }
@@ -231,15 +233,6 @@ impl Hcas {
     pub fn get(&self, name: &str) -> Option<&Hca> {
         self.list.iter().find(|h| h.name == name)
     }
-
-    /// The sysfs entry of a node in `/dev/infiniband`, by name.
-    pub fn node(&self, name: &str) -> Option<&NodeEntry> {
-        self.list
-            .iter()
-            .flat_map(|h| h.verbs.iter().chain(&h.mad))
-            .chain(&self.orphans)
-            .find(|e| e.name == name)
-    }
 }
 
 /// Reads the HCA inventory under `sysfs` (`/sys`, or a mock tree). Never fails: what cannot be
@@ -247,9 +240,23 @@ impl Hcas {
 pub fn read(sysfs: &Path) -> Hcas {
     let mut hcas = Hcas::default();
     let class = sysfs.join(CLASS_INFINIBAND);
+    // PCI functions must resolve inside sysfs's own device tree: a `device` link elsewhere
+    // (`/proc/self`, `/`) would make up a PCI address, NUMA node and netdevs.
+    let devices = fs::canonicalize(sysfs.join("devices")).ok();
     for name in list_dir(&class, &mut hcas.notes) {
-        let hca = read_hca(&class.join(&name), &name, &mut hcas.notes);
-        hcas.list.push(hca);
+        // A dangling entry or a symlink loop is not an HCA.
+        match fs::canonicalize(class.join(&name)) {
+            Ok(real) if real.is_dir() => {
+                let hca = read_hca(&real, &name, devices.as_deref(), &mut hcas.notes);
+                hcas.list.push(hca);
+            }
+            Ok(_) => hcas
+                .notes
+                .push(format!("{}: not a directory", class.join(&name).display())),
+            Err(e) => hcas
+                .notes
+                .push(format!("{}: {e}", class.join(&name).display())),
+        }
     }
     hcas.list.sort_by(|a, b| natural_cmp_str(&a.name, &b.name));
 
@@ -287,25 +294,21 @@ pub fn read(sysfs: &Path) -> Hcas {
         hca.verbs.sort_by(|a, b| natural_cmp_str(&a.name, &b.name));
         hca.mad.sort_by(|a, b| natural_cmp_str(&a.name, &b.name));
     }
-    hcas.rdma_cm = attr(&sysfs.join(CLASS_MISC).join("rdma_cm/dev"), &mut hcas.notes)
-        .and_then(|s| DevNum::parse(&s));
-    hcas.knem = attr(&sysfs.join(CLASS_MISC).join("knem/dev"), &mut hcas.notes)
-        .and_then(|s| DevNum::parse(&s));
     hcas
 }
 
 /// The RDMA netns mode: `Some(true)` shared, `Some(false)` exclusive, `None` unknown (ib_core not
 /// loaded, or no sysfs).
 pub fn netns_shared(sysfs: &Path) -> Option<bool> {
-    let raw = fs::read_to_string(sysfs.join(NETNS_MODE)).ok()?;
-    match raw.trim() {
+    let raw = read_attr(&sysfs.join(NETNS_MODE)).ok()??;
+    match raw.as_str() {
         "Y" | "1" => Some(true),
         "N" | "0" => Some(false),
         _ => None,
     }
 }
 
-fn read_hca(dir: &Path, name: &str, notes: &mut Vec<String>) -> Hca {
+fn read_hca(dir: &Path, name: &str, devices: Option<&Path>, notes: &mut Vec<String>) -> Hca {
     let mut hca = Hca {
         name: name.to_string(),
         node_type: attr(&dir.join("node_type"), notes),
@@ -315,12 +318,16 @@ fn read_hca(dir: &Path, name: &str, notes: &mut Vec<String>) -> Hca {
         board_id: attr(&dir.join("board_id"), notes),
         ..Hca::default()
     };
-    hca.pci = read_pci(&dir.join("device"), notes);
+    hca.pci = read_pci(&dir.join("device"), devices, notes);
     let ports = dir.join("ports");
-    let mut numbers: Vec<u32> = list_dir(&ports, notes)
-        .iter()
-        .filter_map(|n| n.parse().ok())
-        .collect();
+    let mut numbers: Vec<u32> = Vec::new();
+    for n in list_dir(&ports, notes) {
+        // Only the kernel's names: `1`, `2`, ... (`01` would list port 1 twice).
+        match n.parse::<u32>() {
+            Ok(v) if v > 0 && v.to_string() == n => numbers.push(v),
+            _ => notes.push(format!("{}: not a port number: {n:?}", ports.display())),
+        }
+    }
     numbers.sort_unstable();
     for number in numbers {
         let p = ports.join(number.to_string());
@@ -332,8 +339,8 @@ fn read_hca(dir: &Path, name: &str, notes: &mut Vec<String>) -> Hca {
             rate: attr(&p.join("rate"), notes),
         });
     }
-    let net = dir.join("device/net");
-    if net.exists() {
+    let net = hca.pci.as_ref().map(|p| p.real.join("net"));
+    if let Some(net) = net.filter(|n| n.exists()) {
         let mut netdevs = list_dir(&net, notes);
         netdevs.sort_by(|a, b| natural_cmp_str(a, b));
         hca.netdevs = netdevs;
@@ -342,7 +349,7 @@ fn read_hca(dir: &Path, name: &str, notes: &mut Vec<String>) -> Hca {
 }
 
 /// The PCI function behind `device` (a symlink to it): its address, path, NUMA node and IDs.
-fn read_pci(device: &Path, notes: &mut Vec<String>) -> Option<Pci> {
+fn read_pci(device: &Path, devices: Option<&Path>, notes: &mut Vec<String>) -> Option<Pci> {
     let real = match fs::canonicalize(device) {
         Ok(p) => p,
         Err(e) => {
@@ -350,15 +357,31 @@ fn read_pci(device: &Path, notes: &mut Vec<String>) -> Option<Pci> {
             return None;
         }
     };
-    let address = real.file_name()?.to_string_lossy().into_owned();
+    if !devices.is_some_and(|d| real.starts_with(d) && real != d) {
+        notes.push(format!(
+            "{}: resolves to {}, outside sysfs's devices/",
+            device.display(),
+            real.display()
+        ));
+        return None;
+    }
+    let address = real.file_name()?.to_str()?.to_string();
+    if address.chars().any(char::is_control) {
+        notes.push(format!(
+            "{}: control characters in the name",
+            device.display()
+        ));
+        return None;
+    }
     Some(Pci {
         path: pci_path(&real),
-        numa_node: attr(&device.join("numa_node"), notes)
+        numa_node: attr(&real.join("numa_node"), notes)
             .and_then(|s| s.parse::<i64>().ok())
             .filter(|n| *n >= 0),
-        vendor: attr(&device.join("vendor"), notes).and_then(|s| hex_u16(&s)),
-        device: attr(&device.join("device"), notes).and_then(|s| hex_u16(&s)),
+        vendor: attr(&real.join("vendor"), notes).and_then(|s| hex_u16(&s)),
+        device: attr(&real.join("device"), notes).and_then(|s| hex_u16(&s)),
         address,
+        real,
     })
 }
 
@@ -396,24 +419,43 @@ fn hex_u16(raw: &str) -> Option<u16> {
     u16::from_str_radix(s.strip_prefix("0x").unwrap_or(s), 16).ok()
 }
 
-/// One attribute, trimmed; `None` (noted unless simply absent) when it cannot be read.
-fn attr(path: &Path, notes: &mut Vec<String>) -> Option<String> {
+/// Reads one sysfs attribute: a regular file (opened without blocking, so a FIFO in a hostile
+/// tree cannot hang us), at most a page, trimmed, without control characters (values end up in
+/// log lines and in what we tell the kubelet). `Ok(None)` when absent.
+pub fn read_attr(path: &Path) -> io::Result<Option<String>> {
     use std::io::Read;
-    let read = fs::File::open(path).and_then(|f| {
-        let mut s = String::new();
-        f.take(MAX_ATTR).read_to_string(&mut s).map(|_| s)
-    });
-    match read {
-        // Values end up in log lines and in what we tell the kubelet: nothing raw.
-        Ok(s) if s.trim().chars().any(char::is_control) => {
-            notes.push(format!(
-                "{}: control characters in the value",
-                path.display()
-            ));
-            None
-        }
-        Ok(s) => Some(s.trim().to_string()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a regular file",
+        ));
+    }
+    let mut s = String::new();
+    file.take(MAX_ATTR).read_to_string(&mut s)?;
+    let s = s.trim();
+    if s.chars().any(char::is_control) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "control characters in the value",
+        ));
+    }
+    Ok(Some(s.to_string()))
+}
+
+/// One attribute; `None` (noted unless simply absent) when it cannot be read.
+fn attr(path: &Path, notes: &mut Vec<String>) -> Option<String> {
+    match read_attr(path) {
+        Ok(v) => v,
         Err(e) => {
             notes.push(format!("{}: {e}", path.display()));
             None
@@ -447,15 +489,11 @@ fn list_dir(dir: &Path, notes: &mut Vec<String>) -> Vec<String> {
     names
 }
 
-/// Where sysfs puts the PCI function of `hca` (for tests and tools that show paths).
-pub fn hca_dir(sysfs: &Path, hca: &str) -> PathBuf {
-    sysfs.join(CLASS_INFINIBAND).join(hca)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::host::mock::{self, MockHca, MockPort};
+    use std::os::unix::fs::symlink;
 
     fn tree(tag: &str) -> PathBuf {
         use std::sync::atomic::{AtomicUsize, Ordering};
@@ -532,15 +570,7 @@ mod tests {
         assert_eq!(c.numa_node(), None);
         assert!(c.has_link_layer(&LinkLayer::Ethernet));
         assert_eq!(c.link_layers(), ["Ethernet"]);
-        assert_eq!(h.node("uverbs1").unwrap().hca.as_deref(), Some("mlx5_10"));
-        assert_eq!(
-            h.rdma_cm,
-            Some(DevNum {
-                major: 10,
-                minor: 58
-            })
-        );
-        assert_eq!(h.knem, None);
+        assert_eq!(c.verbs[0].name, "uverbs1");
         fs::remove_dir_all(&t).unwrap();
     }
 
@@ -582,6 +612,66 @@ mod tests {
             "{:?}",
             h.notes
         );
+        fs::remove_dir_all(&t).unwrap();
+    }
+
+    #[test]
+    fn hostile_trees_are_bounded_and_noted_never_trusted() {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let t = tree("hostile");
+        let sys = t.join("sys");
+        mock::add_hca(&sys, None, &MockHca::connectx(0)).unwrap();
+        mock::add_hca(&sys, None, &MockHca::connectx(1)).unwrap();
+        let ib0 = fs::canonicalize(sys.join("class/infiniband/mlx5_0")).unwrap();
+        let ib1 = fs::canonicalize(sys.join("class/infiniband/mlx5_1")).unwrap();
+        // A FIFO where an attribute should be: opening it must not block.
+        let fifo = CString::new(ib0.join("ports/1/rate").as_os_str().as_bytes()).unwrap();
+        fs::remove_file(ib0.join("ports/1/rate")).unwrap();
+        // SAFETY (test): mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        // A huge attribute is read a page at most; a value with control characters not at all.
+        fs::write(ib0.join("fw_ver"), "9".repeat(1 << 20)).unwrap();
+        fs::write(ib0.join("board_id"), "MT\x1b[2J\nforged").unwrap();
+        // A port named `01` next to `1`, and one that is no number.
+        fs::create_dir(ib0.join("ports/01")).unwrap();
+        fs::create_dir(ib0.join("ports/abc")).unwrap();
+        // mlx5_1's device link points outside sysfs.
+        fs::remove_file(ib1.join("device")).unwrap();
+        symlink("/proc/self", ib1.join("device")).unwrap();
+        // A dangling class entry, a loop, and a name with a newline.
+        symlink("../../devices/nowhere", sys.join("class/infiniband/ghost")).unwrap();
+        symlink("loop", sys.join("class/infiniband/loop")).unwrap();
+        symlink(
+            fs::read_link(sys.join("class/infiniband/mlx5_0")).unwrap(),
+            sys.join("class/infiniband/evil\n[ERROR] forged"),
+        )
+        .unwrap();
+
+        let h = read(&sys);
+        let names: Vec<&str> = h.list.iter().map(|x| x.name.as_str()).collect();
+        assert_eq!(names, ["mlx5_0", "mlx5_1"]);
+        let a = &h.list[0];
+        assert_eq!(a.ports.len(), 1, "01 and abc are not ports");
+        assert_eq!(a.ports[0].rate, None);
+        assert_eq!(a.fw_ver.as_ref().map(String::len), Some(MAX_ATTR as usize));
+        assert_eq!(a.board_id, None);
+        assert_eq!(
+            h.list[1].pci, None,
+            "a device link outside sysfs is not a PCI function"
+        );
+        assert!(h.list[1].netdevs.is_empty());
+        let notes = h.notes.join("\n");
+        for want in [
+            "not a regular file",
+            "control characters in the value",
+            "not a port number: \"01\"",
+            "outside sysfs's devices/",
+            "ghost",
+            "skipping entry \"evil\\n[ERROR] forged\"",
+        ] {
+            assert!(notes.contains(want), "missing {want:?} in {notes}");
+        }
         fs::remove_dir_all(&t).unwrap();
     }
 

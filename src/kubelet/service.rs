@@ -19,7 +19,7 @@ use crate::resource::{RequestError, Resource};
 pub struct Settings {
     /// Where device nodes are looked for (`/` on a host, the host's `/` mount in a pod).
     pub host_root: PathBuf,
-    /// Where sysfs is seen, for NUMA nodes (`/sys`: a container's own sysfs shows the host's HCAs).
+    /// Where sysfs is seen, for the HCAs (`/sys`: a container's own sysfs shows the host's HCAs).
     pub sysfs: PathBuf,
     pub selection: Selection,
     /// Which HCAs are granted.

@@ -10,19 +10,14 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::time::Instant;
 
-use log::warn;
-
 use crate::config::Config;
-use crate::host::health::{self, Mode, PortMonitor};
+use crate::host::health::{Mode, PortMonitor};
 use crate::host::nodes::INFINIBAND_DIR;
 use crate::host::sysfs::{self, DevNum};
 use crate::host::{self, Host};
-use crate::sys::{self, LimitKind};
+use crate::limits::{self, Memlock};
 use crate::tools::json::quote;
 use crate::tools::probe;
-
-/// Below this, registering any real buffer fails (runtimes default to 64 KiB or 8 MiB).
-pub const MEMLOCK_FAIL_BELOW: u64 = 64 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
@@ -70,62 +65,15 @@ impl Check {
     }
 }
 
-fn mib(bytes: u64) -> String {
-    if bytes >= 1 << 20 {
-        format!("{} MiB", bytes >> 20)
-    } else {
-        format!("{} KiB", bytes >> 10)
-    }
-}
-
-const MEMLOCK_FIX: &str =
-    "raise the runtime's default: containerd: `systemctl edit containerd` with \
-[Service] LimitMEMLOCK=infinity; CRI-O: default_ulimits = [\"memlock=-1:-1\"] in crio.conf; \
-then restart the runtime and the pods";
-
 /// The locked-memory limit this process has, which is what the runtime gives every container.
-pub fn memlock() -> Check {
-    match sys::get_limit(LimitKind::Memlock) {
-        Err(e) => Check::bad(
-            "memlock",
-            Status::Warn,
-            format!("cannot read RLIMIT_MEMLOCK: {e}"),
-            MEMLOCK_FIX,
-        ),
-        Ok(l) => match l.soft {
-            None => Check::ok("memlock", "unlimited: RDMA can register any buffer".into()),
-            Some(n) if n < MEMLOCK_FAIL_BELOW => Check::bad(
-                "memlock",
-                Status::Fail,
-                format!(
-                    "containers get a locked-memory limit of {}: ibv_reg_mr fails for MPI/NCCL buffers",
-                    mib(n)
-                ),
-                MEMLOCK_FIX,
-            ),
-            Some(n) => Check::bad(
-                "memlock",
-                Status::Warn,
-                format!(
-                    "containers get a locked-memory limit of {}: large jobs may fail to register memory",
-                    mib(n)
-                ),
-                MEMLOCK_FIX,
-            ),
-        },
-    }
-}
-
-/// Logged once at daemon start: RDMA pods on this node would inherit the same limit.
-pub fn warn_memlock() {
-    let c = memlock();
-    if c.status != Status::Ok {
-        warn!(
-            "memlock: {}; fix: {}",
-            c.message,
-            c.fix.as_deref().unwrap_or("")
-        );
-    }
+fn memlock() -> Check {
+    let m = limits::memlock();
+    let status = match m {
+        Memlock::Unlimited => return Check::ok("memlock", m.message()),
+        Memlock::TooLow(_) => Status::Fail,
+        Memlock::Limited(_) | Memlock::Unknown(_) => Status::Warn,
+    };
+    Check::bad("memlock", status, m.message(), limits::MEMLOCK_FIX)
 }
 
 fn netns(sysfs_root: &Path) -> Check {
@@ -155,15 +103,21 @@ fn netns(sysfs_root: &Path) -> Check {
 
 /// Every HCA's `uverbs` node must exist under the host root, as the character device sysfs
 /// names.
-fn nodes(cfg: &Config, h: &Host) -> Vec<Check> {
+fn nodes(cfg: &Config, h: &Host, granted: &[String]) -> Vec<Check> {
     let mut out = Vec::new();
     for hca in &h.hcas.list {
+        // A node missing for an HCA the operator left out is not this resource's problem.
+        let severity = if granted.contains(&hca.name) {
+            Status::Fail
+        } else {
+            Status::Warn
+        };
         for e in &hca.verbs {
             let path = cfg.host_root.join(INFINIBAND_DIR).join(&e.name);
             match std::fs::metadata(&path) {
                 Err(err) => out.push(Check::bad(
                     "device nodes",
-                    Status::Fail,
+                    severity,
                     format!(
                         "{}: sysfs lists {} but {} is missing ({err})",
                         hca.name,
@@ -181,7 +135,7 @@ fn nodes(cfg: &Config, h: &Host) -> Vec<Check> {
                     match e.dev {
                         Some(want) if want != have => out.push(Check::bad(
                             "device nodes",
-                            Status::Fail,
+                            severity,
                             format!(
                                 "{}: {} is {have}, sysfs says {want}",
                                 hca.name,
@@ -234,10 +188,22 @@ fn ports(h: &Host, granted: &[String]) -> Vec<Check> {
                     format!("{name}: {} {link}", p.describe()),
                 ));
             } else if any_up && p.is_unplugged() {
-                out.push(Check::ok(
-                    "ports",
-                    format!("{name}: {} (unused: another port is up)", p.describe()),
-                ));
+                // One reading cannot tell an uncabled spare port from a cable that was lost.
+                out.push(Check {
+                    name: "ports",
+                    status: if granted.contains(&hca.name) {
+                        Status::Warn
+                    } else {
+                        Status::Ok
+                    },
+                    message: format!(
+                        "{name}: {} (another port is up; no cable or no peer: fine if this port is unused)",
+                        p.describe()
+                    ),
+                    fix: granted.contains(&hca.name).then(|| {
+                        "if this port should be up, check its cable and switch port".to_string()
+                    }),
+                });
             } else {
                 let status = if granted.contains(&hca.name) {
                     Status::Warn
@@ -337,8 +303,10 @@ pub fn run(cfg: &Config) -> Vec<Check> {
             format!("{} HCA(s): {}", names.len(), names.join(", ")),
         ));
     }
-    checks.extend(nodes(cfg, &h));
-    for x in &h.nodes.refused {
+    let mut monitor = PortMonitor::new(cfg.hold_down);
+    let a = host::assess(h, &cfg.selector, cfg.health, &mut monitor, Instant::now());
+    checks.extend(nodes(cfg, &a.host, &a.grant.hcas));
+    for x in &a.host.nodes.refused {
         checks.push(Check::bad(
             "device nodes",
             Status::Fail,
@@ -347,8 +315,7 @@ pub fn run(cfg: &Config) -> Vec<Check> {
              remove what is there and reload the drivers or `udevadm trigger`",
         ));
     }
-    let grant = host::grant(&h, &cfg.selector);
-    checks.push(match &grant.problem {
+    checks.push(match &a.grant.problem {
         Some(p) => Check::bad(
             "selection",
             Status::Fail,
@@ -360,15 +327,13 @@ pub fn run(cfg: &Config) -> Vec<Check> {
             format!(
                 "{}: {} of {} HCA(s) granted",
                 cfg.selector.describe(),
-                grant.hcas.len(),
-                h.hcas.list.len()
+                a.grant.hcas.len(),
+                a.host.hcas.list.len()
             ),
         ),
     });
-    checks.extend(ports(&h, &grant.hcas));
-    let mut monitor = PortMonitor::new(cfg.hold_down);
-    monitor.observe(&h, Instant::now());
-    let health = health::assess(&h, &grant, cfg.health, &monitor);
+    checks.extend(ports(&a.host, &a.grant.hcas));
+    let health = &a.health;
     checks.push(if health.healthy {
         Check::ok(
             "health",

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::time::Instant;
 
 use crate::config::Config;
-use crate::host::health::{self, Health, PortMonitor};
+use crate::host::health::{Health, PortMonitor};
 use crate::host::select::Verdict;
 use crate::host::sysfs::Hca;
 use crate::host::{self, nodes, Grant, Host};
@@ -26,17 +26,15 @@ struct Report<'a> {
 /// Renders the report; `Err` when the device directory cannot be listed at all.
 pub fn report(cfg: &Config, json: bool) -> Result<String, nodes::Error> {
     let h = host::scan(&cfg.host_root, &cfg.sysfs, cfg.selection())?;
-    let grant = host::grant(&h, &cfg.selector);
     let mut monitor = PortMonitor::new(cfg.hold_down);
-    monitor.observe(&h, Instant::now());
-    let health = health::assess(&h, &grant, cfg.health, &monitor);
-    let list = cfg.resource().device_list(health.healthy, &grant.nodes);
-    let specs = device_specs(&grant.nodes);
+    let a = host::assess(h, &cfg.selector, cfg.health, &mut monitor, Instant::now());
+    let list = cfg.resource().device_list(a.health.healthy, &a.grant.nodes);
+    let specs = device_specs(&a.grant.nodes);
     let r = Report {
         cfg,
-        host: h,
-        grant,
-        health,
+        host: a.host,
+        grant: a.grant,
+        health: a.health,
         list,
         specs,
     };
