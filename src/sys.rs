@@ -426,3 +426,17 @@ pub fn set_soft_limit(kind: LimitKind, soft: Option<u64>) -> io::Result<()> {
     cvt(unsafe { libc::setrlimit(resource, &lim) })?;
     Ok(())
 }
+
+/// Sets the process's file-mode creation mask (sockets and files we create from now on).
+pub fn set_umask(mask: libc::mode_t) {
+    // SAFETY: umask cannot fail and touches no memory.
+    unsafe { libc::umask(mask) };
+}
+
+/// Ends the process `secs` seconds from now through SIGALRM's default action, unless it has
+/// exited by then: the last word when a shutdown hangs.
+pub fn arm_exit_watchdog(secs: libc::c_uint) {
+    // SAFETY: alarm cannot fail and touches no memory; SIGALRM is not in our blocked set, so
+    // its default action (terminate) applies.
+    unsafe { libc::alarm(secs) };
+}

@@ -131,7 +131,8 @@ impl Registrar {
         })
     }
 
-    /// Starts a Register attempt on its own thread; a running one is superseded.
+    /// Starts a Register attempt on its own thread (the daemon runs one at a time; a newer one
+    /// would supersede a running one).
     pub fn start(&mut self, env: &Arc<Environment>, cfg: &Config) {
         self.attempt += 1;
         self.in_flight = true;

@@ -139,14 +139,15 @@ impl Host {
     }
 }
 
-/// Path of the plugin binary: the one cargo built for this test run; for the demo and the
-/// benchmark (examples, where cargo sets no such variable) `$JARVICE_RDMA_PLUGIN_BIN` or the
-/// binary beside `target/<profile>/examples/`.
+/// Path of the plugin binary: `$JARVICE_RDMA_PLUGIN_BIN` when set, else the one cargo built for
+/// this test run; for the demo and the benchmark (examples, where cargo sets no such variable)
+/// the binary beside `target/<profile>/examples/`.
 pub fn plugin_bin() -> PathBuf {
-    if let Some(p) = option_env!("CARGO_BIN_EXE_jarvice-rdma-plugin") {
+    // First, so the suite can be pointed at another build (an older one, to see a test fail).
+    if let Some(p) = std::env::var_os("JARVICE_RDMA_PLUGIN_BIN") {
         return PathBuf::from(p);
     }
-    if let Some(p) = std::env::var_os("JARVICE_RDMA_PLUGIN_BIN") {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_jarvice-rdma-plugin") {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("own path");
@@ -305,6 +306,9 @@ pub struct Behaviour {
     pub register_delay: Duration,
     /// After answering Register, open ListAndWatch; when false, never watch.
     pub watch: bool,
+    /// At start, delete every socket in the plugin dir (ours included) like the kubelet's
+    /// device manager does; when false, only bind `kubelet.sock` (replacing a stale one).
+    pub clean: bool,
 }
 
 impl Default for Behaviour {
@@ -313,6 +317,7 @@ impl Default for Behaviour {
             authority: Authority::Localhost,
             register_delay: Duration::ZERO,
             watch: true,
+            clean: true,
         }
     }
 }
@@ -441,6 +446,15 @@ pub struct FakeKubelet {
     pub events: Receiver<(Instant, Event)>,
     streams: Arc<Mutex<Vec<grpcio::ClientSStreamReceiver<api::ListAndWatchResponse>>>>,
     stopped: Arc<(Mutex<bool>, Condvar)>,
+    /// Device and inode of the kubelet.sock this kubelet bound: it removes only that one.
+    sock: Option<(u64, u64)>,
+    /// Remove kubelet.sock at shutdown (a crashed kubelet leaves it behind).
+    remove_sock: bool,
+}
+
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 impl FakeKubelet {
@@ -451,7 +465,11 @@ impl FakeKubelet {
     }
 
     pub fn start_with(dir: &Path, behaviour: Behaviour) -> FakeKubelet {
-        for entry in fs::read_dir(dir).unwrap().flatten() {
+        let clean = behaviour.clean;
+        if !clean {
+            let _ = fs::remove_file(dir.join("kubelet.sock"));
+        }
+        for entry in fs::read_dir(dir).unwrap().flatten().filter(|_| clean) {
             let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
             if !is_dir && entry.file_name() != "kubelet_internal_checkpoint" {
                 let _ = fs::remove_file(entry.path());
@@ -486,6 +504,8 @@ impl FakeKubelet {
             events: rx,
             streams,
             stopped,
+            sock: file_id(&dir.join("kubelet.sock")),
+            remove_sock: true,
         }
     }
 
@@ -565,7 +585,29 @@ impl FakeKubelet {
             s.cancel_all_calls();
             let _ = wake::block_on(done, Some(WAIT));
         }
-        let _ = fs::remove_file(self.dir.join("kubelet.sock"));
+        let path = self.dir.join("kubelet.sock");
+        if self.remove_sock && self.sock.is_some() && file_id(&path) == self.sock {
+            let _ = fs::remove_file(path);
+        }
+    }
+
+    /// Stops like a killed kubelet: serving ends, `kubelet.sock` stays behind.
+    pub fn crash(&mut self) {
+        self.remove_sock = false;
+        self.shutdown();
+    }
+
+    /// Stops serving and removes its own `kubelet.sock`, keeping the events to count.
+    pub fn stop_in_place(&mut self) {
+        self.shutdown();
+    }
+
+    /// How many Register calls this kubelet answered (drains its events).
+    pub fn registrations(&self) -> usize {
+        self.events
+            .try_iter()
+            .filter(|(_, ev)| matches!(ev, Event::Registered { .. }))
+            .count()
     }
 }
 
