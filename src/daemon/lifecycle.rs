@@ -41,7 +41,7 @@ const BACKOFF_CAP: Duration = Duration::from_secs(10);
 const STREAM_GRACE: Duration = Duration::from_secs(1);
 const STREAM_GRACE_CAP: Duration = Duration::from_secs(60);
 /// SIGHUP restarts at most this often; the ones in between are merged into the next.
-const HUP_SPACING: Duration = Duration::from_millis(200);
+const HUP_SPACING: Duration = Duration::from_millis(100);
 /// After a termination signal, the process ends within this even if gRPC hangs in shutdown
 /// (SIGALRM's default action; our socket is removed before gRPC is asked to stop).
 const EXIT_WATCHDOG_SECS: libc::c_uint = 5;
@@ -134,6 +134,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     // Sockets we create are the kubelet's (root) alone: any local user could otherwise call
     // every RPC. Set before gRPC exists, so its bind(2) of our socket gets 0700.
     sys::set_umask(0o077);
+    sys::limit_malloc_arenas();
     limits::raise_open_files().map_err(Error::Limits)?;
     // Before any thread exists, so every thread inherits the mask and signals reach only the
     // signalfd read on this thread.

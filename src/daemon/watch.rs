@@ -180,7 +180,8 @@ impl Watcher {
                 changes.socket_removed = true;
             } else if created && name == OsStr::new(KUBELET_SOCKET) {
                 changes.kubelet_restarted = true;
-            } else if removed && name == OsStr::new(&self.socket_name) {
+            } else if (removed || created) && name == OsStr::new(&self.socket_name) {
+                // Deleted, or something moved over it: either way it may no longer be ours.
                 changes.socket_removed = true;
             }
         } else if Some(ev.wd) == self.dev_dir.wd {
@@ -252,7 +253,9 @@ mod tests {
             "{c:?}"
         );
 
+        // Our socket's name appearing may be something moved over ours: checked by the caller.
         fs::write(plugin_dir.join("rdma.sock"), b"").unwrap();
+        assert!(wait_changes(&mut w).socket_removed);
         fs::write(plugin_dir.join("other.sock"), b"").unwrap();
         assert!(!wait_changes(&mut w).any());
         fs::remove_file(plugin_dir.join("rdma.sock")).unwrap();
