@@ -123,20 +123,31 @@ fn hot_plug(rows: &mut Vec<Row>) {
 
 fn kubelet_restarts(rows: &mut Vec<Row>) {
     let host = Host::new("bench-restart");
-    let mut kubelet = FakeKubelet::start(&host.plugin_dir());
+    let mut kubelets = vec![FakeKubelet::start(&host.plugin_dir())];
     let _plugin = start_plugin(&host);
-    kubelet.expect_registered();
-    kubelet.expect_list();
+    kubelets[0].expect_registered();
+    kubelets[0].expect_list();
     let mut registered = Vec::new();
     let mut listed = Vec::new();
-    for _ in 0..100 {
-        kubelet.stop();
+    for i in 0..100 {
+        // As the kubelet does it: the old one goes (every other one dies, leaving its socket),
+        // the new one deletes every socket in the dir and binds a new kubelet.sock.
+        let old = kubelets.last_mut().unwrap();
+        if i % 2 == 0 {
+            old.stop_in_place();
+        } else {
+            old.crash();
+        }
         let t0 = Instant::now();
-        kubelet = FakeKubelet::start(&host.plugin_dir());
+        let kubelet = FakeKubelet::start(&host.plugin_dir());
         let (r, l) = until_registered_and_listed(&kubelet, t0);
         registered.push(r);
         listed.push(l);
+        kubelets.push(kubelet);
     }
+    // Anything the stream ends and re-checks might still bring.
+    thread::sleep(Duration::from_secs(3));
+    let extra: usize = kubelets.iter().map(FakeKubelet::registrations).sum();
     rows.push(Row {
         what: "kubelet restart -> registered again".into(),
         value: summary(registered),
@@ -147,6 +158,74 @@ fn kubelet_restarts(rows: &mut Vec<Row>) {
         value: summary(listed),
         target: "",
     });
+    rows.push(Row {
+        what: "Register calls the kubelets got for 100 restarts (plus the first)".into(),
+        value: format!("{}", 101 + extra),
+        target: "101",
+    });
+}
+
+/// SIGTERM with a kubelet connected -> process gone, worst of 20.
+fn sigterm_exit(rows: &mut Vec<Row>) {
+    let mut samples = Vec::new();
+    for _ in 0..20 {
+        let host = Host::new("bench-term");
+        let kubelet = FakeKubelet::start(&host.plugin_dir());
+        let mut plugin = start_plugin(&host);
+        kubelet.expect_registered();
+        kubelet.expect_list();
+        let t0 = Instant::now();
+        plugin.signal(libc::SIGTERM);
+        let status = plugin.wait_exit(WAIT).expect("exit");
+        assert!(status.success(), "{status}");
+        samples.push(ms(t0.elapsed()));
+    }
+    rows.push(Row {
+        what: "SIGTERM with the kubelet's stream open -> exited 0".into(),
+        value: summary(samples),
+        target: "a few seconds at worst",
+    });
+}
+
+/// The largest answer a request may get (128 containers x 128 nodes = 16,384 specs): the
+/// plugin's peak RSS after it.
+fn largest_answer(rows: &mut Vec<Row>) {
+    let host = Host::empty("bench-largest");
+    for i in 0..128 {
+        host.add_node(&format!("uverbs{i}"));
+    }
+    let kubelet = FakeKubelet::start(&host.plugin_dir());
+    let plugin = start_plugin(&host);
+    kubelet.expect_registered();
+    let client = plugin_client(&host.socket());
+    let containers: Vec<&[&str]> = (0..128).map(|_| &["rdma-0"][..]).collect();
+    let before = peak_rss_kib(plugin.pid());
+    let t0 = Instant::now();
+    for _ in 0..10 {
+        client
+            .allocate_opt(&alloc_request(&containers), opt())
+            .unwrap();
+    }
+    let took = ms(t0.elapsed()) / 10.0;
+    let after = peak_rss_kib(plugin.pid());
+    rows.push(Row {
+        what: "largest Allocate accepted (128 containers x 128 nodes = 16,384 specs, ~1.6 MB): peak RSS before -> after 10".into(),
+        value: format!(
+            "{:.1} MiB -> {:.1} MiB; {took:.1} ms per call",
+            before as f64 / 1024.0,
+            after as f64 / 1024.0
+        ),
+        target: "< 64 MiB (DaemonSet limit)",
+    });
+}
+
+fn peak_rss_kib(pid: i32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 fn allocate_latency(rows: &mut Vec<Row>) {
@@ -415,7 +494,9 @@ fn main() {
     start_to_registered(&mut rows);
     hot_plug(&mut rows);
     kubelet_restarts(&mut rows);
+    sigterm_exit(&mut rows);
     allocate_latency(&mut rows);
+    largest_answer(&mut rows);
     discovery_time(&mut rows);
     hca_discovery_time(&mut rows);
     port_down_to_unhealthy(&mut rows);
