@@ -188,6 +188,10 @@ fn at_exit_only_our_socket_is_removed() {
 
 #[test]
 fn a_low_open_files_limit_is_raised_or_refused_clearly() {
+    if under_emulation() {
+        eprintln!("under an emulator the limit would bind the emulator's own descriptors: skipped");
+        return;
+    }
     let host = Host::new("nofile");
     let kubelet = FakeKubelet::start(&host.plugin_dir());
     let mut plugin = Plugin::start_with(&host, &[], with_limit(Rlimit::Nofile, 16, 16));
@@ -227,6 +231,10 @@ fn discovery_errors_are_not_called_a_missing_driver() {
 
 #[test]
 fn fifty_streams_under_a_256_mib_address_space_limit() {
+    if under_emulation() {
+        eprintln!("under an emulator RLIMIT_AS binds the emulator's guest space: skipped");
+        return;
+    }
     let host = Host::new("rlimit-as");
     let kubelet = FakeKubelet::start(&host.plugin_dir());
     let _plugin = Plugin::start_with(&host, &[], with_limit(Rlimit::As, 256 << 20, 256 << 20));
@@ -276,8 +284,9 @@ fn a_sighup_storm_is_merged_and_leaves_nothing_behind() {
         "threads {threads_before} -> {threads_after}"
     );
     let rss_after = vm_hwm_kib(plugin.pid());
+    // Under an emulator the figure is the emulator's (its code cache grows with restarts).
     assert!(
-        rss_after < rss_before + 16 * 1024,
+        under_emulation() || rss_after < rss_before + 16 * 1024,
         "peak RSS {rss_before} KiB -> {rss_after} KiB"
     );
     // Still serving, and registered with the kubelet.

@@ -157,6 +157,13 @@ pub fn plugin_bin() -> PathBuf {
         .expect("target/<profile>/ above examples/")
 }
 
+/// True when the plugin runs under an emulator (`$JARVICE_TEST_RUNNER`, e.g. qemu-user): then
+/// resource limits and `/proc` figures (RSS, address space) are the emulator's, not the
+/// plugin's, and the tests that measure them say so and skip that part.
+pub fn under_emulation() -> bool {
+    std::env::var("JARVICE_TEST_RUNNER").is_ok_and(|r| !r.trim().is_empty())
+}
+
 /// A command that runs the plugin binary. A binary for another architecture (ppc64le tests on
 /// x86_64) goes through `$JARVICE_TEST_RUNNER` (e.g. `qemu-ppc64le -L /usr/powerpc64le-linux-gnu`),
 /// since the kernel cannot exec it directly without binfmt_misc.
