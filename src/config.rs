@@ -10,7 +10,7 @@ use getopts::Options;
 use crate::host::health::Mode;
 use crate::host::nodes::Selection;
 use crate::host::select::{self, LinkSelect, NamePatterns, PciId, Selector};
-use crate::resource::Resource;
+use crate::resource::{Devices, PerHca, Resource};
 
 /// The kubelet hard-codes this directory, whatever its `--root-dir` (upstream
 /// `pkg/apis/deviceplugin/v1beta1/constants.go`).
@@ -67,6 +67,27 @@ pub struct Config {
     pub health_interval: Duration,
     /// How long a port must stay down before it counts as down.
     pub hold_down: Duration,
+    /// One device per HCA instead of `shares` devices granting every HCA.
+    pub per_hca: bool,
+    /// Per-HCA grants also set `NCCL_IB_HCA` and `UCX_NET_DEVICES` (`--hca-envs`).
+    pub hca_envs: bool,
+    /// The `--resource` specs; empty: the one resource of the flags above (the drop-in).
+    pub resources: Vec<ResourceSpec>,
+    /// HCAs that per-HCA resources declared before this one select: never granted here too.
+    pub taken: Vec<(String, Selector)>,
+    /// Shared device IDs are this and an index: `rdma-` for the drop-in's (whatever its
+    /// resource name), `<name>-` for a `--resource` spec's, so IDs are unique in the process.
+    pub id_prefix: String,
+}
+
+/// One `--resource NAME[,key=value...]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResourceSpec {
+    pub name: String,
+    pub socket_name: String,
+    pub per_hca: bool,
+    pub shares: u32,
+    pub selector: Selector,
 }
 
 impl Default for Config {
@@ -87,6 +108,11 @@ impl Default for Config {
             health: Mode::Auto,
             health_interval: Duration::from_millis(DEFAULT_HEALTH_INTERVAL_MS),
             hold_down: Duration::from_millis(DEFAULT_HOLD_DOWN_MS),
+            per_hca: false,
+            hca_envs: false,
+            resources: Vec::new(),
+            taken: Vec::new(),
+            id_prefix: crate::resource::ID_PREFIX.to_string(),
         }
     }
 }
@@ -109,9 +135,50 @@ impl Config {
         }
     }
 
-    /// The advertised devices (`--shares` of them).
-    pub fn resource(&self) -> Resource {
-        Resource::new(self.shares)
+    /// The advertised devices: `--shares` of them granting every selected HCA, or one per HCA.
+    /// The drop-in's IDs are `rdma-N`; another shared resource's are `<name>-N`.
+    pub fn resource(&self) -> Devices {
+        if self.per_hca {
+            return Devices::PerHca(PerHca {
+                hca_envs: self.hca_envs,
+            });
+        }
+        Devices::Shared(Resource::with_prefix(&self.id_prefix, self.shares))
+    }
+
+    /// One configuration per resource served: the flags' own (drop-in), or one per `--resource`
+    /// spec, each carrying its name, socket, mode and selection, and the per-HCA selections
+    /// declared before it.
+    pub fn units(&self) -> Vec<Config> {
+        if self.resources.is_empty() {
+            return vec![self.clone()];
+        }
+        let mut taken: Vec<(String, Selector)> = Vec::new();
+        let mut out = Vec::new();
+        for spec in &self.resources {
+            let mut c = self.clone();
+            c.resources = Vec::new();
+            c.resource_name = spec.name.clone();
+            c.socket_name = spec.socket_name.clone();
+            c.per_hca = spec.per_hca;
+            c.shares = spec.shares;
+            c.selector = spec.selector.clone();
+            let short = spec
+                .name
+                .split_once('/')
+                .map_or(spec.name.as_str(), |(_, n)| n);
+            c.id_prefix = format!("{short}-");
+            c.taken = if spec.per_hca {
+                taken.clone()
+            } else {
+                Vec::new()
+            };
+            if spec.per_hca {
+                taken.push((spec.name.clone(), spec.selector.clone()));
+            }
+            out.push(c);
+        }
+        out
     }
 }
 
@@ -270,6 +337,17 @@ fn options() -> Options {
         ),
         "SECS",
     );
+    o.optmulti(
+        "",
+        "resource",
+        "serve a resource (repeatable): NAME[,mode=shared|per-hca][,shares=N][,link=LAYER][,hcas=P;P][,pci-ids=ID;ID][,pci-addrs=A;A][,socket=FILE]; lists inside a value use ';' [default: the one resource of --resource-name]",
+        "SPEC",
+    );
+    o.optflag(
+        "",
+        "hca-envs",
+        "per-HCA grants also set NCCL_IB_HCA and UCX_NET_DEVICES (JARVICE_RDMA_HCAS is always set) [default: off]",
+    );
     o.optflag(
         "",
         "json",
@@ -394,6 +472,38 @@ fn config_from(m: &getopts::Matches) -> Result<Config, UsageError> {
     if let Some(s) = m.opt_str("hold-down") {
         c.hold_down = decimal_seconds("--hold-down", &s, 0.0)?;
     }
+    c.hca_envs = m.opt_present("hca-envs");
+    let specs = m.opt_strs("resource");
+    if !specs.is_empty() {
+        for flag in [
+            "resource-name",
+            "socket-name",
+            "shares",
+            "hcas",
+            "link-layer",
+            "pci-ids",
+            "pci-addrs",
+        ] {
+            if m.opt_present(flag) {
+                return Err(UsageError(format!(
+                    "--{flag} goes with the single resource of the flags; with --resource, use the spec's keys"
+                )));
+            }
+        }
+        c.resources = parse_specs(&specs)?;
+        let first = &c.resources[0];
+        c.resource_name = first.name.clone();
+        c.socket_name = first.socket_name.clone();
+    }
+    for unit in c.units() {
+        let len = unit.socket_path().as_os_str().len();
+        if len > MAX_SOCKET_PATH {
+            return Err(UsageError(format!(
+                "socket path {} is {len} bytes; a unix socket path can hold at most {MAX_SOCKET_PATH}",
+                unit.socket_path().display()
+            )));
+        }
+    }
     let len = c.socket_path().as_os_str().len();
     if len > MAX_SOCKET_PATH {
         return Err(UsageError(format!(
@@ -421,6 +531,99 @@ fn seconds(flag: &str, value: &str, min: u64) -> Result<Duration, UsageError> {
             "{flag} must be whole seconds from {min} to 86400, not {value:?}"
         ))),
     }
+}
+
+/// Parses every `--resource` spec and checks them against each other.
+fn parse_specs(specs: &[String]) -> Result<Vec<ResourceSpec>, UsageError> {
+    let mut out: Vec<ResourceSpec> = Vec::new();
+    for raw in specs {
+        let spec = parse_spec(raw)?;
+        if let Some(other) = out.iter().find(|o| o.name == spec.name) {
+            return Err(UsageError(format!(
+                "--resource {raw:?}: resource {} is declared twice",
+                other.name
+            )));
+        }
+        if let Some(other) = out.iter().find(|o| o.socket_name == spec.socket_name) {
+            return Err(UsageError(format!(
+                "--resource {raw:?}: socket {} is {}'s already; give one with socket=NAME",
+                spec.socket_name, other.name
+            )));
+        }
+        out.push(spec);
+    }
+    Ok(out)
+}
+
+/// `jarvice.com/ib,mode=per-hca,link=infiniband,hcas=mlx5_*;!mlx5_4`.
+fn parse_spec(raw: &str) -> Result<ResourceSpec, UsageError> {
+    let bad = |why: String| UsageError(format!("--resource {raw:?}: {why}"));
+    let mut parts = raw.split(',');
+    let name = parts.next().unwrap_or("").trim().to_string();
+    check_resource_name(&name).map_err(|e| bad(e.0))?;
+    let short = name.split_once('/').map_or(name.as_str(), |(_, n)| n);
+    let mut spec = ResourceSpec {
+        socket_name: format!("{short}.sock"),
+        name: name.clone(),
+        per_hca: false,
+        shares: DEFAULT_SHARES,
+        selector: Selector::default(),
+    };
+    let mut shares_set = false;
+    let list = |v: &str| v.replace(';', ",");
+    for part in parts {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
+        let value = value.trim();
+        match key.trim() {
+            "mode" => {
+                spec.per_hca = match value {
+                    "shared" => false,
+                    "per-hca" => true,
+                    _ => return Err(bad(format!("mode {value:?}: expected shared or per-hca"))),
+                }
+            }
+            "shares" => {
+                spec.shares = match value.parse::<u32>() {
+                    Ok(n) if (1..=MAX_SHARES).contains(&n) => n,
+                    _ => {
+                        return Err(bad(format!(
+                            "shares {value:?}: expected a whole number from 1 to {MAX_SHARES}"
+                        )))
+                    }
+                };
+                shares_set = true;
+            }
+            "link" => spec.selector.link = LinkSelect::parse(value).map_err(|e| bad(e.0))?,
+            "hcas" => {
+                spec.selector.names = Some(NamePatterns::parse(&list(value)).map_err(|e| bad(e.0))?)
+            }
+            "pci-ids" => {
+                spec.selector.pci_ids = PciId::parse_list(&list(value)).map_err(|e| bad(e.0))?
+            }
+            "pci-addrs" => {
+                spec.selector.pci_addrs =
+                    select::parse_pci_addrs(&list(value)).map_err(|e| bad(e.0))?
+            }
+            "socket" => {
+                check_socket_name(value).map_err(|e| bad(e.0))?;
+                spec.socket_name = value.to_string();
+            }
+            other => {
+                return Err(bad(format!(
+                    "unknown key {other:?} (mode, shares, link, hcas, pci-ids, pci-addrs, socket)"
+                )))
+            }
+        }
+    }
+    if spec.per_hca && shares_set {
+        return Err(bad(
+            "shares= goes with mode=shared (per-hca has one device per HCA)".into(),
+        ));
+    }
+    check_socket_name(&spec.socket_name).map_err(|e| bad(e.0))?;
+    Ok(spec)
 }
 
 /// Seconds with an optional fraction (`0.5`), from `min` to a day.

@@ -29,7 +29,13 @@ fn main() -> ExitCode {
             println!("jarvice-rdma-plugin {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::Serve(cfg) => outcome(lifecycle::run(cfg)),
+        Command::Serve(cfg) => match lifecycle::run(cfg) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                error!("{e}");
+                ExitCode::from(e.exit_code())
+            }
+        },
         Command::List { config, json } => {
             outcome(list::report(&config, json).map(|r| print!("{r}")))
         }

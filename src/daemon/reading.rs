@@ -30,10 +30,15 @@ impl Reading {
         monitor: &mut PortMonitor,
         at: Instant,
     ) -> Reading {
-        let a = host::assess(settings.scan(), &settings.selector, cfg.health, monitor, at);
-        let list = settings
-            .resource
-            .device_list(a.health.healthy, &a.grant.nodes);
+        let a = host::assess(
+            settings.scan(),
+            &settings.selector,
+            &settings.taken,
+            cfg.health,
+            monitor,
+            at,
+        );
+        let list = settings.resource.device_list(&a);
         Reading {
             host: a.host,
             grant: a.grant,

@@ -60,14 +60,15 @@ pub struct Watcher {
     plugin_dir: Target,
     dev_dir: Target,
     ib_dir: Target,
-    socket_name: String,
+    /// Our sockets' names (one per resource served).
+    socket_names: Vec<String>,
 }
 
 impl Watcher {
     /// `use_inotify = false` (flag `--poll`) polls everything, for filesystems without inotify.
     pub fn new(
         plugin_dir: &Path,
-        socket_name: &str,
+        socket_names: &[String],
         host_root: &Path,
         use_inotify: bool,
     ) -> Watcher {
@@ -88,7 +89,7 @@ impl Watcher {
             plugin_dir: target(plugin_dir.to_path_buf()),
             dev_dir: target(host_root.join("dev")),
             ib_dir: target(host_root.join(INFINIBAND_DIR)),
-            socket_name: socket_name.to_string(),
+            socket_names: socket_names.to_vec(),
         };
         // What exists now is scanned at start anyway; only the watches matter here.
         let _ = w.refresh();
@@ -180,7 +181,9 @@ impl Watcher {
                 changes.socket_removed = true;
             } else if created && name == OsStr::new(KUBELET_SOCKET) {
                 changes.kubelet_restarted = true;
-            } else if (removed || created) && name == OsStr::new(&self.socket_name) {
+            } else if (removed || created)
+                && self.socket_names.iter().any(|n| name == OsStr::new(n))
+            {
                 // Deleted, or something moved over it: either way it may no longer be ours.
                 changes.socket_removed = true;
             }
@@ -243,7 +246,7 @@ mod tests {
         let root = base.join("root");
         fs::create_dir_all(&plugin_dir).unwrap();
         fs::create_dir_all(root.join("dev")).unwrap();
-        let mut w = Watcher::new(&plugin_dir, "rdma.sock", &root, true);
+        let mut w = Watcher::new(&plugin_dir, &["rdma.sock".to_string()], &root, true);
         assert!(!w.complete(), "dev/infiniband does not exist yet");
 
         fs::write(plugin_dir.join("kubelet.sock"), b"").unwrap();

@@ -175,6 +175,9 @@ pub struct Health {
     pub total: usize,
     /// `2 of 2 HCAs up`, `no uverbs node`, `--hcas nope* matches no HCA`, ...
     pub reason: String,
+    /// The granted HCAs that are up, by name (per-HCA devices take their health from it). In
+    /// `Nodes` mode: those with a `uverbs` node.
+    pub up_hcas: Vec<String>,
 }
 
 /// Applies `mode` to what `grant` grants on `host`, with port states from `monitor`.
@@ -188,8 +191,16 @@ pub fn assess(host: &Host, grant: &Grant, mode: Mode, monitor: &PortMonitor) -> 
             up: 0,
             total,
             reason: problem.clone(),
+            up_hcas: Vec::new(),
         };
     }
+    let with_node = |name: &str| {
+        grant
+            .nodes
+            .nodes
+            .iter()
+            .any(|n| n.kind == Kind::Uverbs && n.hca.as_deref() == Some(name))
+    };
     if mode == Mode::Nodes {
         let verbs = grant
             .nodes
@@ -206,6 +217,12 @@ pub fn assess(host: &Host, grant: &Grant, mode: Mode, monitor: &PortMonitor) -> 
                 0 => "no uverbs node".into(),
                 n => format!("{n} uverbs node(s)"),
             },
+            up_hcas: grant
+                .hcas
+                .iter()
+                .filter(|h| with_node(h))
+                .cloned()
+                .collect(),
         };
     }
     if !host.hcas.described() {
@@ -215,20 +232,17 @@ pub fn assess(host: &Host, grant: &Grant, mode: Mode, monitor: &PortMonitor) -> 
             up: 0,
             total,
             reason: "--health ports, but sysfs describes no HCA with ports".into(),
+            up_hcas: Vec::new(),
         };
     }
-    let mut up = 0;
+    let mut up_hcas = Vec::new();
     let mut down = Vec::new();
     let mut degraded = Vec::new();
     for name in &grant.hcas {
         let Some(hca) = host.hcas.get(name) else {
             continue;
         };
-        let has_node = grant
-            .nodes
-            .nodes
-            .iter()
-            .any(|n| n.kind == Kind::Uverbs && n.hca.as_deref() == Some(name));
+        let has_node = with_node(name);
         // With --link-layer, only the ports of that layer count (a VPI HCA has both kinds).
         let ports: Vec<&Port> = hca
             .ports
@@ -250,7 +264,7 @@ pub fn assess(host: &Host, grant: &Grant, mode: Mode, monitor: &PortMonitor) -> 
             continue;
         }
         if known.is_empty() {
-            up += 1;
+            up_hcas.push(name.clone());
             degraded.push(format!("{name}: port state unknown, uverbs node present"));
             continue;
         }
@@ -260,7 +274,7 @@ pub fn assess(host: &Host, grant: &Grant, mode: Mode, monitor: &PortMonitor) -> 
             .map(|p| p.summary())
             .collect();
         if known.iter().any(|p| monitor.is_up(name, p.number)) {
-            up += 1;
+            up_hcas.push(name.clone());
             if !lost.is_empty() {
                 degraded.push(format!("{name}: {}", lost.join(", ")));
             }
@@ -269,6 +283,7 @@ pub fn assess(host: &Host, grant: &Grant, mode: Mode, monitor: &PortMonitor) -> 
             down.push(format!("{name}: {}", all.join(", ")));
         }
     }
+    let up = up_hcas.len();
     let mut reason = format!("{up} of {total} HCAs up");
     if !degraded.is_empty() {
         reason.push_str(&format!("; degraded: {}", degraded.join("; ")));
@@ -282,6 +297,7 @@ pub fn assess(host: &Host, grant: &Grant, mode: Mode, monitor: &PortMonitor) -> 
         up,
         total,
         reason,
+        up_hcas,
     }
 }
 

@@ -37,6 +37,30 @@ pub fn scan(root: &Path, sysfs: &Path, which: nodes::Selection) -> Result<Host, 
     })
 }
 
+/// A stable ID for an HCA, the same across plugin and kubelet restarts and driver reloads
+/// (which can reorder names like `mlx5_3`): from its node GUID (`hca-0c42a10300c45e2a`), else
+/// its PCI address (`pci-0000:3b:00.0`), else its name (`name-mlx5_3`, the one unstable kind).
+/// Never an index, so two plugins' IDs do not collide (kubelets up to 1.36 match health to pods
+/// by device ID alone).
+pub fn hca_id(hca: &sysfs::Hca) -> String {
+    let guid = hca
+        .node_guid
+        .as_deref()
+        .map(|g| g.replace(':', "").to_ascii_lowercase())
+        .filter(|g| {
+            !g.is_empty()
+                && g.bytes().all(|b| b.is_ascii_hexdigit())
+                && g.bytes().any(|b| b != b'0')
+        });
+    if let Some(g) = guid {
+        return format!("hca-{g}");
+    }
+    match &hca.pci {
+        Some(p) => format!("pci-{}", p.address),
+        None => format!("name-{}", hca.name),
+    }
+}
+
 /// One reading of the host and what it means for a resource: what is granted, its health, and
 /// the ports whose reported state changed since the last reading.
 #[derive(Clone, Debug)]
@@ -52,12 +76,13 @@ pub struct Assessment {
 pub fn assess(
     host: Host,
     selector: &Selector,
+    taken: &[(String, Selector)],
     mode: health::Mode,
     monitor: &mut health::PortMonitor,
     now: std::time::Instant,
 ) -> Assessment {
     let transitions = monitor.observe(&host, now);
-    let grant = grant(&host, selector);
+    let grant = grant_except(&host, selector, taken);
     let health = health::assess(&host, &grant, mode, monitor);
     Assessment {
         host,
@@ -81,6 +106,40 @@ pub struct Grant {
     pub problem: Option<String>,
     /// With `--link-layer`, the only ports whose state counts for health.
     pub link: Option<sysfs::LinkLayer>,
+}
+
+/// [`grant`], less the HCAs that `taken` selectors (per-HCA resources declared earlier) already
+/// select: one HCA is never granted as a device of two per-HCA resources.
+pub fn grant_except(host: &Host, selector: &Selector, taken: &[(String, Selector)]) -> Grant {
+    let mut g = grant(host, selector);
+    if taken.is_empty() {
+        return g;
+    }
+    let mut gone = Vec::new();
+    for (name, verdict) in &mut g.verdicts {
+        let Some(hca) = host.hcas.get(name) else {
+            continue;
+        };
+        if let Some((owner, _)) = taken
+            .iter()
+            .find(|(_, s)| verdict.is_selected() && s.check(hca).is_selected())
+        {
+            *verdict = select::Verdict::Excluded(format!("granted per HCA by {owner}"));
+            gone.push(name.clone());
+        }
+    }
+    g.hcas.retain(|h| !gone.contains(h));
+    g.nodes
+        .nodes
+        .retain(|n| !n.hca.as_ref().is_some_and(|h| gone.contains(h)));
+    if g.hcas.is_empty() && g.problem.is_none() && !host.hcas.list.is_empty() {
+        g.problem = Some(format!(
+            "{} matches only HCAs other resources grant",
+            selector.describe()
+        ));
+        g.nodes.nodes.clear();
+    }
+    g
 }
 
 /// Applies `selector` to `host`. With an empty selector every node is granted, whether sysfs

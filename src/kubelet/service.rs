@@ -3,16 +3,19 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use grpcio::{RpcContext, RpcStatus, RpcStatusCode, ServerStreamingSink, UnarySink};
 use log::{debug, info, warn};
 
+use crate::config::Config;
+use crate::host::health::{Mode, PortMonitor};
 use crate::host::nodes::{Inventory, Selection};
 use crate::host::select::Selector;
-use crate::host::{self, Host};
+use crate::host::{self, Assessment, Grant, Host};
 use crate::kubelet::api;
 use crate::kubelet::stream::{self, Hub};
-use crate::resource::{RequestError, Resource};
+use crate::resource::{Devices, RequestError};
 
 /// What the plugin serves; shared by every handler of one server.
 #[derive(Debug)]
@@ -24,7 +27,12 @@ pub struct Settings {
     pub selection: Selection,
     /// Which HCAs are granted.
     pub selector: Selector,
-    pub resource: Resource,
+    /// Per-HCA resources declared before this one, and what they select.
+    pub taken: Vec<(String, Selector)>,
+    pub resource: Devices,
+    /// The health rule and hold-down (for one-off assessments).
+    pub health: Mode,
+    pub hold_down: Duration,
     /// The last discovery error, so a lasting one is logged at warn once, not on every scan.
     last_error: Mutex<Option<String>>,
     /// What sysfs could not tell at the last scan, so it is logged (at debug) once.
@@ -32,19 +40,17 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn new(
-        host_root: PathBuf,
-        sysfs: PathBuf,
-        selection: Selection,
-        selector: Selector,
-        resource: Resource,
-    ) -> Settings {
+    /// What one resource's server serves, from its configuration.
+    pub fn from_config(cfg: &Config) -> Settings {
         Settings {
-            host_root,
-            sysfs,
-            selection,
-            selector,
-            resource,
+            host_root: cfg.host_root.clone(),
+            sysfs: cfg.sysfs.clone(),
+            selection: cfg.selection(),
+            selector: cfg.selector.clone(),
+            taken: cfg.taken.clone(),
+            resource: cfg.resource(),
+            health: cfg.health,
+            hold_down: cfg.hold_down,
             last_error: Mutex::new(None),
             last_notes: Mutex::new(Vec::new()),
         }
@@ -53,9 +59,25 @@ impl Settings {
     /// The device nodes granted now (what Allocate hands out), or why discovery failed (an
     /// unreadable device directory, too many open files): a pod must not be told "no driver"
     /// when the cause is something else.
-    pub fn granted(&self) -> Result<Inventory, String> {
-        self.try_scan()
-            .map(|h| host::grant(&h, &self.selector).nodes)
+    pub fn granted(&self) -> Result<(Host, Grant), String> {
+        self.try_scan().map(|h| {
+            let g = host::grant_except(&h, &self.selector, &self.taken);
+            (h, g)
+        })
+    }
+
+    /// Reads the host now and assesses it with a fresh port monitor (no hold-down history):
+    /// what a one-off answer such as a preferred allocation needs.
+    pub fn assess_now(&self) -> Assessment {
+        let mut monitor = PortMonitor::new(self.hold_down);
+        host::assess(
+            self.scan(),
+            &self.selector,
+            &self.taken,
+            self.health,
+            &mut monitor,
+            Instant::now(),
+        )
     }
 
     /// Reads the host now. A device directory that cannot be listed counts as no devices (the
@@ -197,7 +219,12 @@ impl api::DevicePlugin for Plugin {
         req: api::PreferredAllocationRequest,
         sink: UnarySink<api::PreferredAllocationResponse>,
     ) {
-        let result = self.settings.resource.preferred(&req).map_err(status);
+        let result = match &self.settings.resource {
+            // Shared devices need no reading of the host.
+            Devices::Shared(r) => r.preferred(&req),
+            per_hca => per_hca.preferred(&req, &self.settings.assess_now()),
+        }
+        .map_err(status);
         reply(&ctx, sink, result, "GetPreferredAllocation");
     }
 
@@ -209,13 +236,19 @@ impl api::DevicePlugin for Plugin {
     ) {
         // Read live: a node added or removed since the last ListAndWatch message counts.
         let result = match self.settings.granted() {
-            Ok(inv) => {
-                let result = self.settings.resource.allocate(&req, &inv).map_err(status);
+            Ok((h, g)) => {
+                let result = self
+                    .settings
+                    .resource
+                    .allocate(&req, &h, &g)
+                    .map_err(status);
                 if let Ok(resp) = &result {
                     debug!(
-                        "Allocate: {} container(s), {} device node(s) each",
+                        "Allocate: {} container(s), {} device node(s) in the first",
                         resp.container_responses.len(),
-                        inv.nodes.len()
+                        resp.container_responses
+                            .first()
+                            .map_or(0, |c| c.devices.len())
                     );
                 }
                 result

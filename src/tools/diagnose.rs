@@ -304,7 +304,14 @@ pub fn run(cfg: &Config) -> Vec<Check> {
         ));
     }
     let mut monitor = PortMonitor::new(cfg.hold_down);
-    let a = host::assess(h, &cfg.selector, cfg.health, &mut monitor, Instant::now());
+    let a = host::assess(
+        h,
+        &cfg.selector,
+        &cfg.taken,
+        cfg.health,
+        &mut monitor,
+        Instant::now(),
+    );
     checks.extend(nodes(cfg, &a.host, &a.grant.hcas));
     for x in &a.host.nodes.refused {
         checks.push(Check::bad(

@@ -27,8 +27,15 @@ struct Report<'a> {
 pub fn report(cfg: &Config, json: bool) -> Result<String, nodes::Error> {
     let h = host::scan(&cfg.host_root, &cfg.sysfs, cfg.selection())?;
     let mut monitor = PortMonitor::new(cfg.hold_down);
-    let a = host::assess(h, &cfg.selector, cfg.health, &mut monitor, Instant::now());
-    let list = cfg.resource().device_list(a.health.healthy, &a.grant.nodes);
+    let a = host::assess(
+        h,
+        &cfg.selector,
+        &cfg.taken,
+        cfg.health,
+        &mut monitor,
+        Instant::now(),
+    );
+    let list = cfg.resource().device_list(&a);
     let specs = device_specs(&a.grant.nodes);
     let r = Report {
         cfg,

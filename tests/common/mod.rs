@@ -329,8 +329,17 @@ impl Default for Behaviour {
     }
 }
 
+/// What the fake kubelet knows per resource: Register calls and the latest list.
+#[derive(Default)]
+pub struct PerResource {
+    pub registers: std::collections::HashMap<String, usize>,
+    pub lists: std::collections::HashMap<String, api::ListAndWatchResponse>,
+}
+
 #[derive(Clone)]
 struct Registrar {
+    by_resource: Arc<Mutex<PerResource>>,
+    by_resource_changed: Arc<Condvar>,
     dir: PathBuf,
     behaviour: Behaviour,
     env: Arc<Environment>,
@@ -371,11 +380,19 @@ impl Registrar {
 
     fn handle(self, req: api::RegisterRequest, sink: UnarySink<api::Empty>) {
         let client = self.plugin_client(&req.endpoint);
+        let resource = req.resource_name.clone();
         let opt = CallOption::default()
             .timeout(Duration::from_secs(10))
             .wait_for_ready(true);
         let status = match client.get_device_plugin_options_opt(&api::Empty::new(), opt) {
             Ok(options) => {
+                *self
+                    .by_resource
+                    .lock()
+                    .unwrap()
+                    .registers
+                    .entry(resource.clone())
+                    .or_default() += 1;
                 let _ = self
                     .events
                     .send((Instant::now(), Event::Registered { req, options }));
@@ -401,11 +418,11 @@ impl Registrar {
             }
         };
         if status.is_none() && self.behaviour.watch {
-            self.watch(client);
+            self.watch(client, resource);
         }
     }
 
-    fn watch(self, client: api::DevicePluginClient) {
+    fn watch(self, client: api::DevicePluginClient, resource: String) {
         let Ok(stream) = client.list_and_watch(&api::Empty::new()) else {
             let _ = self.events.send((Instant::now(), Event::StreamEnded));
             return;
@@ -429,6 +446,11 @@ impl Registrar {
             );
             match next {
                 Some(Some(Ok(list))) => {
+                    {
+                        let mut b = self.by_resource.lock().unwrap();
+                        b.lists.insert(resource.clone(), list.clone());
+                        self.by_resource_changed.notify_all();
+                    }
                     if self
                         .events
                         .send((Instant::now(), Event::List(list)))
@@ -457,6 +479,8 @@ pub struct FakeKubelet {
     sock: Option<(u64, u64)>,
     /// Remove kubelet.sock at shutdown (a crashed kubelet leaves it behind).
     remove_sock: bool,
+    by_resource: Arc<Mutex<PerResource>>,
+    by_resource_changed: Arc<Condvar>,
 }
 
 fn file_id(path: &Path) -> Option<(u64, u64)> {
@@ -486,7 +510,11 @@ impl FakeKubelet {
         let (tx, rx) = mpsc::channel();
         let streams = Arc::new(Mutex::new(Vec::new()));
         let stopped = Arc::new((Mutex::new(false), Condvar::new()));
+        let by_resource = Arc::new(Mutex::new(PerResource::default()));
+        let by_resource_changed = Arc::new(Condvar::new());
         let registrar = Registrar {
+            by_resource: Arc::clone(&by_resource),
+            by_resource_changed: Arc::clone(&by_resource_changed),
             dir: dir.to_path_buf(),
             behaviour,
             env: Arc::clone(&env),
@@ -513,6 +541,8 @@ impl FakeKubelet {
             stopped,
             sock: file_id(&dir.join("kubelet.sock")),
             remove_sock: true,
+            by_resource,
+            by_resource_changed,
         }
     }
 
@@ -592,9 +622,41 @@ impl FakeKubelet {
             s.cancel_all_calls();
             let _ = wake::block_on(done, Some(WAIT));
         }
+        // Once: a later drop must not remove a new kubelet's socket (inode numbers are reused).
         let path = self.dir.join("kubelet.sock");
-        if self.remove_sock && self.sock.is_some() && file_id(&path) == self.sock {
-            let _ = fs::remove_file(path);
+        if let Some(id) = self.sock.take() {
+            if self.remove_sock && file_id(&path) == Some(id) {
+                let _ = fs::remove_file(path);
+            }
+        }
+    }
+
+    /// Register calls this kubelet answered for `resource` so far (events are not consumed).
+    pub fn registers_of(&self, resource: &str) -> usize {
+        let b = self.by_resource.lock().unwrap();
+        b.registers.get(resource).copied().unwrap_or(0)
+    }
+
+    /// Waits (within [`WAIT`]) for a list of `resource` that `ok` accepts; panics otherwise.
+    pub fn wait_list(
+        &self,
+        resource: &str,
+        what: &str,
+        ok: impl Fn(&api::ListAndWatchResponse) -> bool,
+    ) -> api::ListAndWatchResponse {
+        let end = Instant::now() + WAIT;
+        let mut b = self.by_resource.lock().unwrap();
+        loop {
+            if let Some(l) = b.lists.get(resource).filter(|l| ok(l)) {
+                return l.clone();
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "fake kubelet: no list of {resource} with {what} within {WAIT:?}; latest: {:?}",
+                b.lists.get(resource)
+            );
+            b = self.by_resource_changed.wait_timeout(b, left).unwrap().0;
         }
     }
 

@@ -8,15 +8,21 @@ use std::collections::HashSet;
 use std::fmt;
 
 use crate::host::nodes::{natural_cmp_str, Inventory};
+use crate::host::{Assessment, Grant, Host};
 use crate::kubelet::api;
+
+pub mod per_hca;
+pub mod topology;
+
+pub use per_hca::PerHca;
 
 /// The kubelet counts a device healthy only for this exact string (`manager.go`).
 pub const HEALTHY: &str = "Healthy";
 pub const UNHEALTHY: &str = "Unhealthy";
 /// Device specs grant read and write; `m` (mknod) is never needed for existing nodes.
 pub const PERMISSIONS: &str = "rw";
-/// Device IDs are this prefix and the share index: `rdma-0`, `rdma-1`, ...
-const ID_PREFIX: &str = "rdma-";
+/// The drop-in resource's IDs are this prefix and the share index: `rdma-0`, `rdma-1`, ...
+pub const ID_PREFIX: &str = "rdma-";
 /// The kubelet sends one container per Allocate; a pod with more containers than this asking
 /// for RDMA is not a workload but an attack on our memory.
 pub const MAX_CONTAINERS: usize = 128;
@@ -32,7 +38,68 @@ pub const MAX_SPECS: usize = 16_384;
 /// fail admission with `UnexpectedAdmissionError`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Resource {
+    prefix: String,
     ids: Vec<String>,
+}
+
+/// What one resource advertises: shared devices (each granting every selected HCA) or one
+/// device per HCA.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Devices {
+    Shared(Resource),
+    PerHca(PerHca),
+}
+
+impl Devices {
+    /// The full ListAndWatch list for one reading.
+    pub fn device_list(&self, a: &Assessment) -> api::ListAndWatchResponse {
+        match self {
+            Devices::Shared(r) => r.device_list(a.health.healthy, &a.grant.nodes),
+            Devices::PerHca(p) => p.device_list(&a.host, &a.grant, &a.health.up_hcas),
+        }
+    }
+
+    /// Allocate against the host as read now.
+    pub fn allocate(
+        &self,
+        req: &api::AllocateRequest,
+        host: &Host,
+        grant: &Grant,
+    ) -> Result<api::AllocateResponse, RequestError> {
+        match self {
+            Devices::Shared(r) => r.allocate(req, &grant.nodes),
+            Devices::PerHca(p) => p.allocate(req, host, grant),
+        }
+    }
+
+    /// GetPreferredAllocation against the latest reading.
+    pub fn preferred(
+        &self,
+        req: &api::PreferredAllocationRequest,
+        a: &Assessment,
+    ) -> Result<api::PreferredAllocationResponse, RequestError> {
+        match self {
+            Devices::Shared(r) => r.preferred(req),
+            Devices::PerHca(p) => p.preferred(req, &a.host, &a.grant, &a.health.up_hcas),
+        }
+    }
+}
+
+/// The ListAndWatch topology of a device on `numa` nodes (none when unknown).
+pub fn topology_of(numa: &[i64]) -> Option<api::TopologyInfo> {
+    if numa.is_empty() {
+        return None;
+    }
+    let mut t = api::TopologyInfo::new();
+    t.nodes = numa
+        .iter()
+        .map(|&id| {
+            let mut n = api::NUMANode::new();
+            n.ID = id;
+            n
+        })
+        .collect();
+    Some(t)
 }
 
 /// A request the plugin refuses: gRPC `UNAVAILABLE` for [`RequestError::NoVerbs`],
@@ -49,7 +116,8 @@ pub enum RequestError {
     UnknownId {
         container: usize,
         id: String,
-        advertised: usize,
+        /// What we advertise, for the message (`rdma-0 .. rdma-3`).
+        advertised: String,
     },
     /// Device discovery failed (an unreadable directory, too many open files): `UNAVAILABLE`
     /// with the cause, not "no driver".
@@ -80,13 +148,9 @@ impl fmt::Display for RequestError {
             } => {
                 // Bounded: a hostile request must not make us echo megabytes into the log.
                 let shown: String = id.chars().take(128).collect();
-                let range = match advertised {
-                    1 => "rdma-0".to_string(),
-                    n => format!("rdma-0 .. rdma-{}", n - 1),
-                };
                 write!(
                     f,
-                    "container request {container}: unknown device ID {shown:?} (this plugin advertises {range})"
+                    "container request {container}: unknown device ID {shown:?} (this plugin advertises {advertised})"
                 )
             }
         }
@@ -96,7 +160,7 @@ impl fmt::Display for RequestError {
 impl std::error::Error for RequestError {}
 
 /// Refuses requests over the bounds, before anything is built for them.
-fn check_size<'a>(
+pub(crate) fn check_size<'a>(
     containers: usize,
     ids: impl Iterator<Item = usize> + 'a,
 ) -> Result<(), RequestError> {
@@ -116,10 +180,24 @@ fn check_size<'a>(
 }
 
 impl Resource {
-    /// `shares` must be at least 1 (checked when flags are parsed).
+    /// The drop-in's devices: `rdma-0` ... (`shares` at least 1, checked when flags are parsed).
     pub fn new(shares: u32) -> Resource {
+        Resource::with_prefix(ID_PREFIX, shares)
+    }
+
+    /// Devices `<prefix>0` ...: another shared resource of the same process takes a prefix of
+    /// its own, so IDs stay unique across resources.
+    pub fn with_prefix(prefix: &str, shares: u32) -> Resource {
         Resource {
-            ids: (0..shares).map(|i| format!("{ID_PREFIX}{i}")).collect(),
+            prefix: prefix.to_string(),
+            ids: (0..shares).map(|i| format!("{prefix}{i}")).collect(),
+        }
+    }
+
+    fn advertised(&self) -> String {
+        match self.ids.len() {
+            1 => self.ids[0].clone(),
+            n => format!("{} .. {}", self.ids[0], self.ids[n - 1]),
         }
     }
 
@@ -130,7 +208,7 @@ impl Resource {
 
     /// O(1): an Allocate may name thousands of IDs and we may advertise thousands of shares.
     fn is_known(&self, id: &str) -> bool {
-        id.strip_prefix(ID_PREFIX)
+        id.strip_prefix(self.prefix.as_str())
             .filter(|n| !n.starts_with('+') && (n.len() == 1 || !n.starts_with('0')))
             .and_then(|n| n.parse::<usize>().ok())
             .is_some_and(|n| n < self.ids.len())
@@ -146,7 +224,7 @@ impl Resource {
                 return Err(RequestError::UnknownId {
                     container,
                     id: id.clone(),
-                    advertised: self.ids.len(),
+                    advertised: self.advertised(),
                 });
             }
         }
@@ -157,21 +235,7 @@ impl Resource {
     /// assessed and the NUMA nodes of the granted HCAs when sysfs tells them all.
     pub fn device_list(&self, healthy: bool, granted: &Inventory) -> api::ListAndWatchResponse {
         let health = if healthy { HEALTHY } else { UNHEALTHY };
-        let numa = granted.numa_nodes();
-        let topology = if numa.is_empty() {
-            None
-        } else {
-            let mut t = api::TopologyInfo::new();
-            t.nodes = numa
-                .into_iter()
-                .map(|id| {
-                    let mut n = api::NUMANode::new();
-                    n.ID = id;
-                    n
-                })
-                .collect();
-            Some(t)
-        };
+        let topology = topology_of(&granted.numa_nodes());
         let mut resp = api::ListAndWatchResponse::new();
         resp.devices = self
             .ids
@@ -446,7 +510,7 @@ mod tests {
             RequestError::UnknownId {
                 container: 1,
                 id: "gpu-7".into(),
-                advertised: 1
+                advertised: "rdma-0".into()
             }
         );
         assert!(err
