@@ -31,6 +31,8 @@ pub const DEFAULT_REGISTER_TIMEOUT_SECS: u64 = 12;
 pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 5_000;
 /// A port must stay down this long before the device turns Unhealthy.
 pub const DEFAULT_HOLD_DOWN_MS: u64 = 5_000;
+/// Where container runtimes look for CDI specs written at run time.
+pub const DEFAULT_CDI_DIR: &str = "/var/run/cdi";
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -75,6 +77,12 @@ pub struct Config {
     pub resources: Vec<ResourceSpec>,
     /// HCAs that per-HCA resources declared before this one select: never granted here too.
     pub taken: Vec<(String, Selector)>,
+    /// Write CDI specs and answer Allocate with CDI names (`--cdi`).
+    pub cdi: bool,
+    /// Where CDI specs go (`--cdi-dir`).
+    pub cdi_dir: PathBuf,
+    /// With `--cdi`, also answer with DeviceSpecs (runtimes without CDI).
+    pub cdi_device_specs: bool,
     /// Shared device IDs are this and an index: `rdma-` for the drop-in's (whatever its
     /// resource name), `<name>-` for a `--resource` spec's, so IDs are unique in the process.
     pub id_prefix: String,
@@ -113,6 +121,9 @@ impl Default for Config {
             resources: Vec::new(),
             taken: Vec::new(),
             id_prefix: crate::resource::ID_PREFIX.to_string(),
+            cdi: false,
+            cdi_dir: PathBuf::from(DEFAULT_CDI_DIR),
+            cdi_device_specs: false,
         }
     }
 }
@@ -350,6 +361,22 @@ fn options() -> Options {
     );
     o.optflag(
         "",
+        "cdi",
+        "write a CDI spec per resource into --cdi-dir and answer Allocate with CDI device names (containerd 2.0+, CRI-O; Kubernetes 1.31+) [default: off]",
+    );
+    o.optopt(
+        "",
+        "cdi-dir",
+        &format!("where CDI specs are written, with --cdi [default: {DEFAULT_CDI_DIR}]"),
+        "DIR",
+    );
+    o.optflag(
+        "",
+        "cdi-device-specs",
+        "with --cdi, also answer with device specs, for runtimes without CDI [default: off]",
+    );
+    o.optflag(
+        "",
         "json",
         "with `list` or `diagnose`: print JSON instead of text",
     );
@@ -473,6 +500,16 @@ fn config_from(m: &getopts::Matches) -> Result<Config, UsageError> {
         c.hold_down = decimal_seconds("--hold-down", &s, 0.0)?;
     }
     c.hca_envs = m.opt_present("hca-envs");
+    c.cdi = m.opt_present("cdi");
+    if let Some(dir) = m.opt_str("cdi-dir") {
+        c.cdi_dir = absolute_dir("--cdi-dir", &dir)?;
+    }
+    c.cdi_device_specs = m.opt_present("cdi-device-specs");
+    if !c.cdi && (m.opt_present("cdi-dir") || c.cdi_device_specs) {
+        return Err(UsageError(
+            "--cdi-dir and --cdi-device-specs go with --cdi".into(),
+        ));
+    }
     let specs = m.opt_strs("resource");
     if !specs.is_empty() {
         for flag in [

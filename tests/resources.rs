@@ -346,3 +346,109 @@ fn bad_specs_and_overlapping_per_hca_resources_exit_2() {
     kubelet.wait_list(IB, "two devices", |l| l.devices.len() == 2);
     assert!(plugin.wait_log("jarvice.com/rdma and jarvice.com/ib both grant mlx5_0"));
 }
+
+#[test]
+fn cdi_specs_are_written_kept_current_and_removed_and_allocate_names_them() {
+    let host = Host::with_hcas("cdi");
+    let cdi_dir = host.tmp.path().join("cdi");
+    let cdi_arg = cdi_dir.display().to_string();
+    let kubelet = FakeKubelet::start(&host.plugin_dir());
+    let mut args = TWO.to_vec();
+    args.extend(["--cdi", "--cdi-dir", &cdi_arg]);
+    let mut plugin = Plugin::start(&host, &args);
+    kubelet.wait_list(IB, "two devices", |l| l.devices.len() == 2);
+    let ib_spec = cdi_dir.join("jarvice.com-ib.json");
+    let rdma_spec = cdi_dir.join("jarvice.com-rdma.json");
+    assert!(wait_for(WAIT, || ib_spec.exists() && rdma_spec.exists()));
+    let (zero, one) = (id_of(&MockHca::connectx(0)), id_of(&MockHca::connectx(1)));
+    let text = fs::read_to_string(&ib_spec).unwrap();
+    assert_eq!(
+        text,
+        format!(
+            "{{\"cdiVersion\":\"0.6.0\",\"kind\":\"jarvice.com/ib\",\"devices\":[\
+             {{\"name\":\"{zero}\",\"containerEdits\":{{\"env\":[\"JARVICE_RDMA_HCAS=mlx5_0\"],\"deviceNodes\":[\
+             {{\"path\":\"/dev/infiniband/uverbs1\",\"permissions\":\"rw\"}},\
+             {{\"path\":\"/dev/infiniband/rdma_cm\",\"permissions\":\"rw\"}}]}}}},\
+             {{\"name\":\"{one}\",\"containerEdits\":{{\"env\":[\"JARVICE_RDMA_HCAS=mlx5_1\"],\"deviceNodes\":[\
+             {{\"path\":\"/dev/infiniband/uverbs0\",\"permissions\":\"rw\"}},\
+             {{\"path\":\"/dev/infiniband/rdma_cm\",\"permissions\":\"rw\"}}]}}}}]}}\n"
+        )
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(&ib_spec).unwrap().permissions().mode() & 0o777,
+        0o644
+    );
+    // Valid JSON, as a runtime would parse it (when python3 is here to say so).
+    if let Ok(out) = std::process::Command::new("python3")
+        .args(["-m", "json.tool"])
+        .arg(&rdma_spec)
+        .output()
+    {
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    // Allocate names CDI devices and leaves the nodes to the runtime.
+    let client = plugin_client(&host.plugin_dir().join("ib.sock"));
+    let resp = client
+        .allocate_opt(&alloc_request(&[&[&one]]), opt())
+        .unwrap();
+    let c = &resp.container_responses[0];
+    let names: Vec<&str> = c.cdi_devices.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, [format!("jarvice.com/ib={one}")]);
+    assert!(c.devices.is_empty());
+    assert_eq!(c.envs["JARVICE_RDMA_HCAS"], "mlx5_1");
+
+    // A node goes: the spec follows (no stale spec after a rescan).
+    host.remove_node("uverbs0");
+    assert!(wait_for(WAIT, || !fs::read_to_string(&ib_spec)
+        .unwrap_or_default()
+        .contains("uverbs0")));
+    assert!(!fs::read_to_string(&rdma_spec).unwrap().contains("uverbs0"));
+
+    plugin.signal(libc::SIGTERM);
+    assert!(plugin.wait_exit(WAIT).expect("exits").success());
+    assert!(
+        !ib_spec.exists() && !rdma_spec.exists(),
+        "specs removed at exit"
+    );
+    drop(kubelet);
+
+    // With --cdi-device-specs the nodes come too, for runtimes without CDI.
+    let kubelet = FakeKubelet::start(&host.plugin_dir());
+    args.push("--cdi-device-specs");
+    let _plugin = Plugin::start(&host, &args);
+    kubelet.wait_list(RDMA, "a device", |l| !l.devices.is_empty());
+    let resp = plugin_client(&host.plugin_dir().join("rdma.sock"))
+        .allocate_opt(&alloc_request(&[&["rdma-0"]]), opt())
+        .unwrap();
+    let c = &resp.container_responses[0];
+    assert_eq!(c.cdi_devices[0].name, "jarvice.com/rdma=rdma-0");
+    assert_eq!(c.devices.len(), 3);
+}
+
+#[test]
+fn cdi_specs_give_character_devices_their_numbers() {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let host = Host::empty("cdichar");
+    host.add_hca(&MockHca::connectx(0));
+    let node = host.root().join("dev/infiniband/uverbs0");
+    fs::remove_file(&node).unwrap();
+    let p = CString::new(node.as_os_str().as_bytes()).unwrap();
+    // SAFETY (test): mknod with a valid NUL-terminated path.
+    if unsafe { libc::mknod(p.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(231, 192)) } != 0 {
+        eprintln!("mknod not permitted (not root): skipped");
+        return;
+    }
+    let cdi_dir = host.tmp.path().join("cdi");
+    let out = cdi_dir.display().to_string();
+    let kubelet = FakeKubelet::start(&host.plugin_dir());
+    let _plugin = Plugin::start(&host, &["--cdi", "--cdi-dir", &out]);
+    kubelet.expect_registered();
+    let spec = cdi_dir.join("jarvice.com-rdma.json");
+    assert!(wait_for(WAIT, || spec.exists()));
+    assert!(fs::read_to_string(&spec).unwrap().contains(
+        "{\"path\":\"/dev/infiniband/uverbs0\",\"type\":\"c\",\"major\":231,\"minor\":192,\"permissions\":\"rw\"}"
+    ));
+}

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use grpcio::Environment;
-use log::{debug, info};
+use log::{debug, info, warn};
 
 use crate::config::Config;
 use crate::daemon::lifecycle::Error;
@@ -23,6 +23,7 @@ use crate::host::health::{Mode, PortMonitor};
 use crate::kubelet::registration::{kubelet_id, KubeletId, Registrar};
 use crate::kubelet::server::{self, Serving};
 use crate::kubelet::service::Settings;
+use crate::resource::cdi;
 use crate::sys::{self, EventFd};
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(10);
@@ -93,6 +94,8 @@ pub struct Unit {
     last_failure: Option<String>,
     /// When this unit last restarted serving (SIGHUPs are spaced from it).
     pub last_restart: Option<Instant>,
+    /// The CDI spec last written (with `--cdi`), to rewrite only on a change.
+    cdi_written: Option<String>,
 }
 
 impl Unit {
@@ -137,6 +140,7 @@ impl Unit {
             backoff: Backoff::new(BACKOFF_FIRST, BACKOFF_CAP),
             last_failure: None,
             last_restart: None,
+            cdi_written: None,
         })
     }
 
@@ -166,6 +170,7 @@ impl Unit {
                 self.serving = Some(s);
                 self.generation += 1;
                 now.log_start(&self.cfg, self.state.as_ref());
+                self.write_cdi(&now);
                 self.state = Some(now);
                 Ok(())
             }
@@ -243,6 +248,44 @@ impl Unit {
         self.serve()
     }
 
+    /// With `--cdi`: rewrites this resource's CDI spec when what it says changed (a stale spec
+    /// after a rescan would hand pods nodes that are gone).
+    fn write_cdi(&mut self, now: &Reading) {
+        if !self.cfg.cdi {
+            return;
+        }
+        let devices = self.settings.resource.cdi_devices(&now.host, &now.grant);
+        let text = cdi::render(&self.cfg.resource_name, &devices, &self.cfg.host_root);
+        if self.cdi_written.as_deref() == Some(text.as_str()) {
+            return;
+        }
+        let path = cdi::spec_path(&self.cfg.cdi_dir, &self.cfg.resource_name);
+        match cdi::write_atomic(&path, &text) {
+            Ok(()) => {
+                info!(
+                    "wrote CDI spec {} ({} device(s))",
+                    path.display(),
+                    devices.len()
+                );
+                self.cdi_written = Some(text);
+            }
+            Err(e) => warn!("cannot write CDI spec {}: {e}", path.display()),
+        }
+    }
+
+    /// Removes this resource's CDI spec (at exit): no runtime should resolve names we no
+    /// longer serve.
+    fn remove_cdi(&mut self) {
+        if self.cdi_written.take().is_none() {
+            return;
+        }
+        let path = cdi::spec_path(&self.cfg.cdi_dir, &self.cfg.resource_name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => info!("removed CDI spec {}", path.display()),
+            Err(e) => warn!("cannot remove CDI spec {}: {e}", path.display()),
+        }
+    }
+
     /// Stops serving for good: a watchdog first, so a gRPC that cannot shut down (no threads
     /// left, say) cannot keep a rolling update waiting for its SIGKILL.
     pub fn stop(&mut self, sig: libc::c_int) {
@@ -254,6 +297,7 @@ impl Unit {
         if let Some(s) = self.serving.take() {
             s.stop();
         }
+        self.remove_cdi();
     }
 
     pub fn on_register_outcome(&mut self) {
@@ -327,6 +371,7 @@ impl Unit {
             }
             now.log_changes(&self.cfg, old);
         }
+        self.write_cdi(&now);
         self.state = Some(now);
     }
 

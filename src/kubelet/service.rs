@@ -15,7 +15,7 @@ use crate::host::select::Selector;
 use crate::host::{self, Assessment, Grant, Host};
 use crate::kubelet::api;
 use crate::kubelet::stream::{self, Hub};
-use crate::resource::{Devices, RequestError};
+use crate::resource::{cdi, Devices, RequestError};
 
 /// What the plugin serves; shared by every handler of one server.
 #[derive(Debug)]
@@ -30,6 +30,10 @@ pub struct Settings {
     /// Per-HCA resources declared before this one, and what they select.
     pub taken: Vec<(String, Selector)>,
     pub resource: Devices,
+    /// The resource name (the CDI kind).
+    pub resource_name: String,
+    /// With `--cdi`: answer with CDI names (and DeviceSpecs too when the flag says so).
+    pub cdi: Option<CdiAnswer>,
     /// The health rule and hold-down (for one-off assessments).
     pub health: Mode,
     pub hold_down: Duration,
@@ -49,6 +53,10 @@ impl Settings {
             selector: cfg.selector.clone(),
             taken: cfg.taken.clone(),
             resource: cfg.resource(),
+            resource_name: cfg.resource_name.clone(),
+            cdi: cfg.cdi.then_some(CdiAnswer {
+                device_specs: cfg.cdi_device_specs,
+            }),
             health: cfg.health,
             hold_down: cfg.hold_down,
             last_error: Mutex::new(None),
@@ -127,6 +135,45 @@ impl Settings {
             }
         }
     }
+}
+
+/// How Allocate answers in CDI mode.
+#[derive(Clone, Copy, Debug)]
+pub struct CdiAnswer {
+    /// Also the DeviceSpecs, for runtimes without CDI.
+    pub device_specs: bool,
+}
+
+/// Turns an Allocate answer into its CDI form: each container gets the CDI names of the IDs it
+/// asked for; the DeviceSpecs stay only when asked to (envs stay: they are not in the spec of a
+/// shared device).
+fn as_cdi(
+    mut resp: api::AllocateResponse,
+    req: &api::AllocateRequest,
+    kind: &str,
+    how: CdiAnswer,
+) -> api::AllocateResponse {
+    for (c, creq) in resp
+        .container_responses
+        .iter_mut()
+        .zip(&req.container_requests)
+    {
+        let mut names: Vec<&String> = creq.devices_ids.iter().collect();
+        names.sort();
+        names.dedup();
+        c.cdi_devices = names
+            .into_iter()
+            .map(|id| {
+                let mut d = api::CDIDevice::new();
+                d.name = cdi::qualified(kind, id);
+                d
+            })
+            .collect();
+        if !how.device_specs {
+            c.devices.clear();
+        }
+    }
+    resp
 }
 
 /// The options we register with and answer `GetDevicePluginOptions` with.
@@ -241,6 +288,10 @@ impl api::DevicePlugin for Plugin {
                     .settings
                     .resource
                     .allocate(&req, &h, &g)
+                    .map(|resp| match self.settings.cdi {
+                        Some(how) => as_cdi(resp, &req, &self.settings.resource_name, how),
+                        None => resp,
+                    })
                     .map_err(status);
                 if let Ok(resp) = &result {
                     debug!(

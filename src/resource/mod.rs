@@ -11,6 +11,7 @@ use crate::host::nodes::{natural_cmp_str, Inventory};
 use crate::host::{Assessment, Grant, Host};
 use crate::kubelet::api;
 
+pub mod cdi;
 pub mod per_hca;
 pub mod topology;
 
@@ -83,6 +84,54 @@ impl Devices {
             Devices::PerHca(p) => p.preferred(req, &a.host, &a.grant, &a.health.up_hcas),
         }
     }
+}
+
+impl Devices {
+    /// The CDI devices of one reading: each advertised ID with the nodes it grants.
+    pub fn cdi_devices<'a>(&self, host: &'a Host, grant: &'a Grant) -> Vec<cdi::CdiDevice<'a>> {
+        let a = Pair { host, grant };
+        match self {
+            Devices::Shared(r) => r
+                .ids()
+                .iter()
+                .map(|id| cdi::CdiDevice {
+                    name: id.clone(),
+                    nodes: a.grant.nodes.nodes.iter().collect(),
+                    env: Vec::new(),
+                })
+                .collect(),
+            Devices::PerHca(_) => per_hca::devices(a.host, a.grant)
+                .into_iter()
+                .map(|d| {
+                    let name = d.hca.name.clone();
+                    cdi::CdiDevice {
+                        name: d.id,
+                        nodes: a
+                            .grant
+                            .nodes
+                            .nodes
+                            .iter()
+                            .filter(|n| {
+                                n.hca.as_deref() == Some(name.as_str())
+                                    || n.hca.is_none()
+                                        && matches!(
+                                            n.kind,
+                                            crate::host::nodes::Kind::RdmaCm
+                                                | crate::host::nodes::Kind::Knem
+                                        )
+                            })
+                            .collect(),
+                        env: vec![(per_hca::HCAS_ENV.to_string(), name)],
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+struct Pair<'a> {
+    host: &'a Host,
+    grant: &'a Grant,
 }
 
 /// The ListAndWatch topology of a device on `numa` nodes (none when unknown).
