@@ -52,12 +52,15 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Command::Probe(cfg) => outcome(probe::probe(&cfg.socket_path()).map(|seen| {
-            print!("{seen}");
-            println!(
-                "ok: {} answers as the kubelet expects",
-                cfg.socket_path().display()
-            );
+        // Every resource's socket (the DaemonSet's probes pass the same flags as the daemon).
+        Command::Probe(cfg) => outcome(cfg.units().iter().try_for_each(|u| {
+            probe::probe(&u.socket_path()).map(|seen| {
+                print!("{seen}");
+                println!(
+                    "ok: {} answers as the kubelet expects",
+                    u.socket_path().display()
+                );
+            })
         })),
     }
 }

@@ -176,13 +176,13 @@ fn list_shows_hcas_ports_selection_and_health() {
     for want in [
         "granting  --link-layer infiniband",
         "health    Healthy: 1 of 2 HCAs up; down: mlx5_1: port 1 INIT (LinkUp) InfiniBand (rule ports)",
-        "HCA mlx5_0  granted",
+        "HCA mlx5_0 (hca-0c42a10300c45e00)  granted",
         "  port 1  ACTIVE (LinkUp)  InfiniBand  200 Gb/sec (4X HDR)",
         "  numa    1",
         "  pci     0000:10:00.0 (15b3:101b)  path pci0000:0f/0000:0f:00.0/0000:10:00.0",
         "  netdevs ib0",
         "  nodes   uverbs1 issm0 umad0",
-        "HCA mlx5_2  not granted: link layer Ethernet, not InfiniBand",
+        "HCA mlx5_2 (hca-0c42a10300c45e02)  not granted: link layer Ethernet, not InfiniBand",
         "rdma-0      Healthy     0,1",
         "/dev/infiniband/uverbs1 -> /dev/infiniband/uverbs1 rw",
     ] {
@@ -196,7 +196,7 @@ fn list_shows_hcas_ports_selection_and_health() {
     for want in [
         "\"health\":{\"healthy\":true,\"rule\":\"ports\"",
         "\"hcas_up\":1,\"hcas_granted\":2",
-        "{\"name\":\"mlx5_2\",\"granted\":false,\"why_not\":\"link layer Ethernet, not InfiniBand\"",
+        "{\"name\":\"mlx5_2\",\"id\":\"hca-0c42a10300c45e02\",\"granted\":false,\"why_not\":\"link layer Ethernet, not InfiniBand\"",
         "\"state\":\"INIT\",\"phys_state\":\"LinkUp\",\"link_layer\":\"InfiniBand\"",
         "\"pci_address\":\"0000:12:00.0\"",
         "{\"name\":\"uverbs0\",\"port\":null,\"dev\":\"231:192\"}",

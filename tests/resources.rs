@@ -452,3 +452,59 @@ fn cdi_specs_give_character_devices_their_numbers() {
         "{\"path\":\"/dev/infiniband/uverbs0\",\"type\":\"c\",\"major\":231,\"minor\":192,\"permissions\":\"rw\"}"
     ));
 }
+
+#[test]
+fn list_probe_and_diagnose_cover_every_resource() {
+    let host = Host::with_hcas("tools2");
+    let out = run(&host, &["list", TWO[0], TWO[1], TWO[2], TWO[3]]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let zero = id_of(&MockHca::connectx(0));
+    for want in [
+        "resource  jarvice.com/rdma",
+        "resource  jarvice.com/ib\ndevices   one per HCA",
+        &format!("HCA mlx5_0 ({zero})  granted"),
+        &format!("{zero:<11} Healthy     0"),
+        "rdma-0      Healthy     0,1",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+    let out = run(&host, &["list", "--json", TWO[0], TWO[1], TWO[2], TWO[3]]);
+    let json = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        json.starts_with("{\"resources\":[{\"resource_name\":\"jarvice.com/rdma\""),
+        "{json}"
+    );
+    assert!(
+        json.contains("{\"resource_name\":\"jarvice.com/ib\""),
+        "{json}"
+    );
+
+    let _kubelet = FakeKubelet::start(&host.plugin_dir());
+    let _plugin = Plugin::start(&host, &TWO);
+    assert!(wait_for(WAIT, || host
+        .plugin_dir()
+        .join("ib.sock")
+        .exists()));
+    let out = run(&host, &["probe", TWO[0], TWO[1], TWO[2], TWO[3]]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text.contains("rdma.sock answers as the kubelet expects"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ib.sock answers as the kubelet expects"),
+        "{text}"
+    );
+    let out = run(&host, &["diagnose", TWO[0], TWO[1], TWO[2], TWO[3]]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "ok   health: jarvice.com/rdma is Healthy",
+        "ok   health: jarvice.com/ib is Healthy: 2 of 2 HCAs up",
+        "ok   selection: jarvice.com/ib: --link-layer infiniband: 2 of 3 HCA(s) granted",
+        "ib.sock answers: 2 device(s), 2 Healthy",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+}

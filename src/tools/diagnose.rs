@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::host::health::{Mode, PortMonitor};
 use crate::host::nodes::INFINIBAND_DIR;
 use crate::host::sysfs::{self, DevNum};
-use crate::host::{self, Host};
+use crate::host::{self, Assessment, Host};
 use crate::limits::{self, Memlock};
 use crate::tools::json::quote;
 use crate::tools::probe;
@@ -303,17 +303,34 @@ pub fn run(cfg: &Config) -> Vec<Check> {
             format!("{} HCA(s): {}", names.len(), names.join(", ")),
         ));
     }
-    let mut monitor = PortMonitor::new(cfg.hold_down);
-    let a = host::assess(
-        h,
-        &cfg.selector,
-        &cfg.taken,
-        cfg.health,
-        &mut monitor,
-        Instant::now(),
-    );
-    checks.extend(nodes(cfg, &a.host, &a.grant.hcas));
-    for x in &a.host.nodes.refused {
+    // Each resource (one without --resource) assesses the same reading its own way.
+    let now = Instant::now();
+    let assessed: Vec<(Config, Assessment)> = cfg
+        .units()
+        .into_iter()
+        .map(|u| {
+            let mut monitor = PortMonitor::new(u.hold_down);
+            let a = host::assess(
+                h.clone(),
+                &u.selector,
+                &u.taken,
+                u.health,
+                &mut monitor,
+                now,
+            );
+            (u, a)
+        })
+        .collect();
+    let mut granted: Vec<String> = Vec::new();
+    for (_, a) in &assessed {
+        for name in &a.grant.hcas {
+            if !granted.contains(name) {
+                granted.push(name.clone());
+            }
+        }
+    }
+    checks.extend(nodes(cfg, &h, &granted));
+    for x in &h.nodes.refused {
         checks.push(Check::bad(
             "device nodes",
             Status::Fail,
@@ -322,50 +339,57 @@ pub fn run(cfg: &Config) -> Vec<Check> {
              remove what is there and reload the drivers or `udevadm trigger`",
         ));
     }
-    checks.push(match &a.grant.problem {
-        Some(p) => Check::bad(
-            "selection",
-            Status::Fail,
-            p.clone(),
-            "fix --hcas/--link-layer/--pci-ids/--pci-addrs (see `list` for every HCA and why it is or is not granted)",
-        ),
-        None => Check::ok(
-            "selection",
-            format!(
-                "{}: {} of {} HCA(s) granted",
-                cfg.selector.describe(),
-                a.grant.hcas.len(),
-                a.host.hcas.list.len()
+    for (u, a) in &assessed {
+        checks.push(match &a.grant.problem {
+            Some(p) => Check::bad(
+                "selection",
+                Status::Fail,
+                format!("{}: {p}", u.resource_name),
+                "fix the selection (--hcas/--link-layer/--pci-ids/--pci-addrs or the spec's keys; `list` shows every HCA and why it is or is not granted)",
             ),
-        ),
-    });
-    checks.extend(ports(&a.host, &a.grant.hcas));
-    let health = &a.health;
-    checks.push(if health.healthy {
-        Check::ok(
-            "health",
-            format!(
-                "{} is Healthy: {} (rule {})",
-                cfg.resource_name, health.reason, health.mode
+            None => Check::ok(
+                "selection",
+                format!(
+                    "{}: {}: {} of {} HCA(s) granted",
+                    u.resource_name,
+                    u.selector.describe(),
+                    a.grant.hcas.len(),
+                    a.host.hcas.list.len()
+                ),
             ),
-        )
-    } else {
-        Check::bad(
-            "health",
-            Status::Fail,
-            format!(
-                "{} is Unhealthy: {} (rule {})",
-                cfg.resource_name, health.reason, health.mode
-            ),
-            if health.mode == Mode::Ports {
-                "bring a port of a granted HCA to ACTIVE/LinkUp (see the ports checks), or use --health nodes"
-            } else {
-                "load the RDMA drivers so /dev/infiniband/uverbs* exists"
-            },
-        )
-    });
+        });
+    }
+    checks.extend(ports(&h, &granted));
+    for (u, a) in &assessed {
+        let health = &a.health;
+        checks.push(if health.healthy {
+            Check::ok(
+                "health",
+                format!(
+                    "{} is Healthy: {} (rule {})",
+                    u.resource_name, health.reason, health.mode
+                ),
+            )
+        } else {
+            Check::bad(
+                "health",
+                Status::Fail,
+                format!(
+                    "{} is Unhealthy: {} (rule {})",
+                    u.resource_name, health.reason, health.mode
+                ),
+                if health.mode == Mode::Ports {
+                    "bring a port of a granted HCA to ACTIVE/LinkUp (see the ports checks), or use --health nodes"
+                } else {
+                    "load the RDMA drivers so /dev/infiniband/uverbs* exists"
+                },
+            )
+        });
+    }
     checks.push(kubelet(cfg));
-    checks.push(plugin(cfg));
+    for (u, _) in &assessed {
+        checks.push(plugin(u));
+    }
     checks
 }
 

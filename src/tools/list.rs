@@ -24,7 +24,26 @@ struct Report<'a> {
 }
 
 /// Renders the report; `Err` when the device directory cannot be listed at all.
+/// Every resource's report: one as today (the drop-in), several one after the other (JSON: an
+/// object with `resources`).
 pub fn report(cfg: &Config, json: bool) -> Result<String, nodes::Error> {
+    let units = cfg.units();
+    let mut parts = Vec::new();
+    for unit in &units {
+        parts.push(report_one(unit, json)?);
+    }
+    if parts.len() == 1 {
+        return Ok(parts.remove(0));
+    }
+    Ok(if json {
+        let trimmed: Vec<&str> = parts.iter().map(|p| p.trim_end()).collect();
+        format!("{{\"resources\":[{}]}}\n", trimmed.join(","))
+    } else {
+        parts.join("\n========\n\n")
+    })
+}
+
+fn report_one(cfg: &Config, json: bool) -> Result<String, nodes::Error> {
     let h = host::scan(&cfg.host_root, &cfg.sysfs, cfg.selection())?;
     let mut monitor = PortMonitor::new(cfg.hold_down);
     let a = host::assess(
@@ -69,6 +88,9 @@ fn as_table(r: &Report<'_>) -> String {
     let cfg = r.cfg;
     let mut out = String::new();
     let _ = writeln!(out, "resource  {}", cfg.resource_name);
+    if cfg.per_hca {
+        let _ = writeln!(out, "devices   one per HCA");
+    }
     let _ = writeln!(out, "socket    {}", cfg.socket_path().display());
     let _ = writeln!(out, "root      {}", cfg.host_root.display());
     let _ = writeln!(out, "sysfs     {}", cfg.sysfs.display());
@@ -95,7 +117,7 @@ fn as_table(r: &Report<'_>) -> String {
             Some(Verdict::Selected) | None => "granted".to_string(),
             Some(Verdict::Excluded(why)) => format!("not granted: {why}"),
         };
-        let _ = writeln!(out, "\nHCA {}  {granted}", hca.name);
+        let _ = writeln!(out, "\nHCA {} ({})  {granted}", hca.name, host::hca_id(hca));
         for p in &hca.ports {
             let link = p.link_layer.as_ref().map_or("?", |l| l.as_str());
             let rate = p.rate.as_deref().unwrap_or("?");
@@ -203,8 +225,9 @@ fn hca_json(r: &Report<'_>, hca: &Hca) -> String {
         )
     }));
     format!(
-        "{{\"name\":{},\"granted\":{granted},\"why_not\":{},\"ports\":{ports},\"numa_node\":{},\"pci_address\":{},\"pci_path\":{},\"pci_id\":{},\"node_guid\":{},\"fw_ver\":{},\"netdevs\":{},\"nodes\":{nodes}}}",
+        "{{\"name\":{},\"id\":{},\"granted\":{granted},\"why_not\":{},\"ports\":{ports},\"numa_node\":{},\"pci_address\":{},\"pci_path\":{},\"pci_id\":{},\"node_guid\":{},\"fw_ver\":{},\"netdevs\":{},\"nodes\":{nodes}}}",
         quote(&hca.name),
+        quote(&host::hca_id(hca)),
         opt(why),
         hca.numa_node().map_or("null".into(), |n| n.to_string()),
         opt(pci.map(|p| p.address.as_str())),
