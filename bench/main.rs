@@ -363,6 +363,111 @@ fn port_down_to_unhealthy(rows: &mut Vec<Row>) {
     });
 }
 
+/// Four resources from one process over 16 HCAs: kubelet restart -> all four registered again;
+/// per-HCA Allocate and preferred allocation latency.
+fn several_resources(rows: &mut Vec<Row>) {
+    let host = sixteen_hcas("bench-4res");
+    let first: Vec<String> = (0..8).map(|i| format!("mlx5_{i}")).collect();
+    let second: Vec<String> = (8..16).map(|i| format!("mlx5_{i}")).collect();
+    let specs = [
+        "jarvice.com/rdma".to_string(),
+        "jarvice.com/rdma4,shares=4".to_string(),
+        format!("jarvice.com/ib,mode=per-hca,hcas={}", first.join(";")),
+        format!("jarvice.com/ib2,mode=per-hca,hcas={}", second.join(";")),
+    ];
+    let names = [
+        "jarvice.com/rdma",
+        "jarvice.com/rdma4",
+        "jarvice.com/ib",
+        "jarvice.com/ib2",
+    ];
+    let mut args: Vec<&str> = Vec::new();
+    for s in &specs {
+        args.push("--resource");
+        args.push(s);
+    }
+    let mut kubelet = FakeKubelet::start(&host.plugin_dir());
+    let _plugin = Plugin::start_with(&host, &args, |cmd| {
+        cmd.env("RUST_LOG", "info");
+    });
+    for n in names {
+        kubelet.wait_list(n, "a list", |l| !l.devices.is_empty());
+    }
+    let mut samples = Vec::new();
+    let mut extra = 0;
+    for _ in 0..20 {
+        kubelet.stop_in_place();
+        let t0 = Instant::now();
+        kubelet = FakeKubelet::start(&host.plugin_dir());
+        assert!(wait_for(WAIT, || names
+            .iter()
+            .all(|n| kubelet.registers_of(n) >= 1)));
+        samples.push(ms(t0.elapsed()));
+        for n in names {
+            kubelet.wait_list(n, "a list", |l| !l.devices.is_empty());
+        }
+        thread::sleep(Duration::from_millis(300));
+        extra += names
+            .iter()
+            .map(|n| kubelet.registers_of(n) - 1)
+            .sum::<usize>();
+    }
+    rows.push(Row {
+        what: "kubelet restart -> all 4 resources registered again (16 HCAs)".into(),
+        value: format!("{}; extra Register calls: {extra}", summary(samples)),
+        target: "each resource once",
+    });
+
+    let ib = kubelet.wait_list("jarvice.com/ib", "8 devices", |l| l.devices.len() == 8);
+    let id = ib.devices[3].ID.clone();
+    let client = plugin_client(&host.plugin_dir().join("ib.sock"));
+    let mut lat = Vec::new();
+    for _ in 0..1000 {
+        let t = Instant::now();
+        client
+            .allocate_opt(&alloc_request(&[&[&id]]), opt())
+            .unwrap();
+        lat.push(ms(t.elapsed()));
+    }
+    rows.push(Row {
+        what: "Allocate of one per-HCA device (16 HCAs in sysfs, read live)".into(),
+        value: summary(lat),
+        target: "",
+    });
+}
+
+fn preferred_sixteen(rows: &mut Vec<Row>) {
+    let host = sixteen_hcas("bench-pref");
+    let kubelet = FakeKubelet::start(&host.plugin_dir());
+    let _plugin = Plugin::start_with(
+        &host,
+        &["--resource", "jarvice.com/ib,mode=per-hca"],
+        |cmd| {
+            cmd.env("RUST_LOG", "info");
+        },
+    );
+    let list = kubelet.wait_list("jarvice.com/ib", "16 devices", |l| l.devices.len() == 16);
+    let all: Vec<String> = list.devices.iter().map(|d| d.ID.clone()).collect();
+    let client = plugin_client(&host.plugin_dir().join("ib.sock"));
+    let mut req = rdma_plugin::kubelet::api::PreferredAllocationRequest::new();
+    let mut c = rdma_plugin::kubelet::api::ContainerPreferredAllocationRequest::new();
+    c.available_deviceIDs = all;
+    c.allocation_size = 4;
+    req.container_requests.push(c);
+    let mut lat = Vec::new();
+    for _ in 0..1000 {
+        let t = Instant::now();
+        client.get_preferred_allocation_opt(&req, opt()).unwrap();
+        lat.push(ms(t.elapsed()));
+    }
+    rows.push(Row {
+        what: "GetPreferredAllocation, 4 of 16 per-HCA devices (sysfs read, NUMA/PCIe choice)"
+            .into(),
+        value: summary(lat),
+        target: "",
+    });
+}
+
 /// Idle wake-ups with HCAs in sysfs: `ports` mode reads them every interval (the one wake-up
 /// allowed), `nodes` mode only on events.
 fn idle_health_modes(rows: &mut Vec<Row>) {
@@ -500,6 +605,8 @@ fn main() {
     discovery_time(&mut rows);
     hca_discovery_time(&mut rows);
     port_down_to_unhealthy(&mut rows);
+    several_resources(&mut rows);
+    preferred_sixteen(&mut rows);
     idle_health_modes(&mut rows);
     idle_and_streams(&mut rows);
 
