@@ -433,12 +433,28 @@ pub fn set_umask(mask: libc::mode_t) {
     unsafe { libc::umask(mask) };
 }
 
-/// Ends the process `secs` seconds from now through SIGALRM's default action, unless it has
-/// exited by then: the last word when a shutdown hangs.
+/// Ends the process `secs` seconds from now unless it has exited by then: the last word when a
+/// shutdown hangs (gRPC without threads left cannot finish one). The SIGALRM handler writes one
+/// line and exits 0: the stop was asked for, and our sockets were removed before gRPC was.
 pub fn arm_exit_watchdog(secs: libc::c_uint) {
-    // SAFETY: alarm cannot fail and touches no memory; SIGALRM is not in our blocked set, so
-    // its default action (terminate) applies.
-    unsafe { libc::alarm(secs) };
+    extern "C" fn on_alarm(_: libc::c_int) {
+        const MSG: &[u8] =
+            b"[WARN ] shutdown still running after the exit watchdog's time: exiting now\n";
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; MSG is a static buffer.
+        unsafe {
+            libc::write(2, MSG.as_ptr().cast(), MSG.len());
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: sigaction with a zeroed struct, a valid handler and an empty mask; alarm cannot
+    // fail. SIGALRM is not in our blocked set, so the handler runs on whichever thread it hits.
+    unsafe {
+        let mut sa: libc::sigaction = mem::zeroed();
+        sa.sa_sigaction = on_alarm as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGALRM, &sa, std::ptr::null_mut());
+        libc::alarm(secs);
+    }
 }
 
 /// glibc reserves 64 MiB of address space for each malloc arena and makes up to 8 per core as

@@ -422,3 +422,30 @@ fn the_largest_answer_stays_within_the_daemonsets_memory_limit() {
         "peak RSS {peak} KiB over the DaemonSet's 64 MiB limit"
     );
 }
+
+#[test]
+fn sigterm_ends_the_process_even_when_grpc_has_no_threads() {
+    if under_emulation() {
+        eprintln!("under an emulator RLIMIT_AS binds the emulator's guest space: skipped");
+        return;
+    }
+    // 60 MB of address space: the glibc build serves, but gRPC cannot start all its threads,
+    // and its shutdown then never completes (the musl build may get its threads: either way
+    // the process must end within seconds, with its socket removed).
+    let host = Host::new("nothreads");
+    let mut plugin = Plugin::start_with(&host, &[], with_limit(Rlimit::As, 60 << 20, 60 << 20));
+    assert!(
+        wait_for(WAIT, || host.socket().exists()),
+        "{}",
+        plugin.log_text()
+    );
+    let t0 = Instant::now();
+    plugin.signal(libc::SIGTERM);
+    let status = plugin
+        .wait_exit(Duration::from_secs(10))
+        .expect("ends within seconds");
+    eprintln!("exited after {:?}: {status}", t0.elapsed());
+    assert!(status.success(), "{status}");
+    assert!(plugin.log_text().contains("signal 15 received"));
+    assert!(!host.socket().exists(), "our socket removed");
+}
