@@ -581,6 +581,15 @@ fn parse_specs(specs: &[String]) -> Result<Vec<ResourceSpec>, UsageError> {
                 other.name
             )));
         }
+        let short = |n: &str| n.split_once('/').map_or(n, |(_, s)| s).to_string();
+        if let Some(other) = out.iter().find(|o| short(&o.name) == short(&spec.name)) {
+            return Err(UsageError(format!(
+                "--resource {raw:?}: {} and {} end in the same name: their device IDs ({}-0, ...) would collide",
+                other.name,
+                spec.name,
+                short(&spec.name)
+            )));
+        }
         if let Some(other) = out.iter().find(|o| o.socket_name == spec.socket_name) {
             return Err(UsageError(format!(
                 "--resource {raw:?}: socket {} is {}'s already; give one with socket=NAME",

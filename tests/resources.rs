@@ -310,6 +310,15 @@ fn bad_specs_and_overlapping_per_hca_resources_exit_2() {
         ),
         (
             &["--resource", "a.com/x", "--resource", "b.com/x"],
+            "device IDs (x-0, ...) would collide",
+        ),
+        (
+            &[
+                "--resource",
+                "a.com/x",
+                "--resource",
+                "a.com/y,socket=x.sock",
+            ],
             "give one with socket=NAME",
         ),
         (
@@ -366,10 +375,10 @@ fn cdi_specs_are_written_kept_current_and_removed_and_allocate_names_them() {
         text,
         format!(
             "{{\"cdiVersion\":\"0.6.0\",\"kind\":\"jarvice.com/ib\",\"devices\":[\
-             {{\"name\":\"{zero}\",\"containerEdits\":{{\"env\":[\"JARVICE_RDMA_HCAS=mlx5_0\"],\"deviceNodes\":[\
+             {{\"name\":\"{zero}\",\"containerEdits\":{{\"deviceNodes\":[\
              {{\"path\":\"/dev/infiniband/uverbs1\",\"permissions\":\"rw\"}},\
              {{\"path\":\"/dev/infiniband/rdma_cm\",\"permissions\":\"rw\"}}]}}}},\
-             {{\"name\":\"{one}\",\"containerEdits\":{{\"env\":[\"JARVICE_RDMA_HCAS=mlx5_1\"],\"deviceNodes\":[\
+             {{\"name\":\"{one}\",\"containerEdits\":{{\"deviceNodes\":[\
              {{\"path\":\"/dev/infiniband/uverbs0\",\"permissions\":\"rw\"}},\
              {{\"path\":\"/dev/infiniband/rdma_cm\",\"permissions\":\"rw\"}}]}}}}]}}\n"
         )

@@ -61,6 +61,32 @@ pub fn hca_id(hca: &sysfs::Hca) -> String {
     }
 }
 
+/// Every HCA's ID ([`hca_id`]), unique over the host: a GUID that several HCAs share (virtual
+/// functions may) identifies none of them, so each of those takes its PCI address. Computed
+/// over all HCAs, not per resource, so an ID means the same HCA whatever the names' order and
+/// whichever resource advertises it.
+pub fn hca_ids(hcas: &sysfs::Hcas) -> std::collections::HashMap<String, String> {
+    let mut count: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for h in &hcas.list {
+        *count.entry(hca_id(h)).or_default() += 1;
+    }
+    hcas.list
+        .iter()
+        .map(|h| {
+            let id = hca_id(h);
+            let id = if count[&id] > 1 {
+                match &h.pci {
+                    Some(p) => format!("pci-{}", p.address),
+                    None => format!("name-{}", h.name),
+                }
+            } else {
+                id
+            };
+            (h.name.clone(), id)
+        })
+        .collect()
+}
+
 /// One reading of the host and what it means for a resource: what is granted, its health, and
 /// the ports whose reported state changed since the last reading.
 #[derive(Clone, Debug)]

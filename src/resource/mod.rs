@@ -102,27 +102,12 @@ impl Devices {
                 .collect(),
             Devices::PerHca(_) => per_hca::devices(a.host, a.grant)
                 .into_iter()
-                .map(|d| {
-                    let name = d.hca.name.clone();
-                    cdi::CdiDevice {
-                        name: d.id,
-                        nodes: a
-                            .grant
-                            .nodes
-                            .nodes
-                            .iter()
-                            .filter(|n| {
-                                n.hca.as_deref() == Some(name.as_str())
-                                    || n.hca.is_none()
-                                        && matches!(
-                                            n.kind,
-                                            crate::host::nodes::Kind::RdmaCm
-                                                | crate::host::nodes::Kind::Knem
-                                        )
-                            })
-                            .collect(),
-                        env: vec![(per_hca::HCAS_ENV.to_string(), name)],
-                    }
+                .map(|d| cdi::CdiDevice {
+                    nodes: per_hca::nodes_of(&[d.hca], a.grant),
+                    name: d.id,
+                    // No env here: CDI env edits of several devices replace each other, so a
+                    // pod with two HCAs would see one. Allocate's envs name them all.
+                    env: Vec::new(),
                 })
                 .collect(),
         }

@@ -23,24 +23,40 @@ pub struct HcaDevice<'a> {
     pub hca: &'a Hca,
 }
 
-/// The devices of `grant` on `host`, in HCA order. IDs are unique: an HCA whose GUID another
-/// one shares (virtual functions may) falls back to its PCI address.
+/// The devices of `grant` on `host`, in HCA order, with the IDs [`host::hca_ids`] gives over the
+/// whole host (so no two resources of the process advertise one ID).
 pub fn devices<'a>(host: &'a Host, grant: &Grant) -> Vec<HcaDevice<'a>> {
-    let mut out: Vec<HcaDevice<'a>> = Vec::new();
-    for name in &grant.hcas {
-        let Some(hca) = host.hcas.get(name) else {
-            continue;
-        };
-        let mut id = host::hca_id(hca);
-        if out.iter().any(|d| d.id == id) {
-            id = match &hca.pci {
-                Some(p) => format!("pci-{}", p.address),
-                None => format!("name-{}", hca.name),
-            };
-        }
-        out.push(HcaDevice { id, hca });
-    }
-    out
+    let ids = host::hca_ids(&host.hcas);
+    grant
+        .hcas
+        .iter()
+        .filter_map(|name| {
+            let hca = host.hcas.get(name)?;
+            Some(HcaDevice {
+                id: ids.get(name)?.clone(),
+                hca,
+            })
+        })
+        .collect()
+}
+
+/// What per-HCA devices of `hcas` grant: their `uverbs` (and `umad`/`issm`) nodes, then
+/// `rdma_cm` and `knem`, in discovery order.
+pub fn nodes_of<'a>(hcas: &[&Hca], grant: &'a Grant) -> Vec<&'a DeviceNode> {
+    let mut nodes: Vec<&DeviceNode> = grant
+        .nodes
+        .nodes
+        .iter()
+        .filter(|n| match n.kind {
+            Kind::RdmaCm | Kind::Knem => true,
+            _ => n
+                .hca
+                .as_ref()
+                .is_some_and(|h| hcas.iter().any(|x| &x.name == h)),
+        })
+        .collect();
+    nodes.sort_by_key(|n| n.kind);
+    nodes
 }
 
 /// Per-HCA allocation options.
@@ -95,12 +111,6 @@ impl PerHca {
             None => "no device right now".to_string(),
             Some(d) => format!("{} per-HCA device(s), such as {}", devs.len(), d.id),
         };
-        let shared: Vec<&DeviceNode> = grant
-            .nodes
-            .nodes
-            .iter()
-            .filter(|n| matches!(n.kind, Kind::RdmaCm | Kind::Knem))
-            .collect();
         let mut resp = api::AllocateResponse::new();
         let mut total = 0;
         for (i, creq) in req.container_requests.iter().enumerate() {
@@ -121,22 +131,14 @@ impl PerHca {
                 }
             }
             hcas.sort_by(|a, b| crate::host::nodes::natural_cmp_str(&a.name, &b.name));
-            let mut nodes: Vec<DeviceNode> = grant
-                .nodes
-                .nodes
-                .iter()
-                .filter(|n| {
-                    n.hca
-                        .as_ref()
-                        .is_some_and(|h| hcas.iter().any(|x| &x.name == h))
-                })
-                .cloned()
-                .collect();
+            let nodes: Vec<DeviceNode> = nodes_of(&hcas, grant).into_iter().cloned().collect();
             if !nodes.iter().any(|n| n.kind == Kind::Uverbs) {
-                return Err(RequestError::NoVerbs);
+                let names: Vec<&str> = hcas.iter().map(|h| h.name.as_str()).collect();
+                return Err(RequestError::Discovery(format!(
+                    "no uverbs node for {} right now",
+                    names.join(", ")
+                )));
             }
-            nodes.extend(shared.iter().map(|n| (*n).clone()));
-            nodes.sort_by_key(|n| n.kind);
             total += nodes.len();
             if total > MAX_SPECS {
                 return Err(RequestError::TooLarge(format!(

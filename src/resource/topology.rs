@@ -3,7 +3,7 @@
 //! port or switch as those already chosen (what GPUDirect pairing looks for). Deterministic: the
 //! same request on the same host always gets the same answer. It is only a hint, never an error.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use crate::host::nodes::natural_cmp_str;
 
@@ -22,7 +22,9 @@ fn shared_prefix(a: &[String], b: &[String]) -> usize {
 }
 
 /// Picks `size` IDs: every `must` ID, then from `available` by placement. IDs `place` does not
-/// know (not ours, or gone) are taken last, in natural order: Allocate decides about them.
+/// know (not ours, or gone) are taken last, in natural order: Allocate decides about them. The
+/// work is linear in the request and quadratic only in the devices `place` knows (the HCAs of
+/// one node), so no request can make this slow.
 pub fn choose(
     must: &[String],
     available: &[String],
@@ -30,73 +32,113 @@ pub fn choose(
     place: impl Fn(&str) -> Option<Place>,
 ) -> Vec<String> {
     let mut chosen: Vec<String> = Vec::new();
+    let mut taken: HashSet<&str> = HashSet::new();
     for id in must {
-        if !chosen.contains(id) {
+        if taken.insert(id.as_str()) {
             chosen.push(id.clone());
         }
     }
-    let mut pool: Vec<(String, Option<Place>)> = available
-        .iter()
-        .filter(|id| !chosen.contains(id))
-        .map(|id| (id.clone(), place(id)))
-        .collect();
+    // Known devices compete by placement; unknown ones only fill what is left.
+    let mut pool: Vec<(String, Place)> = Vec::new();
+    let mut unknown: Vec<&String> = Vec::new();
+    for id in available {
+        if !taken.insert(id.as_str()) {
+            continue;
+        }
+        match place(id) {
+            Some(p) => pool.push((id.clone(), p)),
+            None => unknown.push(id),
+        }
+    }
     pool.sort_by(|a, b| natural_cmp_str(&a.0, &b.0));
-    pool.dedup_by(|a, b| a.0 == b.0);
+    unknown.sort_by(|a, b| natural_cmp_str(a, b));
+    let mut placed: Vec<Place> = chosen.iter().filter_map(|id| place(id)).collect();
 
     // With nothing chosen yet, start in the NUMA node that can hold the most of the request.
-    if chosen.is_empty() && size > 0 {
-        let mut per_numa: BTreeMap<Option<i64>, usize> = BTreeMap::new();
-        for (_, p) in &pool {
-            if let Some(p) = p.as_ref().filter(|p| p.healthy) {
-                *per_numa.entry(p.numa).or_default() += 1;
-            }
-        }
-        // Most HCAs first; on a tie the lowest NUMA node (known before unknown).
-        let best = per_numa
-            .iter()
-            .max_by(|a, b| {
-                a.1.min(&size)
-                    .cmp(b.1.min(&size))
-                    .then_with(|| b.0.is_some().cmp(&a.0.is_some()).reverse())
-                    .then_with(|| b.0.cmp(a.0))
-            })
-            .map(|(n, _)| *n);
-        if let Some(numa) = best {
-            if let Some(i) = pool
-                .iter()
-                .position(|(_, p)| p.as_ref().is_some_and(|p| p.healthy && p.numa == numa))
-            {
-                chosen.push(pool.remove(i).0);
-            }
+    if placed.is_empty() && chosen.len() < size {
+        if let Some(i) = seed(&pool, size) {
+            let (id, p) = pool.remove(i);
+            chosen.push(id);
+            placed.push(p);
         }
     }
     while chosen.len() < size && !pool.is_empty() {
-        let placed: Vec<Place> = chosen.iter().filter_map(|id| place(id)).collect();
         let numas: Vec<Option<i64>> = placed.iter().map(|p| p.numa).collect();
-        // Lower is better: unknown last, unhealthy after healthy, a new NUMA node after the
-        // ones in use, then the longest PCI path shared with what is chosen, then ID order
-        // (the pool is sorted, and min_by_key keeps the first of equals).
+        // Healthy before unhealthy; a NUMA node in use before a new one (and among new ones,
+        // the one that can still supply the most); then the longest PCI path shared with what
+        // is chosen; then ID order (the pool is sorted, and min_by_key keeps the first).
+        let left = |numa: Option<i64>| {
+            pool.iter()
+                .filter(|(_, p)| p.healthy && p.numa == numa)
+                .count()
+        };
         let i = pool
             .iter()
             .enumerate()
-            .min_by_key(|(_, (_, p))| match p {
-                None => (2, 1, 0usize),
-                Some(p) => (
+            .min_by_key(|(_, (_, p))| {
+                let new_numa = !numas.is_empty() && !numas.contains(&p.numa);
+                (
                     u8::from(!p.healthy),
-                    u8::from(!numas.is_empty() && !numas.contains(&p.numa)),
+                    u8::from(new_numa),
+                    if new_numa {
+                        usize::MAX - left(p.numa)
+                    } else {
+                        0
+                    },
                     usize::MAX
                         - placed
                             .iter()
                             .map(|c| shared_prefix(&c.path, &p.path))
                             .max()
                             .unwrap_or(0),
-                ),
+                )
             })
             .map(|(i, _)| i)
             .unwrap_or(0);
-        chosen.push(pool.remove(i).0);
+        let (id, p) = pool.remove(i);
+        chosen.push(id);
+        placed.push(p);
+    }
+    for id in unknown {
+        if chosen.len() >= size {
+            break;
+        }
+        chosen.push(id.clone());
     }
     chosen
+}
+
+/// The first pick: in the NUMA node whose healthy devices can hold most of `size` (on a tie
+/// the lowest node, known before unknown), the device with the most neighbours under the same
+/// switch.
+fn seed(pool: &[(String, Place)], size: usize) -> Option<usize> {
+    let mut per_numa: BTreeMap<Option<i64>, usize> = BTreeMap::new();
+    for (_, p) in pool.iter().filter(|(_, p)| p.healthy) {
+        *per_numa.entry(p.numa).or_default() += 1;
+    }
+    let numa = per_numa
+        .iter()
+        .max_by(|a, b| {
+            a.1.min(&size)
+                .cmp(b.1.min(&size))
+                .then_with(|| a.0.is_some().cmp(&b.0.is_some()))
+                .then_with(|| b.0.cmp(a.0))
+        })
+        .map(|(n, _)| *n)?;
+    let neighbours = |p: &Place| {
+        pool.iter()
+            .filter(|(_, q)| {
+                q.healthy && q.numa == numa && shared_prefix(&q.path, &p.path) + 1 >= p.path.len()
+            })
+            .count()
+    };
+    pool.iter()
+        .enumerate()
+        .filter(|(_, (_, p))| p.healthy && p.numa == numa)
+        .max_by(|(ia, (_, a)), (ib, (_, b))| {
+            neighbours(a).cmp(&neighbours(b)).then_with(|| ib.cmp(ia))
+        })
+        .map(|(i, _)| i)
 }
 
 #[cfg(test)]

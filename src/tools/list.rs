@@ -21,6 +21,8 @@ struct Report<'a> {
     health: Health,
     list: api::ListAndWatchResponse,
     specs: Vec<api::DeviceSpec>,
+    /// Each HCA's advertised per-HCA ID.
+    ids: std::collections::HashMap<String, String>,
 }
 
 /// Renders the report; `Err` when the device directory cannot be listed at all.
@@ -58,6 +60,7 @@ fn report_one(cfg: &Config, json: bool) -> Result<String, nodes::Error> {
     let specs = device_specs(&a.grant.nodes);
     let r = Report {
         cfg,
+        ids: host::hca_ids(&a.host.hcas),
         host: a.host,
         grant: a.grant,
         health: a.health,
@@ -117,7 +120,8 @@ fn as_table(r: &Report<'_>) -> String {
             Some(Verdict::Selected) | None => "granted".to_string(),
             Some(Verdict::Excluded(why)) => format!("not granted: {why}"),
         };
-        let _ = writeln!(out, "\nHCA {} ({})  {granted}", hca.name, host::hca_id(hca));
+        let id = r.ids.get(&hca.name).cloned().unwrap_or_default();
+        let _ = writeln!(out, "\nHCA {} ({id})  {granted}", hca.name);
         for p in &hca.ports {
             let link = p.link_layer.as_ref().map_or("?", |l| l.as_str());
             let rate = p.rate.as_deref().unwrap_or("?");
@@ -227,7 +231,7 @@ fn hca_json(r: &Report<'_>, hca: &Hca) -> String {
     format!(
         "{{\"name\":{},\"id\":{},\"granted\":{granted},\"why_not\":{},\"ports\":{ports},\"numa_node\":{},\"pci_address\":{},\"pci_path\":{},\"pci_id\":{},\"node_guid\":{},\"fw_ver\":{},\"netdevs\":{},\"nodes\":{nodes}}}",
         quote(&hca.name),
-        quote(&host::hca_id(hca)),
+        quote(r.ids.get(&hca.name).map_or("", String::as_str)),
         opt(why),
         hca.numa_node().map_or("null".into(), |n| n.to_string()),
         opt(pci.map(|p| p.address.as_str())),
