@@ -533,6 +533,12 @@ fn config_from(m: &getopts::Matches) -> Result<Config, UsageError> {
         c.socket_name = first.socket_name.clone();
     }
     for unit in c.units() {
+        if c.cdi && !crate::resource::cdi::valid_kind(&unit.resource_name) {
+            return Err(UsageError(format!(
+                "--cdi: {} is not a CDI kind (vendor/class: each starting with a letter, the class of letters, digits, '_' and '-')",
+                unit.resource_name
+            )));
+        }
         let len = unit.socket_path().as_os_str().len();
         if len > MAX_SOCKET_PATH {
             return Err(UsageError(format!(

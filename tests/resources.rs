@@ -366,8 +366,8 @@ fn cdi_specs_are_written_kept_current_and_removed_and_allocate_names_them() {
     args.extend(["--cdi", "--cdi-dir", &cdi_arg]);
     let mut plugin = Plugin::start(&host, &args);
     kubelet.wait_list(IB, "two devices", |l| l.devices.len() == 2);
-    let ib_spec = cdi_dir.join("jarvice.com-ib.json");
-    let rdma_spec = cdi_dir.join("jarvice.com-rdma.json");
+    let ib_spec = cdi_dir.join("jarvice.com_ib.json");
+    let rdma_spec = cdi_dir.join("jarvice.com_rdma.json");
     assert!(wait_for(WAIT, || ib_spec.exists() && rdma_spec.exists()));
     let (zero, one) = (id_of(&MockHca::connectx(0)), id_of(&MockHca::connectx(1)));
     let text = fs::read_to_string(&ib_spec).unwrap();
@@ -455,7 +455,7 @@ fn cdi_specs_give_character_devices_their_numbers() {
     let kubelet = FakeKubelet::start(&host.plugin_dir());
     let _plugin = Plugin::start(&host, &["--cdi", "--cdi-dir", &out]);
     kubelet.expect_registered();
-    let spec = cdi_dir.join("jarvice.com-rdma.json");
+    let spec = cdi_dir.join("jarvice.com_rdma.json");
     assert!(wait_for(WAIT, || spec.exists()));
     assert!(fs::read_to_string(&spec).unwrap().contains(
         "{\"path\":\"/dev/infiniband/uverbs0\",\"type\":\"c\",\"major\":231,\"minor\":192,\"permissions\":\"rw\"}"
@@ -516,4 +516,27 @@ fn list_probe_and_diagnose_cover_every_resource() {
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
+}
+
+#[test]
+fn cdi_kinds_are_checked_and_an_unwritable_spec_dir_falls_back_to_device_specs() {
+    let host = Host::new("cdibad");
+    let out = run(&host, &["--cdi", "--resource", "jarvice.com/ib.hdr"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a CDI kind"));
+
+    // A file where the spec dir should be: no spec, so no CDI names either.
+    let blocker = host.tmp.path().join("notadir");
+    fs::write(&blocker, b"").unwrap();
+    let dir = blocker.join("cdi").display().to_string();
+    let kubelet = FakeKubelet::start(&host.plugin_dir());
+    let plugin = Plugin::start(&host, &["--cdi", "--cdi-dir", &dir]);
+    kubelet.expect_registered();
+    assert!(plugin.wait_log("answering with device specs meanwhile"));
+    let resp = plugin_client(&host.socket())
+        .allocate_opt(&alloc_request(&[&["rdma-0"]]), opt())
+        .unwrap();
+    let c = &resp.container_responses[0];
+    assert!(c.cdi_devices.is_empty());
+    assert_eq!(c.devices.len(), 3);
 }

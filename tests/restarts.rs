@@ -131,3 +131,22 @@ fn the_stale_kubelet_sock_then_our_socket_then_a_new_one() {
 fn a_kubelet_that_does_not_clean_the_dir() {
     one_register_per_restart(Order::NoClean);
 }
+
+#[test]
+fn a_chmod_of_kubelet_sock_is_not_a_new_kubelet() {
+    let host = Host::new("chmod");
+    let kubelet = FakeKubelet::start(&host.plugin_dir());
+    let plugin = Plugin::start(&host, &[]);
+    assert_eq!(until_listed(&kubelet), 1);
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(
+        host.plugin_dir().join("kubelet.sock"),
+        fs::Permissions::from_mode(0o660),
+    )
+    .unwrap();
+    // Something else wakes the loop (a device node), and a self-check would look too.
+    host.add_node("uverbs7");
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(kubelet.registrations(), 0, "no second Register");
+    assert!(!plugin.log_text().contains("panicked"));
+}

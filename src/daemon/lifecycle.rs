@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use grpcio::EnvBuilder;
-use log::{debug, warn};
+use log::{debug, info, warn};
 
 use crate::config::Config;
 use crate::daemon::unit::Unit;
@@ -28,7 +28,7 @@ const SIGNALS: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT, l
 /// SIGHUP restarts at most this often; the ones in between are merged into the next.
 const HUP_SPACING: Duration = Duration::from_millis(100);
 /// After a termination signal, the process ends within this even if gRPC hangs in shutdown
-/// (SIGALRM's default action; our sockets are removed before gRPC is asked to stop).
+/// (a SIGALRM handler exits; every socket and CDI spec is removed before any server stops).
 const EXIT_WATCHDOG_SECS: libc::c_uint = 5;
 
 #[derive(Debug)]
@@ -127,6 +127,33 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         .map(|c| Unit::new(c, &env))
         .collect::<Result<Vec<Unit>, Error>>()?;
 
+    let result = drive(&cfg, &mut units, &mut watcher, &signals);
+    if result.is_err() {
+        // Whatever stopped us, no socket or CDI spec of ours stays behind.
+        stop_all(&mut units);
+    }
+    result
+}
+
+/// Socket and CDI spec of every unit first, then every server: a server that hangs in its
+/// shutdown cannot leave another unit's files behind when the watchdog ends the process.
+fn stop_all(units: &mut [Unit]) {
+    for u in units.iter_mut() {
+        u.withdraw();
+    }
+    for u in units.iter_mut() {
+        info!("stopping {}", u.resource_name());
+        u.stop();
+    }
+}
+
+/// The loop: until a termination signal (`Ok`) or an error.
+fn drive(
+    cfg: &Config,
+    units: &mut [Unit],
+    watcher: &mut Watcher,
+    signals: &SignalFd,
+) -> Result<(), Error> {
     let self_check = |now: Instant| (!cfg.self_check.is_zero()).then(|| now + cfg.self_check);
     let mut next_check = self_check(Instant::now());
     // Kept across iterations, so frequent unrelated events cannot postpone it for ever.
@@ -136,18 +163,18 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         let now = Instant::now();
         if hup_at.is_some_and(|t| t <= now) {
             hup_at = None;
-            for u in &mut units {
+            for u in units.iter_mut() {
                 u.restart("SIGHUP")?;
             }
         }
         if next_check.is_some_and(|t| t <= now) {
             let changes = watcher.refresh();
-            for u in &mut units {
+            for u in units.iter_mut() {
                 u.self_check(changes)?;
             }
             next_check = self_check(now);
         }
-        for u in &mut units {
+        for u in units.iter_mut() {
             u.tick(now)?;
         }
         if watcher.complete() {
@@ -162,7 +189,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             .min();
         // signalfd, then two per unit (Register outcome, stream ended), then inotify.
         let mut fds = vec![signals.as_raw_fd()];
-        for u in &units {
+        for u in units.iter() {
             fds.push(u.registrar.as_raw_fd());
             fds.push(u.client_left.as_raw_fd());
         }
@@ -174,14 +201,13 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         })?;
 
         if ready[0] {
-            match read_signals(&signals) {
+            match read_signals(signals) {
                 Signals::Stop(sig) => {
                     // Armed first: a gRPC that cannot shut down (no threads left, say) must not
                     // keep a rolling update waiting for its SIGKILL.
                     sys::arm_exit_watchdog(EXIT_WATCHDOG_SECS);
-                    for u in &mut units {
-                        u.stop(sig);
-                    }
+                    info!("signal {sig} received: stopping");
+                    stop_all(units);
                     return Ok(());
                 }
                 Signals::Hup if hup_at.is_none() => {
@@ -192,7 +218,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
                             hup_at = Some(t);
                         }
                         _ => {
-                            for u in &mut units {
+                            for u in units.iter_mut() {
                                 u.restart("SIGHUP")?;
                             }
                         }
@@ -211,7 +237,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         }
         if ready.get(1 + 2 * units.len()) == Some(&true) {
             let changes = watcher.read();
-            for u in &mut units {
+            for u in units.iter_mut() {
                 u.on_changes(changes)?;
             }
         }
@@ -220,7 +246,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             // No inotify for some directory: look for it again, rescan, check the sockets
             // (and, at the next tick, whether kubelet.sock is there to register with).
             let changes = watcher.refresh();
-            for u in &mut units {
+            for u in units.iter_mut() {
                 u.self_check(changes)?;
             }
         }

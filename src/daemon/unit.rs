@@ -94,8 +94,9 @@ pub struct Unit {
     last_failure: Option<String>,
     /// When this unit last restarted serving (SIGHUPs are spaced from it).
     pub last_restart: Option<Instant>,
-    /// The CDI spec last written (with `--cdi`), to rewrite only on a change.
-    cdi_written: Option<String>,
+    /// The CDI spec last written (with `--cdi`), to rewrite only on a change, and the file's
+    /// device and inode, to remove only ours.
+    cdi_written: Option<(String, (u64, u64))>,
 }
 
 impl Unit {
@@ -207,9 +208,19 @@ impl Unit {
         // binds its own) or one whose kubelet is between bind and listen: a Register started
         // now could reach the new kubelet just before its creation event asks for another.
         // Ask again shortly; its replacement brings an event at once.
-        if !sys::socket_answers(&self.cfg.kubelet_socket()).unwrap_or(false) {
+        // An error other than "refused" (EMFILE, EACCES) is no reason to wait: Register
+        // itself then says what is wrong.
+        if let Ok(false) = sys::socket_answers(&self.cfg.kubelet_socket()) {
             let delay = self.backoff.next();
-            debug!("kubelet.sock does not answer (yet); looking again in {delay:?}");
+            let what = format!(
+                "{} exists but nothing answers on it (an old kubelet's, or one starting)",
+                self.cfg.kubelet_socket().display()
+            );
+            if self.last_failure.as_deref() != Some(what.as_str()) {
+                info!("{what}: registering when a kubelet answers");
+                self.last_failure = Some(what);
+            }
+            debug!("kubelet.sock does not answer; looking again in {delay:?}");
             self.retry_at = Some(Instant::now() + delay);
             return;
         }
@@ -256,48 +267,71 @@ impl Unit {
         }
         let devices = self.settings.resource.cdi_devices(&now.host, &now.grant);
         let text = cdi::render(&self.cfg.resource_name, &devices, &self.cfg.host_root);
-        if self.cdi_written.as_deref() == Some(text.as_str()) {
+        if self.cdi_written.as_ref().is_some_and(|(t, _)| *t == text) {
             return;
         }
         let path = cdi::spec_path(&self.cfg.cdi_dir, &self.cfg.resource_name);
         match cdi::write_atomic(&path, &text) {
-            Ok(()) => {
+            Ok(id) => {
                 info!(
                     "wrote CDI spec {} ({} device(s))",
                     path.display(),
                     devices.len()
                 );
-                self.cdi_written = Some(text);
+                self.cdi_written = Some((text, id));
+                self.settings.set_cdi_ready(true);
             }
-            Err(e) => warn!("cannot write CDI spec {}: {e}", path.display()),
+            Err(e) => {
+                // Until a spec is written, Allocate answers with device specs: a CDI name no
+                // spec defines would fail every pod.
+                warn!(
+                    "cannot write CDI spec {}: {e}; answering with device specs meanwhile",
+                    path.display()
+                );
+                self.cdi_written = None;
+                self.settings.set_cdi_ready(false);
+            }
         }
     }
 
     /// Removes this resource's CDI spec (at exit): no runtime should resolve names we no
     /// longer serve.
     fn remove_cdi(&mut self) {
-        if self.cdi_written.take().is_none() {
+        let Some((_, ours)) = self.cdi_written.take() else {
+            return;
+        };
+        self.settings.set_cdi_ready(false);
+        let path = cdi::spec_path(&self.cfg.cdi_dir, &self.cfg.resource_name);
+        // Only the file we wrote: a newer instance (a rolling update with surge) may have
+        // replaced it with its own.
+        if cdi::file_id(&path) != Some(ours) {
+            debug!(
+                "{} is no longer our CDI spec: leaving it alone",
+                path.display()
+            );
             return;
         }
-        let path = cdi::spec_path(&self.cfg.cdi_dir, &self.cfg.resource_name);
         match std::fs::remove_file(&path) {
             Ok(()) => info!("removed CDI spec {}", path.display()),
             Err(e) => warn!("cannot remove CDI spec {}: {e}", path.display()),
         }
     }
 
-    /// Stops serving for good: a watchdog first, so a gRPC that cannot shut down (no threads
-    /// left, say) cannot keep a rolling update waiting for its SIGKILL.
-    pub fn stop(&mut self, sig: libc::c_int) {
-        info!(
-            "signal {sig} received: stopping {} on {}",
-            self.cfg.resource_name,
-            self.cfg.socket_path().display()
-        );
+    /// The first half of stopping: our socket and CDI spec go, so nobody is sent to a server
+    /// that is stopping (done for every unit before any server is asked to stop, which may
+    /// hang).
+    pub fn withdraw(&mut self) {
+        if let Some(s) = &self.serving {
+            s.remove_socket();
+        }
+        self.remove_cdi();
+    }
+
+    /// Stops serving for good (after [`Unit::withdraw`]).
+    pub fn stop(&mut self) {
         if let Some(s) = self.serving.take() {
             s.stop();
         }
-        self.remove_cdi();
     }
 
     pub fn on_register_outcome(&mut self) {
@@ -363,6 +397,8 @@ impl Unit {
         }
         let now = Reading::take(&self.settings, &self.cfg, &mut self.monitor, Instant::now());
         self.schedule_health(&now);
+        // The spec first: the kubelet may allocate a new device as soon as it hears of it.
+        self.write_cdi(&now);
         if let Some(old) = &self.state {
             if now.news_since(old) {
                 if let Some(serving) = &self.serving {
@@ -371,7 +407,6 @@ impl Unit {
             }
             now.log_changes(&self.cfg, old);
         }
-        self.write_cdi(&now);
         self.state = Some(now);
     }
 
@@ -419,11 +454,17 @@ impl Unit {
     pub fn self_check(&mut self, mut changes: Changes) -> Result<(), Error> {
         changes.devices = true;
         self.on_changes(changes)?;
-        let answers = sys::socket_answers(&self.cfg.socket_path()).unwrap_or(false);
-        if self.serving.is_some() && !answers {
+        // Only a clear "nobody answers": a passing error (EMFILE) must not end the kubelet's
+        // stream by restarting the server.
+        let gone = matches!(sys::socket_answers(&self.cfg.socket_path()), Ok(false));
+        if self.serving.is_some() && gone {
             return self.restart("self-check: our socket is gone or not answering");
         }
-        self.check_streams();
+        // Not while a stream check is pending: it has its grace (the kubelet may be about to
+        // open ListAndWatch after a Register).
+        if self.stream_check_at.is_none() {
+            self.check_streams();
+        }
         Ok(())
     }
 

@@ -169,6 +169,7 @@ impl Watcher {
             debug!("inotify queue overflowed");
             changes.devices = true;
             changes.socket_removed = true;
+            changes.kubelet_restarted = true;
             return;
         }
         let gone = ev.mask & (libc::IN_IGNORED | libc::IN_DELETE_SELF | libc::IN_MOVE_SELF) != 0;

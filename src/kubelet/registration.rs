@@ -93,7 +93,9 @@ pub fn register(
 pub struct KubeletId {
     dev: u64,
     ino: u64,
-    ctime_ns: i128,
+    /// Set when the socket was bound and never changed after (unlike ctime, which a chmod,
+    /// chown or hard link moves): tells a new kubelet.sock on a reused inode from the old one.
+    mtime_ns: i128,
 }
 
 /// The identity of the file at `path` now; `None` when it does not exist.
@@ -102,7 +104,7 @@ pub fn kubelet_id(path: &Path) -> Option<KubeletId> {
     Some(KubeletId {
         dev: m.dev(),
         ino: m.ino(),
-        ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
     })
 }
 

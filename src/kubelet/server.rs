@@ -173,8 +173,8 @@ impl Serving {
     }
 
     /// Removes our socket file, and only ours (the kubelet may have replaced it with nothing,
-    /// or someone with a file of their own).
-    fn remove_socket(&self) {
+    /// or someone with a file of their own). The server keeps running for the calls under way.
+    pub fn remove_socket(&self) {
         if !self.owns_socket() {
             debug!(
                 "{} is no longer our socket: leaving it alone",

@@ -34,6 +34,8 @@ pub struct Settings {
     pub resource_name: String,
     /// With `--cdi`: answer with CDI names (and DeviceSpecs too when the flag says so).
     pub cdi: Option<CdiAnswer>,
+    /// The CDI spec is written and current: CDI names resolve.
+    cdi_ready: std::sync::atomic::AtomicBool,
     /// The health rule and hold-down (for one-off assessments).
     pub health: Mode,
     pub hold_down: Duration,
@@ -57,11 +59,18 @@ impl Settings {
             cdi: cfg.cdi.then_some(CdiAnswer {
                 device_specs: cfg.cdi_device_specs,
             }),
+            cdi_ready: std::sync::atomic::AtomicBool::new(false),
             health: cfg.health,
             hold_down: cfg.hold_down,
             last_error: Mutex::new(None),
             last_notes: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Whether this resource's CDI spec is written (set by the daemon).
+    pub fn set_cdi_ready(&self, ready: bool) {
+        self.cdi_ready
+            .store(ready, std::sync::atomic::Ordering::Release);
     }
 
     /// The device nodes granted now (what Allocate hands out), or why discovery failed (an
@@ -289,8 +298,16 @@ impl api::DevicePlugin for Plugin {
                     .resource
                     .allocate(&req, &h, &g)
                     .map(|resp| match self.settings.cdi {
-                        Some(how) => as_cdi(resp, &req, &self.settings.resource_name, how),
-                        None => resp,
+                        // Without a written spec, CDI names would not resolve: device specs.
+                        Some(how)
+                            if self
+                                .settings
+                                .cdi_ready
+                                .load(std::sync::atomic::Ordering::Acquire) =>
+                        {
+                            as_cdi(resp, &req, &self.settings.resource_name, how)
+                        }
+                        _ => resp,
                     })
                     .map_err(status);
                 if let Ok(resp) = &result {

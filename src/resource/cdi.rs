@@ -91,16 +91,47 @@ pub fn render(kind: &str, devices: &[CdiDevice<'_>], host_root: &Path) -> String
     out
 }
 
-/// Where the spec of resource `kind` lives in `dir`: `jarvice.com-rdma.json`.
+/// Where the spec of resource `kind` lives in `dir`: `jarvice.com_rdma.json` (`_` cannot occur
+/// in a domain, so two kinds never share a file).
 pub fn spec_path(dir: &Path, kind: &str) -> PathBuf {
-    dir.join(format!("{}.json", kind.replace('/', "-")))
+    dir.join(format!("{}.json", kind.replace('/', "_")))
+}
+
+/// A resource name CDI accepts as a kind (`vendor/class`): the vendor starts with a letter and
+/// holds letters, digits, `.` and `-`; the class starts with a letter, holds letters, digits,
+/// `_` and `-`, and ends with a letter or digit. Kubernetes allows more (`9lives.com/ib.hdr`).
+pub fn valid_kind(kind: &str) -> bool {
+    let Some((vendor, class)) = kind.split_once('/') else {
+        return false;
+    };
+    let starts_alpha = |s: &str| s.bytes().next().is_some_and(|b| b.is_ascii_alphabetic());
+    let ends_alnum = |s: &str| s.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric());
+    starts_alpha(vendor)
+        && ends_alnum(vendor)
+        && vendor
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        && starts_alpha(class)
+        && ends_alnum(class)
+        && class
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Device and inode of the file at `path`.
+pub fn file_id(path: &Path) -> Option<(u64, u64)> {
+    fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// Writes `text` to `path` atomically: a temp file in the same directory, fsynced, renamed.
-/// World-readable (0644): runtimes read specs as whatever user they run.
-pub fn write_atomic(path: &Path, text: &str) -> io::Result<()> {
+/// World-readable (0644, its directory 0755 when we make it): runtimes read specs as whatever
+/// user they run. Returns the new file's device and inode.
+pub fn write_atomic(path: &Path, text: &str) -> io::Result<(u64, u64)> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir)?;
+    if !dir.is_dir() {
+        fs::create_dir_all(dir)?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
+    }
     let tmp = dir.join(format!(
         ".{}.tmp",
         path.file_name()
@@ -118,7 +149,8 @@ pub fn write_atomic(path: &Path, text: &str) -> io::Result<()> {
         f.set_permissions(fs::Permissions::from_mode(0o644))?;
         f.sync_all()?;
     }
-    fs::rename(&tmp, path)
+    fs::rename(&tmp, path)?;
+    file_id(path).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "spec vanished"))
 }
 
 use std::os::unix::fs::PermissionsExt;
@@ -151,7 +183,17 @@ mod tests {
         );
         assert_eq!(
             spec_path(Path::new("/var/run/cdi"), "jarvice.com/rdma"),
-            Path::new("/var/run/cdi/jarvice.com-rdma.json")
+            Path::new("/var/run/cdi/jarvice.com_rdma.json")
         );
+        assert!(valid_kind("jarvice.com/rdma") && valid_kind("a-b.example/hca_2"));
+        for bad in [
+            "9lives.com/rdma",
+            "jarvice.com/ib.hdr",
+            "jarvice.com/-x",
+            "x/",
+            "rdma",
+        ] {
+            assert!(!valid_kind(bad), "{bad}");
+        }
     }
 }
