@@ -219,15 +219,6 @@ fn largest_answer(rows: &mut Vec<Row>) {
     });
 }
 
-fn peak_rss_kib(pid: i32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 fn allocate_latency(rows: &mut Vec<Row>) {
     let host = Host::new("bench-alloc");
     let kubelet = FakeKubelet::start(&host.plugin_dir());

@@ -63,15 +63,6 @@ fn mknod(path: &Path, major: u32, minor: u32) -> bool {
     }
 }
 
-fn vm_hwm_kib(pid: i32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn a_device_tree_cannot_smuggle_devices_or_forge_log_lines() {
     let host = Host::new("smuggle");
@@ -257,7 +248,7 @@ fn a_sighup_storm_is_merged_and_leaves_nothing_behind() {
     drop(open_watch(&client));
     thread::sleep(Duration::from_millis(300));
     let (threads_before, _) = threads_and_fds(plugin.pid());
-    let rss_before = vm_hwm_kib(plugin.pid());
+    let rss_before = peak_rss_kib(plugin.pid());
     let start = Instant::now();
     for _ in 0..1000 {
         plugin.signal(libc::SIGHUP);
@@ -283,7 +274,7 @@ fn a_sighup_storm_is_merged_and_leaves_nothing_behind() {
         threads_after <= threads_before + rdma_plugin::workers::MAX_IDLE,
         "threads {threads_before} -> {threads_after}"
     );
-    let rss_after = vm_hwm_kib(plugin.pid());
+    let rss_after = peak_rss_kib(plugin.pid());
     // Under an emulator the figure is the emulator's (its code cache grows with restarts).
     assert!(
         under_emulation() || rss_after < rss_before + 16 * 1024,
@@ -415,7 +406,7 @@ fn the_largest_answer_stays_within_the_daemonsets_memory_limit() {
         "{}",
         s.message()
     );
-    let peak = vm_hwm_kib(plugin.pid());
+    let peak = peak_rss_kib(plugin.pid());
     eprintln!("peak RSS after the largest answer: {peak} KiB");
     assert!(
         peak < 64 * 1024,

@@ -247,12 +247,7 @@ pub fn assess(host: &Host, grant: &Grant, mode: Mode, monitor: &PortMonitor) -> 
         let ports: Vec<&Port> = hca
             .ports
             .iter()
-            .filter(|p| {
-                grant
-                    .link
-                    .as_ref()
-                    .map_or(true, |l| p.link_layer.as_ref() == Some(l))
-            })
+            .filter(|p| p.counts_for(grant.link.as_ref()))
             .collect();
         // What sysfs cannot tell falls back to the nodes rule, for that HCA alone.
         let known: Vec<&&Port> = ports

@@ -103,6 +103,12 @@ impl Port {
             .is_some_and(|s| s.code == PHYS_DISABLED || s.code == PHYS_POLLING)
     }
 
+    /// Whether the port counts for a selection of link layer `link` (any, when `None`): with
+    /// `--link-layer`, only the ports of that layer do (a VPI HCA has both kinds).
+    pub fn counts_for(&self, link: Option<&LinkLayer>) -> bool {
+        link.map_or(true, |l| self.link_layer.as_ref() == Some(l))
+    }
+
     /// `port 1 ACTIVE (LinkUp) InfiniBand`, for logs and reports.
     pub fn summary(&self) -> String {
         let link = self.link_layer.as_ref().map_or("?", LinkLayer::as_str);

@@ -193,6 +193,30 @@ impl fmt::Display for RequestError {
 
 impl std::error::Error for RequestError {}
 
+/// A GetPreferredAllocation request within the bounds, naming containers.
+pub(crate) fn check_preferred(req: &api::PreferredAllocationRequest) -> Result<(), RequestError> {
+    if req.container_requests.is_empty() {
+        return Err(RequestError::NoContainers);
+    }
+    check_size(
+        req.container_requests.len(),
+        req.container_requests.iter().map(|c| {
+            c.available_deviceIDs
+                .len()
+                .max(c.must_include_deviceIDs.len())
+        }),
+    )
+}
+
+/// How many IDs to pick: never more than the request offers (must-include and available), so
+/// what it merely claims reserves nothing.
+pub(crate) fn preferred_size(creq: &api::ContainerPreferredAllocationRequest) -> usize {
+    let offered = creq.must_include_deviceIDs.len() + creq.available_deviceIDs.len();
+    usize::try_from(creq.allocation_size)
+        .unwrap_or(0)
+        .min(offered)
+}
+
 /// Refuses requests over the bounds, before anything is built for them.
 pub(crate) fn check_size<'a>(
     containers: usize,
@@ -339,24 +363,10 @@ impl Resource {
         &self,
         req: &api::PreferredAllocationRequest,
     ) -> Result<api::PreferredAllocationResponse, RequestError> {
-        if req.container_requests.is_empty() {
-            return Err(RequestError::NoContainers);
-        }
-        check_size(
-            req.container_requests.len(),
-            req.container_requests.iter().map(|c| {
-                c.available_deviceIDs
-                    .len()
-                    .max(c.must_include_deviceIDs.len())
-            }),
-        )?;
+        check_preferred(req)?;
         let mut resp = api::PreferredAllocationResponse::new();
         for creq in &req.container_requests {
-            // Never reserve what the request merely claims: only what it offers can be chosen.
-            let offered = creq.must_include_deviceIDs.len() + creq.available_deviceIDs.len();
-            let size = usize::try_from(creq.allocation_size)
-                .unwrap_or(0)
-                .min(offered);
+            let size = preferred_size(creq);
             let mut chosen: Vec<String> = Vec::with_capacity(size);
             let mut seen = HashSet::new();
             let mut must = creq.must_include_deviceIDs.clone();

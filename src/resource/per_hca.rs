@@ -11,7 +11,8 @@ use crate::host::{self, Grant, Host};
 use crate::kubelet::api;
 use crate::resource::topology::{self, Place};
 use crate::resource::{
-    check_size, device_specs, topology_of, RequestError, HEALTHY, MAX_SPECS, UNHEALTHY,
+    check_preferred, check_size, device_specs, preferred_size, topology_of, RequestError, HEALTHY,
+    MAX_SPECS, UNHEALTHY,
 };
 
 /// The env that names the granted HCAs, comma-separated (`mlx5_0,mlx5_3`).
@@ -162,12 +163,7 @@ impl PerHca {
                     .flat_map(|h| {
                         h.ports
                             .iter()
-                            .filter(|p| {
-                                grant
-                                    .link
-                                    .as_ref()
-                                    .map_or(true, |l| p.link_layer.as_ref() == Some(l))
-                            })
+                            .filter(|p| p.counts_for(grant.link.as_ref()))
                             .map(move |p| format!("{}:{}", h.name, p.number))
                     })
                     .collect();
@@ -188,17 +184,7 @@ impl PerHca {
         grant: &Grant,
         up_hcas: &[String],
     ) -> Result<api::PreferredAllocationResponse, RequestError> {
-        if req.container_requests.is_empty() {
-            return Err(RequestError::NoContainers);
-        }
-        check_size(
-            req.container_requests.len(),
-            req.container_requests.iter().map(|c| {
-                c.available_deviceIDs
-                    .len()
-                    .max(c.must_include_deviceIDs.len())
-            }),
-        )?;
+        check_preferred(req)?;
         let devs = devices(host, grant);
         let places: HashMap<&str, Place> = devs
             .iter()
@@ -220,10 +206,7 @@ impl PerHca {
             .collect();
         let mut resp = api::PreferredAllocationResponse::new();
         for creq in &req.container_requests {
-            let offered = creq.must_include_deviceIDs.len() + creq.available_deviceIDs.len();
-            let size = usize::try_from(creq.allocation_size)
-                .unwrap_or(0)
-                .min(offered);
+            let size = preferred_size(creq);
             let mut cresp = api::ContainerPreferredAllocationResponse::new();
             cresp.deviceIDs = topology::choose(
                 &creq.must_include_deviceIDs,

@@ -253,6 +253,16 @@ impl Drop for Plugin {
     }
 }
 
+/// Peak resident memory of a process (`VmHWM`), KiB, from /proc.
+pub fn peak_rss_kib(pid: i32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Threads and open descriptors of a process, from /proc.
 pub fn threads_and_fds(pid: i32) -> (usize, usize) {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
