@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the static release binary for one architecture and, with --test, runs the whole test
-# suite against it (ppc64le under qemu-user). Output: out/jarvice-rdma-plugin-<arch>.
+# suite against it (ppc64le and aarch64 under qemu-user). Output: out/jarvice-rdma-plugin-<arch>.
 #
 #   scripts/build-static.sh x86_64 [--test]    musl, through zig (cargo-zigbuild)
+#   scripts/build-static.sh aarch64 [--test]   musl, through zig (`arm64` is an alias)
 #   scripts/build-static.sh ppc64le [--test]   musl too, through zig, with a standard library
 #                                              built from source (-Zbuild-std)
 #   scripts/build-static.sh x86_64 --bench     build, then run bench/ against that binary
@@ -13,7 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 arch="${1:-}"
 mode="${2:-build}"
-case "$mode" in build | --test | --bench) ;; *) echo "usage: $0 x86_64|ppc64le [--test|--bench]" >&2; exit 2 ;; esac
+case "$mode" in build | --test | --bench) ;; *) echo "usage: $0 x86_64|aarch64|ppc64le [--test|--bench]" >&2; exit 2 ;; esac
+# Docker/OCI call it arm64, rustup and the kernel aarch64: accept both, name the output aarch64.
+[ "$arch" != arm64 ] || arch=aarch64
 # shellcheck source=scripts/setup.sh
 source scripts/setup.sh
 
@@ -36,6 +39,26 @@ case "$arch" in
     zig_setup
     export CFLAGS_x86_64_unknown_linux_musl="$musl_cflags"
     export CXXFLAGS_x86_64_unknown_linux_musl="$musl_cxxflags"
+    build=(cargo zigbuild --release --target "$target")
+    test=(cargo-zigbuild test --release --target "$target")
+    ;;
+  aarch64)
+    # rustup ships a musl standard library for aarch64, and grpcio-sys's pre-generated bindings
+    # cover aarch64-unknown-linux-musl (LP64 like x86_64, no libc types in them): no bindgen.
+    target=aarch64-unknown-linux-musl
+    apt_need qemu-user
+    command -v qemu-aarch64 >/dev/null || { echo "build-static: qemu-aarch64 missing after install" >&2; exit 1; }
+    rustup target add "$target" >/dev/null || { echo "build-static: cannot install the $target standard library" >&2; exit 1; }
+    zig_setup
+    export CFLAGS_aarch64_unknown_linux_musl="$musl_cflags"
+    export CXXFLAGS_aarch64_unknown_linux_musl="$musl_cxxflags"
+    # panic = "abort" stays, as for x86_64: rustup's std carries both panic runtimes, so cargo
+    # builds the test harnesses with unwind and the binary they spawn with the release profile,
+    # i.e. the binary shipped. (ppc64le needs unwind because its one std is built from source.)
+    # The binary is static: qemu needs no sysroot (-L).
+    export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUNNER=qemu-aarch64
+    # The tests spawn the plugin binary themselves: through qemu too (tests/common).
+    export JARVICE_TEST_RUNNER=qemu-aarch64
     build=(cargo zigbuild --release --target "$target")
     test=(cargo-zigbuild test --release --target "$target")
     ;;
@@ -66,7 +89,7 @@ case "$arch" in
     test=(cargo-zigbuild test --release --target "$target" "-Zbuild-std=std,panic_unwind,test")
     ;;
   *)
-    echo "usage: $0 x86_64|ppc64le [--test]" >&2
+    echo "usage: $0 x86_64|aarch64|ppc64le [--test|--bench]" >&2
     exit 2
     ;;
 esac
