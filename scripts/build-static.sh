@@ -21,16 +21,26 @@ case "$mode" in build | --test | --bench) ;; *) echo "usage: $0 x86_64|aarch64|p
 source scripts/setup.sh
 
 # zig (from PyPI) as C/C++ compiler and linker, through cargo-zigbuild.
+zig_version=0.17.1
+zigbuild_version=0.24.1
 zig_setup() {
   # cargo-zigbuild runs `python3 -m ziglang` when no `zig` is on PATH.
-  py_tools ziglang==0.17.1
-  command -v cargo-zigbuild >/dev/null || cargo install -q cargo-zigbuild --version 0.24.1 --locked
+  py_tools "ziglang==$zig_version"
+  command -v cargo-zigbuild >/dev/null || cargo install -q cargo-zigbuild --version "$zigbuild_version" --locked
+  # cmake runs gRPC's C++ core through ccache with cargo-zigbuild's wrapper script as the
+  # compiler. ccache's default check is the wrapper's mtime, but the wrapper (one per target,
+  # shared by every clone) embeds this clone's venv path, so each other clone rewrites it and
+  # every compile missed. The wrapper's name already carries the target and its flags; the
+  # pinned versions name the compiler. (Only zig compiles go through ccache here.)
+  export CCACHE_COMPILERCHECK="string:ziglang-$zig_version,cargo-zigbuild-$zigbuild_version"
 }
 
 # zig's musl (>= 1.2.4) hides off64_t unless asked; clang >= 19 rejects an old idiom in abseil.
-# Both only affect gRPC's C++ core.
-musl_cflags="-D_LARGEFILE64_SOURCE"
-musl_cxxflags="-D_LARGEFILE64_SOURCE -Wno-missing-template-arg-list-after-template-kw"
+# cargo-zigbuild's wrapper passes -g, but the release binary is stripped: -g0 (later on the
+# command line, so it wins) saves about a fifth of the C++ compile time and the cache's space.
+# All three only affect gRPC's C++ core.
+musl_cflags="-D_LARGEFILE64_SOURCE -g0"
+musl_cxxflags="-D_LARGEFILE64_SOURCE -Wno-missing-template-arg-list-after-template-kw -g0"
 
 case "$arch" in
   x86_64)
