@@ -27,11 +27,15 @@ zig_setup() {
   # cargo-zigbuild runs `python3 -m ziglang` when no `zig` is on PATH.
   py_tools "ziglang==$zig_version"
   command -v cargo-zigbuild >/dev/null || cargo install -q cargo-zigbuild --version "$zigbuild_version" --locked
+  # cargo-zigbuild writes its compiler wrappers (which name this clone's zig) to one directory
+  # per user by default: another clone building at the same time rewrites them under our
+  # running compiles and points them at its own venv. Keep them in this clone.
+  export CARGO_ZIGBUILD_CACHE_DIR="$PWD/target/zigbuild"
   # cmake runs gRPC's C++ core through ccache with cargo-zigbuild's wrapper script as the
-  # compiler. ccache's default check is the wrapper's mtime, but the wrapper (one per target,
-  # shared by every clone) embeds this clone's venv path, so each other clone rewrites it and
-  # every compile missed. The wrapper's name already carries the target and its flags; the
-  # pinned versions name the compiler. (Only zig compiles go through ccache here.)
+  # compiler. ccache's default check is the wrapper's mtime, which differs in every clone (and
+  # the wrapper embeds the clone's venv path), so a fresh clone missed every compile. The
+  # wrapper's name already carries the target and its flags; the pinned versions name the
+  # compiler. (Only zig compiles go through ccache here.)
   export CCACHE_COMPILERCHECK="string:ziglang-$zig_version,cargo-zigbuild-$zigbuild_version"
 }
 
