@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds and pushes the per-architecture images and joins them into one multi-arch manifest
 # list, the way users of the original did it by hand:
-#   <registry>/<image>:<version>-amd64 and -ppc64le  ->  <registry>/<image>:<version>
+#   <registry>/<image>:<version>-amd64, -ppc64le and -arm64  ->  <registry>/<image>:<version>
 #
 # Usage: ./manifest.sh [--registry HOST] [--image NAME] [--version V] [--builder docker|buildah]
 #                      [--oci-archive FILE] [--no-build] [--dry-run]
@@ -11,11 +11,11 @@
 #   --version      tag [default: the version in Cargo.toml]
 #   --builder      docker (docker build/push/manifest) or buildah (daemonless)
 #                  [default: docker if a Docker engine answers, else buildah]
-#   --oci-archive  buildah only: write the manifest list and both images to this OCI archive
+#   --oci-archive  buildah only: write the manifest list and the three images to this OCI archive
 #                  instead of pushing (for checking images offline)
 #   --no-build     skip building the images (they exist locally already)
 #   --dry-run      print every command instead of running it
-# The static binaries must exist first: scripts/build-static.sh x86_64 and ... ppc64le.
+# The static binaries must exist first: scripts/build-static.sh x86_64, ... ppc64le and ... aarch64.
 # Environment: REGISTRY, IMAGE, VERSION, BUILDER give the same defaults as the flags.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -86,15 +86,15 @@ fi
 # no overlay mounts and no user namespaces.
 bah=(buildah --storage-driver vfs)
 
-for arch in x86_64 ppc64le; do
+for arch in x86_64 ppc64le aarch64; do
   if ((build)) && ((!dry)) && [ ! -x "out/jarvice-rdma-plugin-$arch" ]; then
     echo "manifest.sh: out/jarvice-rdma-plugin-$arch is missing: run scripts/build-static.sh $arch" >&2
     exit 1
   fi
 done
 
-# Docker/OCI architecture names; the per-arch tags keep the original's -amd64 / -ppc64le.
-for pair in x86_64:amd64 ppc64le:ppc64le; do
+# Docker/OCI architecture names; the per-arch tags keep the original's -amd64 / -ppc64le / -arm64.
+for pair in x86_64:amd64 ppc64le:ppc64le aarch64:arm64; do
   arch="${pair%%:*}"
   oci="${pair##*:}"
   tag="$list-$oci"
@@ -117,9 +117,10 @@ done
 
 if [ "$builder" = docker ]; then
   run docker manifest rm "$list" 2>/dev/null || true
-  run docker manifest create "$list" "$list-amd64" "$list-ppc64le"
+  run docker manifest create "$list" "$list-amd64" "$list-ppc64le" "$list-arm64"
   run docker manifest annotate --os linux --arch amd64 "$list" "$list-amd64"
   run docker manifest annotate --os linux --arch ppc64le "$list" "$list-ppc64le"
+  run docker manifest annotate --os linux --arch arm64 "$list" "$list-arm64"
   run docker manifest push --purge "$list"
 else
   if ((!dry)) && "${bah[@]}" manifest exists "$list" 2>/dev/null; then
@@ -128,10 +129,11 @@ else
   run "${bah[@]}" manifest create "$list"
   run "${bah[@]}" manifest add --os linux --arch amd64 "$list" "$list-amd64"
   run "${bah[@]}" manifest add --os linux --arch ppc64le "$list" "$list-ppc64le"
+  run "${bah[@]}" manifest add --os linux --arch arm64 "$list" "$list-arm64"
   if [ -n "$archive" ]; then
     run "${bah[@]}" manifest push --all --format oci "$list" "oci-archive:$archive"
   else
     run "${bah[@]}" manifest push --all "$list" "docker://$list"
   fi
 fi
-((dry)) || echo "manifest.sh: $list -> $list-amd64, $list-ppc64le"
+((dry)) || echo "manifest.sh: $list -> $list-amd64, $list-ppc64le, $list-arm64"

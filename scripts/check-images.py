@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Checks the multi-arch OCI archive written by `manifest.sh --oci-archive`: an index with
-amd64 and ppc64le; each image one layer holding one file, /jarvice-rdma-plugin, identical to
+amd64, ppc64le and arm64; each image one layer holding one file, /jarvice-rdma-plugin, identical to
 out/jarvice-rdma-plugin-<arch>; the right architecture and the entrypoint in its config."""
 import hashlib
 import io
@@ -9,7 +9,7 @@ import sys
 import tarfile
 
 INDEX = "application/vnd.oci.image.index.v1+json"
-WANT = {"amd64": "x86_64", "ppc64le": "ppc64le"}
+WANT = {"amd64": "x86_64", "ppc64le": "ppc64le", "arm64": "aarch64"}
 
 
 def fail(msg):
@@ -60,7 +60,8 @@ def main(archive):
             with open(f"out/jarvice-rdma-plugin-{WANT[oci_arch]}", "rb") as f:
                 if f.read() != data:
                     fail(f"{oci_arch}: the image's binary differs from out/jarvice-rdma-plugin-{WANT[oci_arch]}")
-            print(f"check-images: {oci_arch}: 1 layer, 1 file ({len(data)} bytes), "
+            print(f"check-images: {oci_arch}: 1 layer ({manifest['layers'][0]['size']} bytes, "
+                  f"{manifest['layers'][0]['mediaType'].rsplit('.', 1)[-1]}), 1 file ({len(data)} bytes), "
                   f"entrypoint {entry[0]}, version {labels['org.opencontainers.image.version']}")
 
 

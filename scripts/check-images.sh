@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds both scratch images and the manifest list without a Docker engine (buildah, vfs
+# Builds the three scratch images and the manifest list without a Docker engine (buildah, vfs
 # storage, chroot isolation), writes them to out/images.oci.tar and checks them. Then runs the
 # x86_64 image's binary inside the image (a scratch root: nothing but the binary).
 set -euo pipefail
