@@ -515,6 +515,13 @@ fn idle_figures(plugin: &Plugin, label: &str, rows: &mut Vec<Row>) {
 }
 
 fn idle_and_streams(rows: &mut Vec<Row>) {
+    // No kubelet at all: what the plugin costs a node whose kubelet is down.
+    let lonely = Host::new("bench-nokubelet");
+    let alone = start_plugin(&lonely);
+    assert!(wait_for(WAIT, || lonely.socket().exists()));
+    idle_figures(&alone, "with no kubelet", rows);
+    drop(alone);
+
     let host = Host::new("bench-idle");
     let kubelet = FakeKubelet::start(&host.plugin_dir());
     let mut plugin = start_plugin(&host);
@@ -535,6 +542,9 @@ fn idle_and_streams(rows: &mut Vec<Row>) {
         });
         idle_figures(&plugin, &format!("after {round} streams"), rows);
     }
+    // Idle stream threads exit after 30 s: back to the connected figure.
+    thread::sleep(Duration::from_secs(25));
+    idle_figures(&plugin, "40 s after the stream churn", rows);
 
     let streams: Vec<_> = (0..50).map(|_| open_watch(&client)).collect();
     let t0 = Instant::now();

@@ -469,3 +469,42 @@ pub fn limit_malloc_arenas() {
 
 #[cfg(not(target_env = "gnu"))]
 pub fn limit_malloc_arenas() {}
+
+/// Runs `f` allowed on one CPU, then restores the thread's CPU mask. gRPC C-core reads its CPU
+/// count once, in grpcio's `EnvBuilder::new()` (under musl: the CPUs the calling thread may run
+/// on), and sizes from it its timer shards (2 per CPU, up to 32, each waking a timer thread
+/// about once a second), its event-engine pool (`min(CPUs, 16)` threads at start) and its
+/// executor (up to 2 per CPU). A device plugin needs none of that: on a 64-CPU node this is
+/// ~64 wake-ups a second and ~20 more threads. Call it before any other thread exists (threads
+/// inherit the mask). Where the mask cannot be read or set, `f` runs as is.
+pub fn with_one_cpu<T>(f: impl FnOnce() -> T) -> T {
+    let size = mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: cpu_set_t is plain data; zeroed is an empty set that sched_getaffinity fills.
+    let mut saved: libc::cpu_set_t = unsafe { mem::zeroed() };
+    // SAFETY: `saved` is a valid cpu_set_t of `size` bytes for the duration of the call.
+    if unsafe { libc::sched_getaffinity(0, size, &mut saved) } != 0 {
+        return f();
+    }
+    // SAFETY: CPU_ISSET reads a valid set; the index is below CPU_SETSIZE.
+    let Some(cpu) =
+        (0..libc::CPU_SETSIZE as usize).find(|&c| unsafe { libc::CPU_ISSET(c, &saved) })
+    else {
+        return f();
+    };
+    // SAFETY: as above; CPU_SET writes a bit of a valid, exclusively borrowed set.
+    let mut one: libc::cpu_set_t = unsafe { mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut one) };
+    // SAFETY: `one` is a valid cpu_set_t of `size` bytes.
+    if unsafe { libc::sched_setaffinity(0, size, &one) } != 0 {
+        return f();
+    }
+    let out = f();
+    // SAFETY: `saved` is the mask read above.
+    if unsafe { libc::sched_setaffinity(0, size, &saved) } != 0 {
+        log::warn!(
+            "cannot restore the CPU mask: {}",
+            io::Error::last_os_error()
+        );
+    }
+    out
+}

@@ -1,6 +1,6 @@
 //! The threads that run ListAndWatch streams. A stream owns its thread for as long as it lives;
 //! a thread whose stream ended waits (blocked, no wake-ups) for the next stream instead of
-//! exiting, up to [`MAX_IDLE`] of them.
+//! exiting, up to [`MAX_IDLE`] of them, until it has been idle for [`IDLE_EXIT`].
 //!
 //! Why not a fresh thread per stream: each thread that calls into gRPC gets C++ thread-local
 //! state, and under musl that state is not freed when the thread exits. Measured with the musl
@@ -8,9 +8,11 @@
 //! stream; it stays flat with reused threads.
 
 use std::io;
-use std::sync::mpsc::{self, Receiver, SendError, Sender};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SendError, Sender};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::thread;
+use std::time::Duration;
 
 /// Idle threads kept for the next streams; the kubelet holds one stream, probes open a few.
 pub const MAX_IDLE: usize = 4;
@@ -20,11 +22,22 @@ pub const MAX_IDLE: usize = 4;
 /// gRPC's threads is 128 KiB).
 pub const STACK_SIZE: usize = 256 * 1024;
 
+/// An idle thread exits after this long without a stream, so a burst of probes leaves no
+/// threads behind for good (each exit costs musl's few hundred bytes of gRPC thread-locals once
+/// per burst, not once per stream).
+#[cfg(not(test))]
+const IDLE_EXIT: Duration = Duration::from_secs(30);
+#[cfg(test)]
+const IDLE_EXIT: Duration = Duration::from_millis(300);
+
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
-static IDLE: Mutex<Vec<Sender<Job>>> = Mutex::new(Vec::new());
+/// Idle threads: an ID each (to take itself off the list when it exits) and where to send it a
+/// job.
+static IDLE: Mutex<Vec<(usize, Sender<Job>)>> = Mutex::new(Vec::new());
+static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
 
-fn idle() -> MutexGuard<'static, Vec<Sender<Job>>> {
+fn idle() -> MutexGuard<'static, Vec<(usize, Sender<Job>)>> {
     // A plain list of senders: a panic elsewhere cannot leave it inconsistent.
     IDLE.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -33,7 +46,7 @@ fn idle() -> MutexGuard<'static, Vec<Sender<Job>>> {
 pub fn run(job: impl FnOnce() + Send + 'static) -> io::Result<()> {
     let mut job: Job = Box::new(job);
     loop {
-        let Some(worker) = idle().pop() else {
+        let Some((_, worker)) = idle().pop() else {
             break;
         };
         match worker.send(job) {
@@ -51,6 +64,7 @@ pub fn run(job: impl FnOnce() + Send + 'static) -> io::Result<()> {
 }
 
 fn work(first: Job, me: &Sender<Job>, jobs: &Receiver<Job>) {
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     first();
     loop {
         {
@@ -58,13 +72,28 @@ fn work(first: Job, me: &Sender<Job>, jobs: &Receiver<Job>) {
             if idle.len() >= MAX_IDLE {
                 return;
             }
-            idle.push(me.clone());
+            idle.push((id, me.clone()));
         }
-        // `me` is alive, so this only returns with a job.
-        match jobs.recv() {
-            Ok(job) => job(),
-            Err(_) => return,
-        }
+        // `me` is alive, so this returns with a job or after the idle time.
+        let job = match jobs.recv_timeout(IDLE_EXIT) {
+            Ok(job) => job,
+            Err(RecvTimeoutError::Timeout) => {
+                let mut idle = idle();
+                match idle.iter().position(|(i, _)| *i == id) {
+                    Some(at) => {
+                        idle.remove(at);
+                        return;
+                    }
+                    // Taken off the list by `run`: its job is on the way.
+                    None => match jobs.recv() {
+                        Ok(job) => job,
+                        Err(_) => return,
+                    },
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        job();
     }
 }
 
@@ -100,5 +129,27 @@ mod tests {
             names.len()
         );
         assert!(idle().len() <= MAX_IDLE);
+    }
+
+    #[test]
+    fn idle_threads_exit_after_a_while() {
+        let (tx, rx) = channel();
+        for _ in 0..3 {
+            let tx = tx.clone();
+            run(move || tx.send(()).unwrap()).unwrap();
+        }
+        for _ in 0..3 {
+            rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        }
+        // Other tests share the pool: wait until every idle thread has timed out.
+        let mut empty = false;
+        for _ in 0..200 {
+            if idle().is_empty() {
+                empty = true;
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert!(empty, "{} idle threads left", idle().len());
     }
 }

@@ -118,7 +118,14 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         what: "signalfd",
         source,
     })?;
-    let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc").build());
+    // gRPC sizes its timer shards and thread pools from the CPUs it counts in
+    // EnvBuilder::new(): one is plenty for a device plugin, and each more costs idle wake-ups.
+    let env = Arc::new(
+        sys::with_one_cpu(EnvBuilder::new)
+            .cq_count(1)
+            .name_prefix("grpc")
+            .build(),
+    );
     limits::warn_memlock();
     let sockets: Vec<String> = configs.iter().map(|c| c.socket_name.clone()).collect();
     let mut watcher = Watcher::new(&cfg.plugin_dir, &sockets, &cfg.host_root, !cfg.poll_only);
