@@ -12,7 +12,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use rdma_plugin::discovery::{self, Selection};
+use rdma_plugin::host::mock::{self, MockHca, MockPort};
+use rdma_plugin::host::nodes::{self, Selection};
+use rdma_plugin::host::{self as hostmodel, health, select::Selector};
 
 struct Row {
     what: String,
@@ -121,20 +123,31 @@ fn hot_plug(rows: &mut Vec<Row>) {
 
 fn kubelet_restarts(rows: &mut Vec<Row>) {
     let host = Host::new("bench-restart");
-    let mut kubelet = FakeKubelet::start(&host.plugin_dir());
+    let mut kubelets = vec![FakeKubelet::start(&host.plugin_dir())];
     let _plugin = start_plugin(&host);
-    kubelet.expect_registered();
-    kubelet.expect_list();
+    kubelets[0].expect_registered();
+    kubelets[0].expect_list();
     let mut registered = Vec::new();
     let mut listed = Vec::new();
-    for _ in 0..100 {
-        kubelet.stop();
+    for i in 0..100 {
+        // As the kubelet does it: the old one goes (every other one dies, leaving its socket),
+        // the new one deletes every socket in the dir and binds a new kubelet.sock.
+        let old = kubelets.last_mut().unwrap();
+        if i % 2 == 0 {
+            old.stop_in_place();
+        } else {
+            old.crash();
+        }
         let t0 = Instant::now();
-        kubelet = FakeKubelet::start(&host.plugin_dir());
+        let kubelet = FakeKubelet::start(&host.plugin_dir());
         let (r, l) = until_registered_and_listed(&kubelet, t0);
         registered.push(r);
         listed.push(l);
+        kubelets.push(kubelet);
     }
+    // Anything the stream ends and re-checks might still bring.
+    thread::sleep(Duration::from_secs(3));
+    let extra: usize = kubelets.iter().map(FakeKubelet::registrations).sum();
     rows.push(Row {
         what: "kubelet restart -> registered again".into(),
         value: summary(registered),
@@ -144,6 +157,65 @@ fn kubelet_restarts(rows: &mut Vec<Row>) {
         what: "kubelet restart -> first list".into(),
         value: summary(listed),
         target: "",
+    });
+    rows.push(Row {
+        what: "Register calls the kubelets got for 100 restarts (plus the first)".into(),
+        value: format!("{}", 101 + extra),
+        target: "101",
+    });
+}
+
+/// SIGTERM with a kubelet connected -> process gone, worst of 20.
+fn sigterm_exit(rows: &mut Vec<Row>) {
+    let mut samples = Vec::new();
+    for _ in 0..20 {
+        let host = Host::new("bench-term");
+        let kubelet = FakeKubelet::start(&host.plugin_dir());
+        let mut plugin = start_plugin(&host);
+        kubelet.expect_registered();
+        kubelet.expect_list();
+        let t0 = Instant::now();
+        plugin.signal(libc::SIGTERM);
+        let status = plugin.wait_exit(WAIT).expect("exit");
+        assert!(status.success(), "{status}");
+        samples.push(ms(t0.elapsed()));
+    }
+    rows.push(Row {
+        what: "SIGTERM with the kubelet's stream open -> exited 0".into(),
+        value: summary(samples),
+        target: "a few seconds at worst",
+    });
+}
+
+/// The largest answer a request may get (128 containers x 128 nodes = 16,384 specs): the
+/// plugin's peak RSS after it.
+fn largest_answer(rows: &mut Vec<Row>) {
+    let host = Host::empty("bench-largest");
+    for i in 0..128 {
+        host.add_node(&format!("uverbs{i}"));
+    }
+    let kubelet = FakeKubelet::start(&host.plugin_dir());
+    let plugin = start_plugin(&host);
+    kubelet.expect_registered();
+    let client = plugin_client(&host.socket());
+    let containers: Vec<&[&str]> = (0..128).map(|_| &["rdma-0"][..]).collect();
+    let before = peak_rss_kib(plugin.pid());
+    let t0 = Instant::now();
+    for _ in 0..10 {
+        client
+            .allocate_opt(&alloc_request(&containers), opt())
+            .unwrap();
+    }
+    let took = ms(t0.elapsed()) / 10.0;
+    let after = peak_rss_kib(plugin.pid());
+    rows.push(Row {
+        what: "largest Allocate accepted (128 containers x 128 nodes = 16,384 specs, ~1.6 MB): peak RSS before -> after 10".into(),
+        value: format!(
+            "{:.1} MiB -> {:.1} MiB; {took:.1} ms per call",
+            before as f64 / 1024.0,
+            after as f64 / 1024.0
+        ),
+        target: "< 64 MiB (DaemonSet limit)",
     });
 }
 
@@ -197,8 +269,7 @@ fn discovery_time(rows: &mut Vec<Row>) {
     let mut samples = Vec::new();
     for _ in 0..200 {
         let t = Instant::now();
-        let inv =
-            discovery::scan(tmp.path(), &tmp.path().join("sys"), Selection::default()).unwrap();
+        let inv = nodes::scan(tmp.path(), &tmp.path().join("sys"), Selection::default()).unwrap();
         samples.push(ms(t.elapsed()));
         assert_eq!(inv.nodes.len(), 1025);
     }
@@ -207,6 +278,200 @@ fn discovery_time(rows: &mut Vec<Row>) {
         value: summary(samples),
         target: "",
     });
+}
+
+/// A host with 16 dual-port InfiniBand HCAs (`mlx5_0` .. `mlx5_15`) and `rdma_cm`.
+fn sixteen_hcas(tag: &str) -> Host {
+    let host = Host::empty(tag);
+    for i in 0..16 {
+        host.add_hca(
+            &MockHca::connectx(i)
+                .numa(i64::from(i / 8))
+                .ports(vec![MockPort::ib(mock::ACTIVE), MockPort::ib(mock::ACTIVE)]),
+        );
+    }
+    mock::add_rdma_cm(&host.sys(), Some(&host.root().join("dev"))).unwrap();
+    host
+}
+
+fn hca_discovery_time(rows: &mut Vec<Row>) {
+    let host = sixteen_hcas("bench-hcas");
+    let mut samples = Vec::new();
+    let mut monitor = health::PortMonitor::new(Duration::from_secs(5));
+    for _ in 0..200 {
+        let t = Instant::now();
+        let h = hostmodel::scan(&host.root(), &host.sys(), Selection::default()).unwrap();
+        monitor.observe(&h, Instant::now());
+        let g = hostmodel::grant(&h, &Selector::default());
+        let a = health::assess(&h, &g, health::Mode::Auto, &monitor);
+        samples.push(ms(t.elapsed()));
+        assert_eq!((h.hcas.list.len(), a.up), (16, 16));
+    }
+    rows.push(Row {
+        what: "discovery with 16 HCAs x 2 ports: /dev + sysfs read, selection, port health".into(),
+        value: summary(samples),
+        target: "",
+    });
+}
+
+/// Port DOWN written to sysfs -> Unhealthy at the kubelet, minus the hold-down: what the
+/// plugin adds on top of the hold-down it is asked for (reading interval included).
+fn port_down_to_unhealthy(rows: &mut Vec<Row>) {
+    let host = Host::empty("bench-portdown");
+    host.add_hca(&MockHca::connectx(0));
+    let kubelet = FakeKubelet::start(&host.plugin_dir());
+    let _plugin = Plugin::start_with(
+        &host,
+        &["--health-interval", "0.5", "--hold-down", "2"],
+        |cmd| {
+            cmd.env("RUST_LOG", "info");
+        },
+    );
+    kubelet.expect_registered();
+    kubelet.expect_list();
+    let hold = 2000.0;
+    let mut beyond = Vec::new();
+    let mut up = Vec::new();
+    for _ in 0..10 {
+        let t0 = Instant::now();
+        host.set_port("mlx5_0", 1, mock::DOWN_POLLING);
+        kubelet.expect_health("Unhealthy");
+        beyond.push(ms(t0.elapsed()) - hold);
+        let t0 = Instant::now();
+        host.set_port("mlx5_0", 1, mock::ACTIVE);
+        kubelet.expect_health("Healthy");
+        up.push(ms(t0.elapsed()));
+    }
+    rows.push(Row {
+        what: "port DOWN -> Unhealthy at the kubelet, beyond the 2 s hold-down (--health-interval 0.5)".into(),
+        value: summary(beyond),
+        target: "<= one interval (500 ms)",
+    });
+    rows.push(Row {
+        what: "port back ACTIVE -> Healthy at the kubelet (--health-interval 0.5)".into(),
+        value: summary(up),
+        target: "<= one interval (500 ms)",
+    });
+}
+
+/// Four resources from one process over 16 HCAs: kubelet restart -> all four registered again;
+/// per-HCA Allocate and preferred allocation latency.
+fn several_resources(rows: &mut Vec<Row>) {
+    let host = sixteen_hcas("bench-4res");
+    let first: Vec<String> = (0..8).map(|i| format!("mlx5_{i}")).collect();
+    let second: Vec<String> = (8..16).map(|i| format!("mlx5_{i}")).collect();
+    let specs = [
+        "jarvice.com/rdma".to_string(),
+        "jarvice.com/rdma4,shares=4".to_string(),
+        format!("jarvice.com/ib,mode=per-hca,hcas={}", first.join(";")),
+        format!("jarvice.com/ib2,mode=per-hca,hcas={}", second.join(";")),
+    ];
+    let names = [
+        "jarvice.com/rdma",
+        "jarvice.com/rdma4",
+        "jarvice.com/ib",
+        "jarvice.com/ib2",
+    ];
+    let mut args: Vec<&str> = Vec::new();
+    for s in &specs {
+        args.push("--resource");
+        args.push(s);
+    }
+    let mut kubelet = FakeKubelet::start(&host.plugin_dir());
+    let _plugin = Plugin::start_with(&host, &args, |cmd| {
+        cmd.env("RUST_LOG", "info");
+    });
+    for n in names {
+        kubelet.wait_list(n, "a list", |l| !l.devices.is_empty());
+    }
+    let mut samples = Vec::new();
+    let mut extra = 0;
+    for _ in 0..20 {
+        kubelet.stop_in_place();
+        let t0 = Instant::now();
+        kubelet = FakeKubelet::start(&host.plugin_dir());
+        assert!(wait_for(WAIT, || names
+            .iter()
+            .all(|n| kubelet.registers_of(n) >= 1)));
+        samples.push(ms(t0.elapsed()));
+        for n in names {
+            kubelet.wait_list(n, "a list", |l| !l.devices.is_empty());
+        }
+        thread::sleep(Duration::from_millis(300));
+        extra += names
+            .iter()
+            .map(|n| kubelet.registers_of(n) - 1)
+            .sum::<usize>();
+    }
+    rows.push(Row {
+        what: "kubelet restart -> all 4 resources registered again (16 HCAs)".into(),
+        value: format!("{}; extra Register calls: {extra}", summary(samples)),
+        target: "each resource once",
+    });
+
+    let ib = kubelet.wait_list("jarvice.com/ib", "8 devices", |l| l.devices.len() == 8);
+    let id = ib.devices[3].ID.clone();
+    let client = plugin_client(&host.plugin_dir().join("ib.sock"));
+    let mut lat = Vec::new();
+    for _ in 0..1000 {
+        let t = Instant::now();
+        client
+            .allocate_opt(&alloc_request(&[&[&id]]), opt())
+            .unwrap();
+        lat.push(ms(t.elapsed()));
+    }
+    rows.push(Row {
+        what: "Allocate of one per-HCA device (16 HCAs in sysfs, read live)".into(),
+        value: summary(lat),
+        target: "",
+    });
+}
+
+fn preferred_sixteen(rows: &mut Vec<Row>) {
+    let host = sixteen_hcas("bench-pref");
+    let kubelet = FakeKubelet::start(&host.plugin_dir());
+    let _plugin = Plugin::start_with(
+        &host,
+        &["--resource", "jarvice.com/ib,mode=per-hca"],
+        |cmd| {
+            cmd.env("RUST_LOG", "info");
+        },
+    );
+    let list = kubelet.wait_list("jarvice.com/ib", "16 devices", |l| l.devices.len() == 16);
+    let all: Vec<String> = list.devices.iter().map(|d| d.ID.clone()).collect();
+    let client = plugin_client(&host.plugin_dir().join("ib.sock"));
+    let mut req = rdma_plugin::kubelet::api::PreferredAllocationRequest::new();
+    let mut c = rdma_plugin::kubelet::api::ContainerPreferredAllocationRequest::new();
+    c.available_deviceIDs = all;
+    c.allocation_size = 4;
+    req.container_requests.push(c);
+    let mut lat = Vec::new();
+    for _ in 0..1000 {
+        let t = Instant::now();
+        client.get_preferred_allocation_opt(&req, opt()).unwrap();
+        lat.push(ms(t.elapsed()));
+    }
+    rows.push(Row {
+        what: "GetPreferredAllocation, 4 of 16 per-HCA devices (sysfs read, NUMA/PCIe choice)"
+            .into(),
+        value: summary(lat),
+        target: "",
+    });
+}
+
+/// Idle wake-ups with HCAs in sysfs: `ports` mode reads them every interval (the one wake-up
+/// allowed), `nodes` mode only on events.
+fn idle_health_modes(rows: &mut Vec<Row>) {
+    for mode in ["ports", "nodes"] {
+        let host = sixteen_hcas("bench-idle-mode");
+        let kubelet = FakeKubelet::start(&host.plugin_dir());
+        let plugin = Plugin::start_with(&host, &["--health", mode], |cmd| {
+            cmd.env("RUST_LOG", "info");
+        });
+        kubelet.expect_registered();
+        kubelet.expect_list();
+        idle_figures(&plugin, &format!("--health {mode}, 16 HCAs"), rows);
+    }
 }
 
 /// (VmRSS KiB, threads, context switches summed over all threads).
@@ -325,8 +590,15 @@ fn main() {
     start_to_registered(&mut rows);
     hot_plug(&mut rows);
     kubelet_restarts(&mut rows);
+    sigterm_exit(&mut rows);
     allocate_latency(&mut rows);
+    largest_answer(&mut rows);
     discovery_time(&mut rows);
+    hca_discovery_time(&mut rows);
+    port_down_to_unhealthy(&mut rows);
+    several_resources(&mut rows);
+    preferred_sixteen(&mut rows);
+    idle_health_modes(&mut rows);
     idle_and_streams(&mut rows);
 
     println!("Machine: {}", machine());

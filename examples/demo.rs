@@ -7,8 +7,9 @@ mod common;
 use std::fs;
 use std::time::Instant;
 
-use common::{alloc_request, opt, plugin_client, FakeKubelet, Host, Plugin, WAIT};
+use common::{alloc_request, opt, plugin_client, plugin_command, FakeKubelet, Host, Plugin, WAIT};
 use protobuf::text_format::print_to_string_pretty;
+use rdma_plugin::host::mock;
 
 fn section(title: &str) {
     println!("\n=== {title}");
@@ -16,15 +17,39 @@ fn section(title: &str) {
 
 fn main() {
     let started = Instant::now();
-    let host = Host::new("demo");
+    let host = Host::with_hcas("demo");
     fs::write(host.root().join("dev/knem"), b"").unwrap();
     section("mock host");
     println!("host root   {}", host.root().display());
+    println!(
+        "sysfs       {} (laid out as the kernel does, symlinks included)",
+        host.sys().display()
+    );
     println!("plugin dir  {}", host.plugin_dir().display());
-    println!("nodes       dev/infiniband/{{uverbs0,uverbs1,rdma_cm}}, dev/knem (plain files)");
+    println!("HCAs        mlx5_0 (InfiniBand, uverbs1), mlx5_1 (InfiniBand, uverbs0), mlx5_2 (RoCE, uverbs2)");
+    println!("nodes       dev/infiniband/{{uverbs0,uverbs1,uverbs2,rdma_cm,umad*,issm*}}, dev/knem (plain files)");
+
+    // InfiniBand only (the RoCE NIC carries the management network); fast health readings so
+    // the demo is short.
+    let flags = [
+        "--link-layer",
+        "infiniband",
+        "--health-interval",
+        "0.2",
+        "--hold-down",
+        "1",
+    ];
+    section("`list --link-layer infiniband`: every HCA, what is granted, health");
+    let out = plugin_command()
+        .arg("list")
+        .args(&flags[..2])
+        .args(host.args())
+        .output()
+        .expect("run list");
+    print!("{}", String::from_utf8_lossy(&out.stdout));
 
     let kubelet = FakeKubelet::start(&host.plugin_dir());
-    let mut plugin = Plugin::start(&host, &[]);
+    let mut plugin = Plugin::start(&host, &flags);
     println!("binary      {}", common::plugin_bin().display());
 
     section("RegisterRequest received by the fake kubelet (after its dial-back answered)");
@@ -51,9 +76,42 @@ fn main() {
         Ok(r) => println!("unexpectedly granted: {r:?}"),
     }
 
+    section("port health: both InfiniBand ports go down (hold-down 1 s), then one comes back");
+    let t0 = Instant::now();
+    host.set_port("mlx5_0", 1, mock::DOWN_POLLING);
+    host.set_port("mlx5_1", 1, mock::DOWN_POLLING);
+    let list = kubelet.expect_health("Unhealthy");
+    println!(
+        "kubelet sees: {} {} after {:.2?}",
+        list.devices[0].ID,
+        list.devices[0].health,
+        t0.elapsed()
+    );
+    let t0 = Instant::now();
+    host.set_port("mlx5_1", 1, mock::ACTIVE);
+    let list = kubelet.expect_health("Healthy");
+    println!(
+        "kubelet sees: {} {} after {:.2?}",
+        list.devices[0].ID,
+        list.devices[0].health,
+        t0.elapsed()
+    );
+    host.set_port("mlx5_0", 1, mock::ACTIVE);
+
+    section("`diagnose`: one line per check, with fixes");
+    let out = plugin_command()
+        .arg("diagnose")
+        .args(&flags[..2])
+        .args(host.args())
+        .output()
+        .expect("run diagnose");
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    println!("(exit status {})", out.status);
+
     section("hot-plug: the driver removes every uverbs node, then one comes back");
     host.remove_node("uverbs0");
     host.remove_node("uverbs1");
+    host.remove_node("uverbs2");
     let list = kubelet.expect_health("Unhealthy");
     println!(
         "kubelet sees: {} {}",

@@ -16,7 +16,7 @@ def fail(msg):
     sys.exit(1)
 
 
-def check_daemonset(path, plugin_dir):
+def check_daemonset(path, plugin_dir, cdi=False):
     (ds,) = load(path)
     want = lambda cond, what: cond or fail(f"{path}: {what}")
     want(ds["kind"] == "DaemonSet" and ds["apiVersion"] == "apps/v1", "an apps/v1 DaemonSet")
@@ -40,18 +40,27 @@ def check_daemonset(path, plugin_dir):
     want(sc["seccompProfile"]["type"] == "RuntimeDefault", "container seccomp RuntimeDefault")
     for kind in ("requests", "limits"):
         want({"cpu", "memory"} <= set(ctr["resources"][kind]), f"cpu and memory {kind}")
+    specs = [a for a in ctr["args"] if a.startswith("--resource=")]
     for probe in ("livenessProbe", "readinessProbe"):
         cmd = ctr[probe]["exec"]["command"]
-        want(cmd == ["/jarvice-rdma-plugin", "probe"], f"{probe} runs the binary's probe (no shell in scratch)")
+        # The probe must check every resource's socket: the same --resource flags.
+        want(cmd == ["/jarvice-rdma-plugin", "probe"] + specs, f"{probe} runs the binary's probe with the resources (no shell in scratch)")
     want(ctr["image"].startswith("jarvice/k8s-rdma-device:"), "image jarvice/k8s-rdma-device")
     vols = {v["name"]: v["hostPath"] for v in pod["volumes"]}
     mounts = {m["name"]: m for m in ctr["volumeMounts"]}
     want(vols["device-plugins"] == {"path": plugin_dir, "type": "Directory"}, f"hostPath {plugin_dir}")
     want(mounts["device-plugins"]["mountPath"] == "/var/lib/kubelet/device-plugins", "plugin dir at the default path")
     for name, v in vols.items():
-        want(v.get("type") in ("Directory", "CharDevice"), f"hostPath {name} typed (an untyped one becomes an empty dir)")
+        want(v.get("type") in ("Directory", "CharDevice", "DirectoryOrCreate"), f"hostPath {name} typed (an untyped one becomes an empty dir)")
     want(vols["host-dev"]["path"] == "/dev" and mounts["host-dev"]["readOnly"], "host /dev read-only")
-    want(set(vols) == {"device-plugins", "host-dev"}, "no host mounts beyond the plugin dir and /dev (no /sys: cgroupfs)")
+    if cdi:
+        want(set(vols) == {"device-plugins", "host-dev", "cdi-specs"}, "host mounts: plugin dir, /dev, CDI spec dir")
+        want(vols["cdi-specs"]["path"] == "/var/run/cdi" and mounts["cdi-specs"]["mountPath"] == "/var/run/cdi"
+             and not mounts["cdi-specs"].get("readOnly"), "the CDI spec dir read-write at /var/run/cdi")
+        want("--cdi" in ctr["args"], "--cdi with the spec dir mounted")
+    else:
+        want(set(vols) == {"device-plugins", "host-dev"}, "no host mounts beyond the plugin dir and /dev (no /sys: cgroupfs)")
+        want(not specs and "--cdi" not in ctr["args"], "the drop-in: no --resource, no --cdi")
     want("--host-root=/host" in ctr["args"] and mounts["host-dev"]["mountPath"] == "/host/dev", "--host-root matches the mount")
 
 
@@ -70,5 +79,6 @@ def check_pods(path):
 
 check_daemonset("deploy/rdma-device.yml", "/var/lib/kubelet/device-plugins")
 check_daemonset("deploy/rdma-device-k3s-legacy.yml", "/var/lib/rancher/k3s/agent/kubelet/device-plugins")
+check_daemonset("deploy/rdma-device-cdi.yml", "/var/lib/kubelet/device-plugins", cdi=True)
 check_pods("deploy/pod-example.yml")
 print("check-deploy: drop-in names and hardening hold in every manifest")

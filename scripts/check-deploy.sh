@@ -13,10 +13,10 @@ done
 echo "check-deploy: schemas (strict) ok for Kubernetes 1.25, 1.30, 1.37"
 python3 -m yamllint -s deploy/
 echo "check-deploy: yamllint ok"
-before=$(cat deploy/rdma-device-k3s-legacy.yml)
+before=$(cat deploy/rdma-device-k3s-legacy.yml deploy/rdma-device-cdi.yml)
 deploy/variants.sh
-if [ "$before" != "$(cat deploy/rdma-device-k3s-legacy.yml)" ]; then
-  echo "check-deploy: deploy/rdma-device-k3s-legacy.yml was stale; run deploy/variants.sh and commit" >&2
+if [ "$before" != "$(cat deploy/rdma-device-k3s-legacy.yml deploy/rdma-device-cdi.yml)" ]; then
+  echo "check-deploy: a generated variant in deploy/ was stale; run deploy/variants.sh and commit" >&2
   exit 1
 fi
 python3 scripts/check-deploy.py

@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use getopts::Options;
 
-use crate::discovery::Selection;
-use crate::resource::Resource;
+use crate::host::health::Mode;
+use crate::host::nodes::Selection;
+use crate::host::select::{self, LinkSelect, NamePatterns, PciId, Selector};
+use crate::resource::{Devices, PerHca, Resource};
 
 /// The kubelet hard-codes this directory, whatever its `--root-dir` (upstream
 /// `pkg/apis/deviceplugin/v1beta1/constants.go`).
@@ -25,6 +27,12 @@ pub const DEFAULT_POLL_SECS: u64 = 5;
 pub const DEFAULT_SELF_CHECK_SECS: u64 = 60;
 /// The kubelet waits up to 10 s for its dial-back before answering Register; a little more.
 pub const DEFAULT_REGISTER_TIMEOUT_SECS: u64 = 12;
+/// Port states are re-read this often in `ports` health mode (sysfs gives no events for them).
+pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 5_000;
+/// A port must stay down this long before the device turns Unhealthy.
+pub const DEFAULT_HOLD_DOWN_MS: u64 = 5_000;
+/// Where container runtimes look for CDI specs written at run time.
+pub const DEFAULT_CDI_DIR: &str = "/var/run/cdi";
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -39,7 +47,7 @@ pub struct Config {
     pub resource_name: String,
     /// Where the host's `/` is seen (`/` normally; e.g. `/host` in a pod that mounts it there).
     pub host_root: PathBuf,
-    /// Where sysfs is seen, for the HCAs' NUMA nodes.
+    /// Where sysfs is seen, for the HCAs: ports, PCI, NUMA nodes, which nodes are whose.
     pub sysfs: PathBuf,
     /// How many devices to advertise; each grants all device nodes.
     pub shares: u32,
@@ -53,6 +61,41 @@ pub struct Config {
     pub register_timeout: Duration,
     /// Poll instead of using inotify (`--poll`), for filesystems without inotify events.
     pub poll_only: bool,
+    /// Which HCAs are granted (`--hcas`, `--link-layer`, `--pci-ids`, `--pci-addrs`).
+    pub selector: Selector,
+    /// Which rule decides health (`--health`).
+    pub health: Mode,
+    /// How often port states are re-read in `ports` mode.
+    pub health_interval: Duration,
+    /// How long a port must stay down before it counts as down.
+    pub hold_down: Duration,
+    /// One device per HCA instead of `shares` devices granting every HCA.
+    pub per_hca: bool,
+    /// Per-HCA grants also set `NCCL_IB_HCA` and `UCX_NET_DEVICES` (`--hca-envs`).
+    pub hca_envs: bool,
+    /// The `--resource` specs; empty: the one resource of the flags above (the drop-in).
+    pub resources: Vec<ResourceSpec>,
+    /// HCAs that per-HCA resources declared before this one select: never granted here too.
+    pub taken: Vec<(String, Selector)>,
+    /// Write CDI specs and answer Allocate with CDI names (`--cdi`).
+    pub cdi: bool,
+    /// Where CDI specs go (`--cdi-dir`).
+    pub cdi_dir: PathBuf,
+    /// With `--cdi`, also answer with DeviceSpecs (runtimes without CDI).
+    pub cdi_device_specs: bool,
+    /// Shared device IDs are this and an index: `rdma-` for the drop-in's (whatever its
+    /// resource name), `<name>-` for a `--resource` spec's, so IDs are unique in the process.
+    pub id_prefix: String,
+}
+
+/// One `--resource NAME[,key=value...]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResourceSpec {
+    pub name: String,
+    pub socket_name: String,
+    pub per_hca: bool,
+    pub shares: u32,
+    pub selector: Selector,
 }
 
 impl Default for Config {
@@ -69,6 +112,18 @@ impl Default for Config {
             self_check: Duration::from_secs(DEFAULT_SELF_CHECK_SECS),
             register_timeout: Duration::from_secs(DEFAULT_REGISTER_TIMEOUT_SECS),
             poll_only: false,
+            selector: Selector::default(),
+            health: Mode::Auto,
+            health_interval: Duration::from_millis(DEFAULT_HEALTH_INTERVAL_MS),
+            hold_down: Duration::from_millis(DEFAULT_HOLD_DOWN_MS),
+            per_hca: false,
+            hca_envs: false,
+            resources: Vec::new(),
+            taken: Vec::new(),
+            id_prefix: crate::resource::ID_PREFIX.to_string(),
+            cdi: false,
+            cdi_dir: PathBuf::from(DEFAULT_CDI_DIR),
+            cdi_device_specs: false,
         }
     }
 }
@@ -81,7 +136,7 @@ impl Config {
 
     /// `<plugin-dir>/kubelet.sock`: where the kubelet takes registrations.
     pub fn kubelet_socket(&self) -> PathBuf {
-        self.plugin_dir.join(crate::watch::KUBELET_SOCKET)
+        self.plugin_dir.join(crate::daemon::watch::KUBELET_SOCKET)
     }
 
     /// Which optional node families discovery passes.
@@ -91,9 +146,50 @@ impl Config {
         }
     }
 
-    /// The advertised devices (`--shares` of them).
-    pub fn resource(&self) -> Resource {
-        Resource::new(self.shares)
+    /// The advertised devices: `--shares` of them granting every selected HCA, or one per HCA.
+    /// The drop-in's IDs are `rdma-N`; another shared resource's are `<name>-N`.
+    pub fn resource(&self) -> Devices {
+        if self.per_hca {
+            return Devices::PerHca(PerHca {
+                hca_envs: self.hca_envs,
+            });
+        }
+        Devices::Shared(Resource::with_prefix(&self.id_prefix, self.shares))
+    }
+
+    /// One configuration per resource served: the flags' own (drop-in), or one per `--resource`
+    /// spec, each carrying its name, socket, mode and selection, and the per-HCA selections
+    /// declared before it.
+    pub fn units(&self) -> Vec<Config> {
+        if self.resources.is_empty() {
+            return vec![self.clone()];
+        }
+        let mut taken: Vec<(String, Selector)> = Vec::new();
+        let mut out = Vec::new();
+        for spec in &self.resources {
+            let mut c = self.clone();
+            c.resources = Vec::new();
+            c.resource_name = spec.name.clone();
+            c.socket_name = spec.socket_name.clone();
+            c.per_hca = spec.per_hca;
+            c.shares = spec.shares;
+            c.selector = spec.selector.clone();
+            let short = spec
+                .name
+                .split_once('/')
+                .map_or(spec.name.as_str(), |(_, n)| n);
+            c.id_prefix = format!("{short}-");
+            c.taken = if spec.per_hca {
+                taken.clone()
+            } else {
+                Vec::new()
+            };
+            if spec.per_hca {
+                taken.push((spec.name.clone(), spec.selector.clone()));
+            }
+            out.push(c);
+        }
+        out
     }
 }
 
@@ -109,6 +205,11 @@ pub enum Command {
     },
     /// Check a running plugin the way the kubelet does (`probe`).
     Probe(Config),
+    /// Check what RDMA pods need on this node, one line per check (`diagnose [--json]`).
+    Diagnose {
+        config: Config,
+        json: bool,
+    },
     Help(String),
     Version,
 }
@@ -156,7 +257,7 @@ fn options() -> Options {
     o.optopt(
         "",
         "sysfs",
-        &format!("where sysfs is mounted, for the HCAs' NUMA nodes [default: {DEFAULT_SYSFS}]"),
+        &format!("where sysfs is mounted, for the HCAs, their ports and NUMA nodes [default: {DEFAULT_SYSFS}]"),
         "DIR",
     );
     o.optopt(
@@ -199,7 +300,86 @@ fn options() -> Options {
         "poll",
         "poll every --poll-interval instead of using inotify (filesystems without inotify) [default: off]",
     );
-    o.optflag("", "json", "with `list`: print JSON instead of a table");
+    o.optopt(
+        "",
+        "hcas",
+        "grant only these HCAs: names or patterns, comma-separated, '!' excludes (mlx5_*,!mlx5_2) [default: every HCA]",
+        "PATTERNS",
+    );
+    o.optopt(
+        "",
+        "link-layer",
+        "grant only HCAs with a port of this link layer: infiniband, ethernet (RoCE) or any [default: any]",
+        "LAYER",
+    );
+    o.optopt(
+        "",
+        "pci-ids",
+        "grant only HCAs with these PCI IDs, VENDOR:DEVICE in hex, comma-separated (15b3:101b,15b3:*) [default: any]",
+        "IDS",
+    );
+    o.optopt(
+        "",
+        "pci-addrs",
+        "grant only HCAs at these PCI addresses or patterns, comma-separated (0000:3b:00.0,0000:86:*) [default: any]",
+        "ADDRS",
+    );
+    o.optopt(
+        "",
+        "health",
+        "health rule: ports (an ACTIVE/LinkUp port and its uverbs node), nodes (a uverbs node), auto (ports when sysfs describes the HCAs, else nodes) [default: auto]",
+        "RULE",
+    );
+    o.optopt(
+        "",
+        "health-interval",
+        &format!(
+            "seconds between port-state readings in ports mode, decimals allowed [default: {}]",
+            DEFAULT_HEALTH_INTERVAL_MS / 1000
+        ),
+        "SECS",
+    );
+    o.optopt(
+        "",
+        "hold-down",
+        &format!(
+            "seconds a port must stay down before the device turns Unhealthy; coming up counts at once [default: {}]",
+            DEFAULT_HOLD_DOWN_MS / 1000
+        ),
+        "SECS",
+    );
+    o.optmulti(
+        "",
+        "resource",
+        "serve a resource (repeatable): NAME[,mode=shared|per-hca][,shares=N][,link=LAYER][,hcas=P;P][,pci-ids=ID;ID][,pci-addrs=A;A][,socket=FILE]; lists inside a value use ';' [default: the one resource of --resource-name]",
+        "SPEC",
+    );
+    o.optflag(
+        "",
+        "hca-envs",
+        "per-HCA grants also set NCCL_IB_HCA and UCX_NET_DEVICES (JARVICE_RDMA_HCAS is always set) [default: off]",
+    );
+    o.optflag(
+        "",
+        "cdi",
+        "write a CDI spec per resource into --cdi-dir and answer Allocate with CDI device names (containerd 2.0+, CRI-O; Kubernetes 1.31+) [default: off]",
+    );
+    o.optopt(
+        "",
+        "cdi-dir",
+        &format!("where CDI specs are written, with --cdi [default: {DEFAULT_CDI_DIR}]"),
+        "DIR",
+    );
+    o.optflag(
+        "",
+        "cdi-device-specs",
+        "with --cdi, also answer with device specs, for runtimes without CDI [default: off]",
+    );
+    o.optflag(
+        "",
+        "json",
+        "with `list` or `diagnose`: print JSON instead of text",
+    );
     o.optflag("h", "help", "print this help and exit");
     o.optflag("V", "version", "print the version and exit");
     o
@@ -211,7 +391,8 @@ pub fn usage() -> String {
         "jarvice-rdma-plugin {}: Kubernetes device plugin for InfiniBand/RDMA device nodes\n\n\
          Usage: jarvice-rdma-plugin [serve] [FLAGS]       run the device plugin (default)\n       \
          jarvice-rdma-plugin list [--json] [FLAGS]   print what would be advertised and allocated here\n       \
-         jarvice-rdma-plugin probe [FLAGS]           check the running plugin like the kubelet does (exit 0 = ok)\n\n\
+         jarvice-rdma-plugin probe [FLAGS]           check the running plugin like the kubelet does (exit 0 = ok)\n       \
+         jarvice-rdma-plugin diagnose [--json] [FLAGS]  check what RDMA pods need on this node (exit 0 = no failure)\n\n\
          Logging: RUST_LOG=debug|info|warn (default info).",
         env!("CARGO_PKG_VERSION")
     );
@@ -236,15 +417,18 @@ pub fn parse(args: &[String]) -> Result<Command, UsageError> {
     };
     let config = config_from(&m)?;
     let json = m.opt_present("json");
-    if json && verb != "list" {
-        return Err(UsageError("--json goes with `list` only".into()));
+    if json && verb != "list" && verb != "diagnose" {
+        return Err(UsageError(
+            "--json goes with `list` or `diagnose` only".into(),
+        ));
     }
     match verb {
         "serve" => Ok(Command::Serve(config)),
         "list" => Ok(Command::List { config, json }),
         "probe" => Ok(Command::Probe(config)),
+        "diagnose" => Ok(Command::Diagnose { config, json }),
         other => Err(UsageError(format!(
-            "unknown command {other:?}: expected serve, list or probe"
+            "unknown command {other:?}: expected serve, list, probe or diagnose"
         ))),
     }
 }
@@ -289,6 +473,80 @@ fn config_from(m: &getopts::Matches) -> Result<Config, UsageError> {
         c.register_timeout = seconds("--register-timeout", &s, 1)?;
     }
     c.poll_only = m.opt_present("poll");
+    fn flag_err(flag: &'static str) -> impl Fn(select::ParseError) -> UsageError {
+        move |e| UsageError(format!("{flag}: {e}"))
+    }
+    if let Some(v) = m.opt_str("hcas") {
+        c.selector.names = Some(NamePatterns::parse(&v).map_err(flag_err("--hcas"))?);
+    }
+    if let Some(v) = m.opt_str("link-layer") {
+        c.selector.link = LinkSelect::parse(&v).map_err(flag_err("--link-layer"))?;
+    }
+    if let Some(v) = m.opt_str("pci-ids") {
+        c.selector.pci_ids = PciId::parse_list(&v).map_err(flag_err("--pci-ids"))?;
+    }
+    if let Some(v) = m.opt_str("pci-addrs") {
+        c.selector.pci_addrs = select::parse_pci_addrs(&v).map_err(flag_err("--pci-addrs"))?;
+    }
+    if let Some(v) = m.opt_str("health") {
+        c.health = Mode::parse(&v).ok_or_else(|| {
+            UsageError(format!("--health must be ports, nodes or auto, not {v:?}"))
+        })?;
+    }
+    if let Some(s) = m.opt_str("health-interval") {
+        c.health_interval = decimal_seconds("--health-interval", &s, 0.05)?;
+    }
+    if let Some(s) = m.opt_str("hold-down") {
+        c.hold_down = decimal_seconds("--hold-down", &s, 0.0)?;
+    }
+    c.hca_envs = m.opt_present("hca-envs");
+    c.cdi = m.opt_present("cdi");
+    if let Some(dir) = m.opt_str("cdi-dir") {
+        c.cdi_dir = absolute_dir("--cdi-dir", &dir)?;
+    }
+    c.cdi_device_specs = m.opt_present("cdi-device-specs");
+    if !c.cdi && (m.opt_present("cdi-dir") || c.cdi_device_specs) {
+        return Err(UsageError(
+            "--cdi-dir and --cdi-device-specs go with --cdi".into(),
+        ));
+    }
+    let specs = m.opt_strs("resource");
+    if !specs.is_empty() {
+        for flag in [
+            "resource-name",
+            "socket-name",
+            "shares",
+            "hcas",
+            "link-layer",
+            "pci-ids",
+            "pci-addrs",
+        ] {
+            if m.opt_present(flag) {
+                return Err(UsageError(format!(
+                    "--{flag} goes with the single resource of the flags; with --resource, use the spec's keys"
+                )));
+            }
+        }
+        c.resources = parse_specs(&specs)?;
+        let first = &c.resources[0];
+        c.resource_name = first.name.clone();
+        c.socket_name = first.socket_name.clone();
+    }
+    for unit in c.units() {
+        if c.cdi && !crate::resource::cdi::valid_kind(&unit.resource_name) {
+            return Err(UsageError(format!(
+                "--cdi: {} is not a CDI kind (vendor/class: each starting with a letter, the class of letters, digits, '_' and '-')",
+                unit.resource_name
+            )));
+        }
+        let len = unit.socket_path().as_os_str().len();
+        if len > MAX_SOCKET_PATH {
+            return Err(UsageError(format!(
+                "socket path {} is {len} bytes; a unix socket path can hold at most {MAX_SOCKET_PATH}",
+                unit.socket_path().display()
+            )));
+        }
+    }
     let len = c.socket_path().as_os_str().len();
     if len > MAX_SOCKET_PATH {
         return Err(UsageError(format!(
@@ -318,13 +576,125 @@ fn seconds(flag: &str, value: &str, min: u64) -> Result<Duration, UsageError> {
     }
 }
 
+/// Parses every `--resource` spec and checks them against each other.
+fn parse_specs(specs: &[String]) -> Result<Vec<ResourceSpec>, UsageError> {
+    let mut out: Vec<ResourceSpec> = Vec::new();
+    for raw in specs {
+        let spec = parse_spec(raw)?;
+        if let Some(other) = out.iter().find(|o| o.name == spec.name) {
+            return Err(UsageError(format!(
+                "--resource {raw:?}: resource {} is declared twice",
+                other.name
+            )));
+        }
+        let short = |n: &str| n.split_once('/').map_or(n, |(_, s)| s).to_string();
+        if let Some(other) = out.iter().find(|o| short(&o.name) == short(&spec.name)) {
+            return Err(UsageError(format!(
+                "--resource {raw:?}: {} and {} end in the same name: their device IDs ({}-0, ...) would collide",
+                other.name,
+                spec.name,
+                short(&spec.name)
+            )));
+        }
+        if let Some(other) = out.iter().find(|o| o.socket_name == spec.socket_name) {
+            return Err(UsageError(format!(
+                "--resource {raw:?}: socket {} is {}'s already; give one with socket=NAME",
+                spec.socket_name, other.name
+            )));
+        }
+        out.push(spec);
+    }
+    Ok(out)
+}
+
+/// `jarvice.com/ib,mode=per-hca,link=infiniband,hcas=mlx5_*;!mlx5_4`.
+fn parse_spec(raw: &str) -> Result<ResourceSpec, UsageError> {
+    let bad = |why: String| UsageError(format!("--resource {raw:?}: {why}"));
+    let mut parts = raw.split(',');
+    let name = parts.next().unwrap_or("").trim().to_string();
+    check_resource_name(&name).map_err(|e| bad(e.0))?;
+    let short = name.split_once('/').map_or(name.as_str(), |(_, n)| n);
+    let mut spec = ResourceSpec {
+        socket_name: format!("{short}.sock"),
+        name: name.clone(),
+        per_hca: false,
+        shares: DEFAULT_SHARES,
+        selector: Selector::default(),
+    };
+    let mut shares_set = false;
+    let list = |v: &str| v.replace(';', ",");
+    for part in parts {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
+        let value = value.trim();
+        match key.trim() {
+            "mode" => {
+                spec.per_hca = match value {
+                    "shared" => false,
+                    "per-hca" => true,
+                    _ => return Err(bad(format!("mode {value:?}: expected shared or per-hca"))),
+                }
+            }
+            "shares" => {
+                spec.shares = match value.parse::<u32>() {
+                    Ok(n) if (1..=MAX_SHARES).contains(&n) => n,
+                    _ => {
+                        return Err(bad(format!(
+                            "shares {value:?}: expected a whole number from 1 to {MAX_SHARES}"
+                        )))
+                    }
+                };
+                shares_set = true;
+            }
+            "link" => spec.selector.link = LinkSelect::parse(value).map_err(|e| bad(e.0))?,
+            "hcas" => {
+                spec.selector.names = Some(NamePatterns::parse(&list(value)).map_err(|e| bad(e.0))?)
+            }
+            "pci-ids" => {
+                spec.selector.pci_ids = PciId::parse_list(&list(value)).map_err(|e| bad(e.0))?
+            }
+            "pci-addrs" => {
+                spec.selector.pci_addrs =
+                    select::parse_pci_addrs(&list(value)).map_err(|e| bad(e.0))?
+            }
+            "socket" => {
+                check_socket_name(value).map_err(|e| bad(e.0))?;
+                spec.socket_name = value.to_string();
+            }
+            other => {
+                return Err(bad(format!(
+                    "unknown key {other:?} (mode, shares, link, hcas, pci-ids, pci-addrs, socket)"
+                )))
+            }
+        }
+    }
+    if spec.per_hca && shares_set {
+        return Err(bad(
+            "shares= goes with mode=shared (per-hca has one device per HCA)".into(),
+        ));
+    }
+    check_socket_name(&spec.socket_name).map_err(|e| bad(e.0))?;
+    Ok(spec)
+}
+
+/// Seconds with an optional fraction (`0.5`), from `min` to a day.
+fn decimal_seconds(flag: &str, value: &str, min: f64) -> Result<Duration, UsageError> {
+    match value.parse::<f64>() {
+        Ok(n) if n.is_finite() && n >= min && n <= 86_400.0 => Ok(Duration::from_secs_f64(n)),
+        _ => Err(UsageError(format!(
+            "{flag} must be seconds from {min} to 86400 (decimals allowed), not {value:?}"
+        ))),
+    }
+}
+
 fn check_socket_name(name: &str) -> Result<(), UsageError> {
     if name.is_empty()
         || name.contains('/')
         || name.contains('\0')
         || name == "."
         || name == ".."
-        || name == crate::watch::KUBELET_SOCKET
+        || name == crate::daemon::watch::KUBELET_SOCKET
         || name == "kubelet_internal_checkpoint"
     {
         return Err(UsageError(format!(
@@ -439,6 +809,55 @@ mod tests {
         assert_eq!(c.self_check, Duration::ZERO);
         assert_eq!(c.register_timeout, Duration::from_secs(3));
         assert!(c.poll_only);
+        assert_eq!(c.health, Mode::Auto);
+        assert_eq!(c.hold_down, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn hca_selection_and_health_flags() {
+        let cmd = parse(&args(&[
+            "--hcas",
+            "mlx5_*,!mlx5_3",
+            "--link-layer=infiniband",
+            "--pci-ids",
+            "15b3:101b,15b3:*",
+            "--pci-addrs",
+            "0000:3B:00.0",
+            "--health",
+            "ports",
+            "--health-interval",
+            "0.25",
+            "--hold-down",
+            "0",
+        ]))
+        .unwrap();
+        let Command::Serve(c) = cmd else { panic!() };
+        assert_eq!(
+            c.selector.describe(),
+            "--hcas mlx5_*,!mlx5_3 --link-layer infiniband --pci-ids 15b3:101b,15b3:* --pci-addrs 0000:3b:00.0"
+        );
+        assert_eq!(c.health, Mode::Ports);
+        assert_eq!(c.health_interval, Duration::from_millis(250));
+        assert_eq!(c.hold_down, Duration::ZERO);
+        for bad in [
+            &["--hcas", ""][..],
+            &["--hcas", "!"],
+            &["--link-layer", "fddi"],
+            &["--pci-ids", "15b3"],
+            &["--pci-addrs", "mlx5_0"],
+            &["--health", "maybe"],
+            &["--health-interval", "0"],
+            &["--health-interval", "NaN"],
+            &["--hold-down", "-1"],
+            &["--hold-down", "1e9"],
+        ] {
+            let err = parse(&args(bad)).unwrap_err();
+            assert!(err.to_string().contains(bad[0]), "{bad:?}: {err}");
+        }
+        assert!(matches!(
+            parse(&args(&["diagnose", "--json"])).unwrap(),
+            Command::Diagnose { json: true, .. }
+        ));
     }
 
     #[test]
@@ -502,6 +921,18 @@ mod tests {
             "--self-check",
             "--register-timeout",
             "--poll",
+            "--hcas",
+            "--link-layer",
+            "--pci-ids",
+            "--pci-addrs",
+            "--health",
+            "--health-interval",
+            "--hold-down",
+            "--resource",
+            "--hca-envs",
+            "--cdi",
+            "--cdi-dir",
+            "--cdi-device-specs",
             "--json",
             "--help",
             "--version",

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use log::error;
 use rdma_plugin::config::{self, Command};
-use rdma_plugin::{lifecycle, list, probe};
+use rdma_plugin::daemon::lifecycle;
+use rdma_plugin::tools::{diagnose, list, probe};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -28,16 +29,38 @@ fn main() -> ExitCode {
             println!("jarvice-rdma-plugin {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::Serve(cfg) => outcome(lifecycle::run(cfg)),
+        Command::Serve(cfg) => match lifecycle::run(cfg) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                error!("{e}");
+                ExitCode::from(e.exit_code())
+            }
+        },
         Command::List { config, json } => {
             outcome(list::report(&config, json).map(|r| print!("{r}")))
         }
-        Command::Probe(cfg) => outcome(probe::probe(&cfg.socket_path()).map(|seen| {
-            print!("{seen}");
-            println!(
-                "ok: {} answers as the kubelet expects",
-                cfg.socket_path().display()
-            );
+        Command::Diagnose { config, json } => {
+            let checks = diagnose::run(&config);
+            if json {
+                print!("{}", diagnose::as_json(&checks));
+            } else {
+                print!("{}", diagnose::as_text(&checks));
+            }
+            if diagnose::passed(&checks) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        // Every resource's socket (the DaemonSet's probes pass the same flags as the daemon).
+        Command::Probe(cfg) => outcome(cfg.units().iter().try_for_each(|u| {
+            probe::probe(&u.socket_path()).map(|seen| {
+                print!("{seen}");
+                println!(
+                    "ok: {} answers as the kubelet expects",
+                    u.socket_path().display()
+                );
+            })
         })),
     }
 }

@@ -371,3 +371,101 @@ mod tests {
         assert!(out[1].name.is_empty());
     }
 }
+
+/// A resource limit's soft and hard values; `None` is unlimited (`RLIM_INFINITY`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limit {
+    pub soft: Option<u64>,
+    pub hard: Option<u64>,
+}
+
+/// The limits we read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitKind {
+    /// `RLIMIT_MEMLOCK`: what RDMA can register (pin) per process.
+    Memlock,
+    /// `RLIMIT_NOFILE`: open descriptors.
+    Nofile,
+}
+
+/// `getrlimit` for `kind`.
+pub fn get_limit(kind: LimitKind) -> io::Result<Limit> {
+    // The constants' type differs between glibc and musl; matching here keeps it out of the API.
+    let resource = match kind {
+        LimitKind::Memlock => libc::RLIMIT_MEMLOCK,
+        LimitKind::Nofile => libc::RLIMIT_NOFILE,
+    };
+    // SAFETY: rlimit is plain data; zeroed is a valid value that getrlimit overwrites.
+    let mut lim: libc::rlimit = unsafe { mem::zeroed() };
+    // SAFETY: `lim` is a valid, exclusively borrowed rlimit for the duration of the call.
+    cvt(unsafe { libc::getrlimit(resource, &mut lim) })?;
+    // rlim_t is not u64 on every target.
+    #[allow(clippy::unnecessary_cast)]
+    let value = |v: libc::rlim_t| (v != libc::RLIM_INFINITY).then_some(v as u64);
+    Ok(Limit {
+        soft: value(lim.rlim_cur),
+        hard: value(lim.rlim_max),
+    })
+}
+
+/// `setrlimit` of `kind`'s soft limit to `soft` (`None`: unlimited), keeping the hard limit.
+pub fn set_soft_limit(kind: LimitKind, soft: Option<u64>) -> io::Result<()> {
+    let resource = match kind {
+        LimitKind::Memlock => libc::RLIMIT_MEMLOCK,
+        LimitKind::Nofile => libc::RLIMIT_NOFILE,
+    };
+    // SAFETY: rlimit is plain data; getrlimit fills it.
+    let mut lim: libc::rlimit = unsafe { mem::zeroed() };
+    // SAFETY: `lim` is a valid, exclusively borrowed rlimit for the duration of the call.
+    cvt(unsafe { libc::getrlimit(resource, &mut lim) })?;
+    // rlim_t is not u64 on every target.
+    #[allow(clippy::unnecessary_cast)]
+    let soft = soft.map_or(libc::RLIM_INFINITY, |n| n as libc::rlim_t);
+    lim.rlim_cur = soft;
+    // SAFETY: as above; the kernel validates the values.
+    cvt(unsafe { libc::setrlimit(resource, &lim) })?;
+    Ok(())
+}
+
+/// Sets the process's file-mode creation mask (sockets and files we create from now on).
+pub fn set_umask(mask: libc::mode_t) {
+    // SAFETY: umask cannot fail and touches no memory.
+    unsafe { libc::umask(mask) };
+}
+
+/// Ends the process `secs` seconds from now unless it has exited by then: the last word when a
+/// shutdown hangs (gRPC without threads left cannot finish one). The SIGALRM handler writes one
+/// line and exits 0: the stop was asked for, and our sockets were removed before gRPC was.
+pub fn arm_exit_watchdog(secs: libc::c_uint) {
+    extern "C" fn on_alarm(_: libc::c_int) {
+        const MSG: &[u8] =
+            b"[WARN ] shutdown still running after the exit watchdog's time: exiting now\n";
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; MSG is a static buffer.
+        unsafe {
+            libc::write(2, MSG.as_ptr().cast(), MSG.len());
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: sigaction with a zeroed struct, a valid handler and an empty mask; alarm cannot
+    // fail. SIGALRM is not in our blocked set, so the handler runs on whichever thread it hits.
+    unsafe {
+        let mut sa: libc::sigaction = mem::zeroed();
+        sa.sa_sigaction = on_alarm as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGALRM, &sa, std::ptr::null_mut());
+        libc::alarm(secs);
+    }
+}
+
+/// glibc reserves 64 MiB of address space for each malloc arena and makes up to 8 per core as
+/// threads allocate (gRPC's threads included): ~600 MiB of virtual memory for ~12 MiB of RSS,
+/// which an address-space limit (`RLIMIT_AS`) cannot give. Two arenas are plenty for a daemon
+/// whose threads rarely allocate at once. musl (the shipped binary) has no arenas.
+#[cfg(target_env = "gnu")]
+pub fn limit_malloc_arenas() {
+    // SAFETY: mallopt only changes allocator parameters; called before other threads exist.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+}
+
+#[cfg(not(target_env = "gnu"))]
+pub fn limit_malloc_arenas() {}

@@ -14,6 +14,11 @@ use std::thread;
 
 /// Idle threads kept for the next streams; the kubelet holds one stream, probes open a few.
 pub const MAX_IDLE: usize = 4;
+/// Stack of our threads (stream and Register threads). Rust's default is 2 MiB of address space
+/// per thread, which under an address-space limit (`RLIMIT_AS`) runs out after a few dozen
+/// streams; they need a few tens of KiB (a gRPC call's frames included; musl's own default for
+/// gRPC's threads is 128 KiB).
+pub const STACK_SIZE: usize = 256 * 1024;
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
@@ -40,6 +45,7 @@ pub fn run(job: impl FnOnce() + Send + 'static) -> io::Result<()> {
     let (tx, rx) = mpsc::channel();
     thread::Builder::new()
         .name("list-and-watch".into())
+        .stack_size(STACK_SIZE)
         .spawn(move || work(job, &tx, &rx))
         .map(drop)
 }

@@ -8,7 +8,7 @@ use std::os::unix::net::UnixListener;
 
 use common::*;
 use grpcio::RpcStatusCode;
-use rdma_plugin::api;
+use rdma_plugin::kubelet::api;
 
 fn two_hca_specs() -> Vec<String> {
     vec![

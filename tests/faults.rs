@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use common::*;
 use grpcio::RpcStatusCode;
-use rdma_plugin::{api, workers};
+use rdma_plugin::kubelet::api;
+use rdma_plugin::workers;
 
 fn healthy(list: &api::ListAndWatchResponse) -> bool {
     !list.devices.is_empty() && list.devices.iter().all(|d| d.health == "Healthy")
@@ -127,7 +128,8 @@ fn an_allocate_naming_ten_thousand_ids() {
     kubelet.expect_registered();
     let client = plugin_client(&host.socket());
 
-    let ids: Vec<String> = (0..10_000).map(|i| format!("rdma-{}", i % 4)).collect();
+    // Up to the bound (8,192 IDs per container) a request is served, repeats and all.
+    let ids: Vec<String> = (0..8192).map(|i| format!("rdma-{}", i % 4)).collect();
     let mut req = api::AllocateRequest::new();
     let mut c = api::ContainerAllocateRequest::new();
     c.devices_ids = ids;
@@ -135,6 +137,21 @@ fn an_allocate_naming_ten_thousand_ids() {
     let ok = client.allocate_opt(&req, opt()).unwrap();
     assert_eq!(ok.container_responses[0].devices.len(), 3);
 
+    // Beyond it: refused as too large, before anything is built.
+    let mut big = req.clone();
+    big.container_requests[0].devices_ids =
+        (0..10_000).map(|i| format!("rdma-{}", i % 4)).collect();
+    let s = rpc_status(
+        client.allocate_opt(&big, opt()),
+        RpcStatusCode::RESOURCE_EXHAUSTED,
+    );
+    assert!(
+        s.message().contains("names 10000 device IDs; at most 8192"),
+        "{}",
+        s.message()
+    );
+
+    c.devices_ids.truncate(100);
     c.devices_ids.push(format!("rdma-{}", "9".repeat(5000)));
     req.container_requests[0] = c;
     let s = rpc_status(

@@ -19,7 +19,8 @@ use grpcio::{
     CallOption, ChannelBuilder, EnvBuilder, Environment, RpcContext, RpcStatus, RpcStatusCode,
     Server, ServerBuilder, ServerCredentials, UnarySink,
 };
-use rdma_plugin::api;
+use rdma_plugin::host::mock::{self, MockHca};
+use rdma_plugin::kubelet::api;
 use rdma_plugin::wake;
 
 /// Upper bound of every wait in the tests; generous for a loaded 2-core CI machine.
@@ -94,6 +95,33 @@ impl Host {
         fs::write(dir.join(name), b"").unwrap();
     }
 
+    /// The host's sysfs (`--sysfs`).
+    pub fn sys(&self) -> PathBuf {
+        self.root().join("sys")
+    }
+
+    /// Adds an HCA to sysfs, laid out as the kernel does, and its nodes to `/dev/infiniband`.
+    pub fn add_hca(&self, hca: &MockHca) {
+        mock::add_hca(&self.sys(), Some(&self.root().join("dev")), hca).unwrap();
+    }
+
+    /// A host with InfiniBand HCAs `mlx5_0` (`uverbs1`) and `mlx5_1` (`uverbs0`), a RoCE NIC
+    /// `mlx5_2` (`uverbs2`), all ports ACTIVE, `rdma_cm`, RDMA netns mode shared.
+    pub fn with_hcas(tag: &str) -> Host {
+        let h = Host::empty(tag);
+        h.add_hca(&MockHca::connectx(0).uverbs(1));
+        h.add_hca(&MockHca::connectx(1).uverbs(0).numa(1));
+        h.add_hca(&MockHca::roce(2));
+        mock::add_rdma_cm(&h.sys(), Some(&h.root().join("dev"))).unwrap();
+        mock::set_netns_mode(&h.sys(), true).unwrap();
+        h
+    }
+
+    /// Sets a port's state and phys_state (e.g. `mock::DOWN_POLLING`).
+    pub fn set_port(&self, hca: &str, port: u32, state: (&str, &str)) {
+        mock::set_port(&self.sys(), hca, port, state).unwrap();
+    }
+
     pub fn remove_node(&self, name: &str) {
         fs::remove_file(self.root().join("dev/infiniband").join(name)).unwrap();
     }
@@ -111,14 +139,15 @@ impl Host {
     }
 }
 
-/// Path of the plugin binary: the one cargo built for this test run; for the demo and the
-/// benchmark (examples, where cargo sets no such variable) `$JARVICE_RDMA_PLUGIN_BIN` or the
-/// binary beside `target/<profile>/examples/`.
+/// Path of the plugin binary: `$JARVICE_RDMA_PLUGIN_BIN` when set, else the one cargo built for
+/// this test run; for the demo and the benchmark (examples, where cargo sets no such variable)
+/// the binary beside `target/<profile>/examples/`.
 pub fn plugin_bin() -> PathBuf {
-    if let Some(p) = option_env!("CARGO_BIN_EXE_jarvice-rdma-plugin") {
+    // First, so the suite can be pointed at another build (an older one, to see a test fail).
+    if let Some(p) = std::env::var_os("JARVICE_RDMA_PLUGIN_BIN") {
         return PathBuf::from(p);
     }
-    if let Some(p) = std::env::var_os("JARVICE_RDMA_PLUGIN_BIN") {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_jarvice-rdma-plugin") {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("own path");
@@ -126,6 +155,13 @@ pub fn plugin_bin() -> PathBuf {
         .and_then(Path::parent)
         .map(|profile_dir| profile_dir.join("jarvice-rdma-plugin"))
         .expect("target/<profile>/ above examples/")
+}
+
+/// True when the plugin runs under an emulator (`$JARVICE_TEST_RUNNER`, e.g. qemu-user): then
+/// resource limits and `/proc` figures (RSS, address space) are the emulator's, not the
+/// plugin's, and the tests that measure them say so and skip that part.
+pub fn under_emulation() -> bool {
+    std::env::var("JARVICE_TEST_RUNNER").is_ok_and(|r| !r.trim().is_empty())
 }
 
 /// A command that runs the plugin binary. A binary for another architecture (ppc64le tests on
@@ -217,6 +253,16 @@ impl Drop for Plugin {
     }
 }
 
+/// Peak resident memory of a process (`VmHWM`), KiB, from /proc.
+pub fn peak_rss_kib(pid: i32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Threads and open descriptors of a process, from /proc.
 pub fn threads_and_fds(pid: i32) -> (usize, usize) {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -277,6 +323,9 @@ pub struct Behaviour {
     pub register_delay: Duration,
     /// After answering Register, open ListAndWatch; when false, never watch.
     pub watch: bool,
+    /// At start, delete every socket in the plugin dir (ours included) like the kubelet's
+    /// device manager does; when false, only bind `kubelet.sock` (replacing a stale one).
+    pub clean: bool,
 }
 
 impl Default for Behaviour {
@@ -285,12 +334,22 @@ impl Default for Behaviour {
             authority: Authority::Localhost,
             register_delay: Duration::ZERO,
             watch: true,
+            clean: true,
         }
     }
 }
 
+/// What the fake kubelet knows per resource: Register calls and the latest list.
+#[derive(Default)]
+pub struct PerResource {
+    pub registers: std::collections::HashMap<String, usize>,
+    pub lists: std::collections::HashMap<String, api::ListAndWatchResponse>,
+}
+
 #[derive(Clone)]
 struct Registrar {
+    by_resource: Arc<Mutex<PerResource>>,
+    by_resource_changed: Arc<Condvar>,
     dir: PathBuf,
     behaviour: Behaviour,
     env: Arc<Environment>,
@@ -331,11 +390,19 @@ impl Registrar {
 
     fn handle(self, req: api::RegisterRequest, sink: UnarySink<api::Empty>) {
         let client = self.plugin_client(&req.endpoint);
+        let resource = req.resource_name.clone();
         let opt = CallOption::default()
             .timeout(Duration::from_secs(10))
             .wait_for_ready(true);
         let status = match client.get_device_plugin_options_opt(&api::Empty::new(), opt) {
             Ok(options) => {
+                *self
+                    .by_resource
+                    .lock()
+                    .unwrap()
+                    .registers
+                    .entry(resource.clone())
+                    .or_default() += 1;
                 let _ = self
                     .events
                     .send((Instant::now(), Event::Registered { req, options }));
@@ -361,11 +428,11 @@ impl Registrar {
             }
         };
         if status.is_none() && self.behaviour.watch {
-            self.watch(client);
+            self.watch(client, resource);
         }
     }
 
-    fn watch(self, client: api::DevicePluginClient) {
+    fn watch(self, client: api::DevicePluginClient, resource: String) {
         let Ok(stream) = client.list_and_watch(&api::Empty::new()) else {
             let _ = self.events.send((Instant::now(), Event::StreamEnded));
             return;
@@ -389,6 +456,11 @@ impl Registrar {
             );
             match next {
                 Some(Some(Ok(list))) => {
+                    {
+                        let mut b = self.by_resource.lock().unwrap();
+                        b.lists.insert(resource.clone(), list.clone());
+                        self.by_resource_changed.notify_all();
+                    }
                     if self
                         .events
                         .send((Instant::now(), Event::List(list)))
@@ -413,6 +485,17 @@ pub struct FakeKubelet {
     pub events: Receiver<(Instant, Event)>,
     streams: Arc<Mutex<Vec<grpcio::ClientSStreamReceiver<api::ListAndWatchResponse>>>>,
     stopped: Arc<(Mutex<bool>, Condvar)>,
+    /// Device and inode of the kubelet.sock this kubelet bound: it removes only that one.
+    sock: Option<(u64, u64)>,
+    /// Remove kubelet.sock at shutdown (a crashed kubelet leaves it behind).
+    remove_sock: bool,
+    by_resource: Arc<Mutex<PerResource>>,
+    by_resource_changed: Arc<Condvar>,
+}
+
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 impl FakeKubelet {
@@ -423,7 +506,11 @@ impl FakeKubelet {
     }
 
     pub fn start_with(dir: &Path, behaviour: Behaviour) -> FakeKubelet {
-        for entry in fs::read_dir(dir).unwrap().flatten() {
+        let clean = behaviour.clean;
+        if !clean {
+            let _ = fs::remove_file(dir.join("kubelet.sock"));
+        }
+        for entry in fs::read_dir(dir).unwrap().flatten().filter(|_| clean) {
             let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
             if !is_dir && entry.file_name() != "kubelet_internal_checkpoint" {
                 let _ = fs::remove_file(entry.path());
@@ -433,7 +520,11 @@ impl FakeKubelet {
         let (tx, rx) = mpsc::channel();
         let streams = Arc::new(Mutex::new(Vec::new()));
         let stopped = Arc::new((Mutex::new(false), Condvar::new()));
+        let by_resource = Arc::new(Mutex::new(PerResource::default()));
+        let by_resource_changed = Arc::new(Condvar::new());
         let registrar = Registrar {
+            by_resource: Arc::clone(&by_resource),
+            by_resource_changed: Arc::clone(&by_resource_changed),
             dir: dir.to_path_buf(),
             behaviour,
             env: Arc::clone(&env),
@@ -458,7 +549,16 @@ impl FakeKubelet {
             events: rx,
             streams,
             stopped,
+            sock: file_id(&dir.join("kubelet.sock")),
+            remove_sock: true,
+            by_resource,
+            by_resource_changed,
         }
+    }
+
+    /// The next event if one comes within `timeout` (to show that nothing happens).
+    pub fn next_within(&self, timeout: Duration) -> Option<Event> {
+        self.events.recv_timeout(timeout).ok().map(|(_, ev)| ev)
     }
 
     /// Next event within [`WAIT`]; panics with `what` if none comes.
@@ -532,7 +632,61 @@ impl FakeKubelet {
             s.cancel_all_calls();
             let _ = wake::block_on(done, Some(WAIT));
         }
-        let _ = fs::remove_file(self.dir.join("kubelet.sock"));
+        // Once: a later drop must not remove a new kubelet's socket (inode numbers are reused).
+        let path = self.dir.join("kubelet.sock");
+        if let Some(id) = self.sock.take() {
+            if self.remove_sock && file_id(&path) == Some(id) {
+                let _ = fs::remove_file(path);
+            }
+        }
+    }
+
+    /// Register calls this kubelet answered for `resource` so far (events are not consumed).
+    pub fn registers_of(&self, resource: &str) -> usize {
+        let b = self.by_resource.lock().unwrap();
+        b.registers.get(resource).copied().unwrap_or(0)
+    }
+
+    /// Waits (within [`WAIT`]) for a list of `resource` that `ok` accepts; panics otherwise.
+    pub fn wait_list(
+        &self,
+        resource: &str,
+        what: &str,
+        ok: impl Fn(&api::ListAndWatchResponse) -> bool,
+    ) -> api::ListAndWatchResponse {
+        let end = Instant::now() + WAIT;
+        let mut b = self.by_resource.lock().unwrap();
+        loop {
+            if let Some(l) = b.lists.get(resource).filter(|l| ok(l)) {
+                return l.clone();
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "fake kubelet: no list of {resource} with {what} within {WAIT:?}; latest: {:?}",
+                b.lists.get(resource)
+            );
+            b = self.by_resource_changed.wait_timeout(b, left).unwrap().0;
+        }
+    }
+
+    /// Stops like a killed kubelet: serving ends, `kubelet.sock` stays behind.
+    pub fn crash(&mut self) {
+        self.remove_sock = false;
+        self.shutdown();
+    }
+
+    /// Stops serving and removes its own `kubelet.sock`, keeping the events to count.
+    pub fn stop_in_place(&mut self) {
+        self.shutdown();
+    }
+
+    /// How many Register calls this kubelet answered (drains its events).
+    pub fn registrations(&self) -> usize {
+        self.events
+            .try_iter()
+            .filter(|(_, ev)| matches!(ev, Event::Registered { .. }))
+            .count()
     }
 }
 

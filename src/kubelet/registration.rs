@@ -18,9 +18,9 @@ use std::time::Duration;
 use grpcio::{CallOption, ChannelBuilder, Environment};
 use log::{debug, warn};
 
-use crate::api;
 use crate::config::Config;
-use crate::plugin;
+use crate::kubelet::api;
+use crate::kubelet::service;
 use crate::sys::EventFd;
 
 #[derive(Debug)]
@@ -58,7 +58,7 @@ pub fn request(socket_name: &str, resource_name: &str) -> api::RegisterRequest {
     req.version = "v1beta1".to_string();
     req.endpoint = socket_name.to_string();
     req.resource_name = resource_name.to_string();
-    req.options = Some(plugin::options()).into();
+    req.options = Some(service::options()).into();
     req
 }
 
@@ -93,7 +93,9 @@ pub fn register(
 pub struct KubeletId {
     dev: u64,
     ino: u64,
-    ctime_ns: i128,
+    /// Set when the socket was bound and never changed after (unlike ctime, which a chmod,
+    /// chown or hard link moves): tells a new kubelet.sock on a reused inode from the old one.
+    mtime_ns: i128,
 }
 
 /// The identity of the file at `path` now; `None` when it does not exist.
@@ -102,7 +104,7 @@ pub fn kubelet_id(path: &Path) -> Option<KubeletId> {
     Some(KubeletId {
         dev: m.dev(),
         ino: m.ino(),
-        ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
     })
 }
 
@@ -131,7 +133,8 @@ impl Registrar {
         })
     }
 
-    /// Starts a Register attempt on its own thread; a running one is superseded.
+    /// Starts a Register attempt on its own thread (the daemon runs one at a time; a newer one
+    /// would supersede a running one).
     pub fn start(&mut self, env: &Arc<Environment>, cfg: &Config) {
         self.attempt += 1;
         self.in_flight = true;
@@ -142,6 +145,7 @@ impl Registrar {
         let timeout = cfg.register_timeout;
         let spawned = thread::Builder::new()
             .name("register".into())
+            .stack_size(crate::workers::STACK_SIZE)
             .spawn(move || {
                 let id = kubelet_id(&kubelet);
                 let result = register(&env, &kubelet, &req, timeout);

@@ -9,15 +9,20 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use grpcio::{Environment, Server, ServerBuilder, ServerCredentials};
+use grpcio::{ChannelBuilder, Environment, Server, ServerBuilder, ServerCredentials};
 use log::{debug, info, warn};
 
-use crate::api;
-use crate::plugin::{Plugin, Settings};
-use crate::stream::Hub;
+use crate::kubelet::api;
+use crate::kubelet::service::{Plugin, Settings};
+use crate::kubelet::stream::Hub;
 use crate::sys::{self, EventFd};
 use crate::wake;
 
+/// The largest request we read: the kubelet's largest (4,096 IDs in one Allocate) is ~60 KiB,
+/// and gRPC's default (4 MiB) would let one call cost us far more memory than our limit allows.
+pub const MAX_REQUEST_BYTES: i32 = 1 << 20;
+/// Concurrent calls per connection (gRPC's default is unbounded).
+const MAX_CONCURRENT_CALLS: i32 = 64;
 /// How long a stop waits for in-flight calls before cancelling them.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
@@ -76,6 +81,15 @@ pub struct Serving {
     server: Option<Server>,
     hub: Arc<Hub>,
     socket: PathBuf,
+    /// Device and inode of the socket file we bound.
+    identity: Option<(u64, u64)>,
+}
+
+/// Device and inode of the socket at `path` (`None`: absent, or not a socket).
+fn socket_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path).ok()?;
+    m.file_type().is_socket().then(|| (m.dev(), m.ino()))
 }
 
 impl Serving {
@@ -91,7 +105,12 @@ impl Serving {
         let hub = Hub::new(list, Arc::clone(client_left));
         let service =
             api::create_device_plugin(Plugin::new(Arc::clone(settings), Arc::clone(&hub)));
+        let args = ChannelBuilder::new(Arc::clone(env))
+            .max_receive_message_len(MAX_REQUEST_BYTES)
+            .max_concurrent_stream(MAX_CONCURRENT_CALLS)
+            .build_args();
         let mut server = ServerBuilder::new(Arc::clone(env))
+            .channel_args(args)
             .register_service(service)
             .build()
             .map_err(|source| Error::Build { source })?;
@@ -105,12 +124,24 @@ impl Serving {
                 source,
             })?;
         server.start();
+        // Which file is ours: at exit we remove only that one, never a file another process
+        // put at the same path after ours was deleted.
+        let identity = socket_identity(socket);
+        if identity.is_none() {
+            warn!("{} vanished right after bind", socket.display());
+        }
         info!("serving the device plugin on {}", socket.display());
         Ok(Serving {
             server: Some(server),
             hub,
             socket: socket.to_path_buf(),
+            identity,
         })
+    }
+
+    /// True while the file at our socket path is the socket this server bound.
+    pub fn owns_socket(&self) -> bool {
+        self.identity.is_some() && socket_identity(&self.socket) == self.identity
     }
 
     /// Where this generation's device list is published.
@@ -128,6 +159,9 @@ impl Serving {
         let Some(mut server) = self.server.take() else {
             return;
         };
+        // The socket goes first: if gRPC cannot shut down cleanly, the exit watchdog still
+        // finds it gone, and nobody dials a server that is stopping.
+        self.remove_socket();
         self.hub.stop();
         let done = server.shutdown();
         if wake::block_on(done, Some(SHUTDOWN_GRACE)).is_none() {
@@ -135,13 +169,24 @@ impl Serving {
             server.cancel_all_calls();
         }
         drop(server);
+        info!("stopped serving on {}", self.socket.display());
+    }
+
+    /// Removes our socket file, and only ours (the kubelet may have replaced it with nothing,
+    /// or someone with a file of their own). The server keeps running for the calls under way.
+    pub fn remove_socket(&self) {
+        if !self.owns_socket() {
+            debug!(
+                "{} is no longer our socket: leaving it alone",
+                self.socket.display()
+            );
+            return;
+        }
         match std::fs::remove_file(&self.socket) {
             Ok(()) => {}
-            // The kubelet removes every plugin socket when it restarts.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => warn!("cannot remove {}: {e}", self.socket.display()),
         }
-        info!("stopped serving on {}", self.socket.display());
     }
 }
 

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use log::{debug, warn};
 
-use crate::discovery::{INFINIBAND_DIR, KNEM_NODE};
+use crate::host::nodes::{INFINIBAND_DIR, KNEM_NODE};
 use crate::sys::{Inotify, InotifyEvent};
 
 /// The kubelet's own socket in the plugin dir; created anew on every kubelet start.
@@ -60,14 +60,15 @@ pub struct Watcher {
     plugin_dir: Target,
     dev_dir: Target,
     ib_dir: Target,
-    socket_name: String,
+    /// Our sockets' names (one per resource served).
+    socket_names: Vec<String>,
 }
 
 impl Watcher {
     /// `use_inotify = false` (flag `--poll`) polls everything, for filesystems without inotify.
     pub fn new(
         plugin_dir: &Path,
-        socket_name: &str,
+        socket_names: &[String],
         host_root: &Path,
         use_inotify: bool,
     ) -> Watcher {
@@ -88,7 +89,7 @@ impl Watcher {
             plugin_dir: target(plugin_dir.to_path_buf()),
             dev_dir: target(host_root.join("dev")),
             ib_dir: target(host_root.join(INFINIBAND_DIR)),
-            socket_name: socket_name.to_string(),
+            socket_names: socket_names.to_vec(),
         };
         // What exists now is scanned at start anyway; only the watches matter here.
         let _ = w.refresh();
@@ -168,6 +169,7 @@ impl Watcher {
             debug!("inotify queue overflowed");
             changes.devices = true;
             changes.socket_removed = true;
+            changes.kubelet_restarted = true;
             return;
         }
         let gone = ev.mask & (libc::IN_IGNORED | libc::IN_DELETE_SELF | libc::IN_MOVE_SELF) != 0;
@@ -180,7 +182,10 @@ impl Watcher {
                 changes.socket_removed = true;
             } else if created && name == OsStr::new(KUBELET_SOCKET) {
                 changes.kubelet_restarted = true;
-            } else if removed && name == OsStr::new(&self.socket_name) {
+            } else if (removed || created)
+                && self.socket_names.iter().any(|n| name == OsStr::new(n))
+            {
+                // Deleted, or something moved over it: either way it may no longer be ours.
                 changes.socket_removed = true;
             }
         } else if Some(ev.wd) == self.dev_dir.wd {
@@ -242,7 +247,7 @@ mod tests {
         let root = base.join("root");
         fs::create_dir_all(&plugin_dir).unwrap();
         fs::create_dir_all(root.join("dev")).unwrap();
-        let mut w = Watcher::new(&plugin_dir, "rdma.sock", &root, true);
+        let mut w = Watcher::new(&plugin_dir, &["rdma.sock".to_string()], &root, true);
         assert!(!w.complete(), "dev/infiniband does not exist yet");
 
         fs::write(plugin_dir.join("kubelet.sock"), b"").unwrap();
@@ -252,7 +257,9 @@ mod tests {
             "{c:?}"
         );
 
+        // Our socket's name appearing may be something moved over ours: checked by the caller.
         fs::write(plugin_dir.join("rdma.sock"), b"").unwrap();
+        assert!(wait_changes(&mut w).socket_removed);
         fs::write(plugin_dir.join("other.sock"), b"").unwrap();
         assert!(!wait_changes(&mut w).any());
         fs::remove_file(plugin_dir.join("rdma.sock")).unwrap();

@@ -7,23 +7,133 @@
 use std::collections::HashSet;
 use std::fmt;
 
-use crate::api;
-use crate::discovery::{natural_cmp_str, Inventory};
+use crate::host::nodes::{natural_cmp_str, Inventory};
+use crate::host::{Assessment, Grant, Host};
+use crate::kubelet::api;
+
+pub mod cdi;
+pub mod per_hca;
+pub mod topology;
+
+pub use per_hca::PerHca;
 
 /// The kubelet counts a device healthy only for this exact string (`manager.go`).
 pub const HEALTHY: &str = "Healthy";
 pub const UNHEALTHY: &str = "Unhealthy";
 /// Device specs grant read and write; `m` (mknod) is never needed for existing nodes.
 pub const PERMISSIONS: &str = "rw";
-/// Device IDs are this prefix and the share index: `rdma-0`, `rdma-1`, ...
-const ID_PREFIX: &str = "rdma-";
+/// The drop-in resource's IDs are this prefix and the share index: `rdma-0`, `rdma-1`, ...
+pub const ID_PREFIX: &str = "rdma-";
+/// The kubelet sends one container per Allocate; a pod with more containers than this asking
+/// for RDMA is not a workload but an attack on our memory.
+pub const MAX_CONTAINERS: usize = 128;
+/// IDs one container request may name (available, must-include or requested); the kubelet
+/// never names more than we advertise (at most 4,096 shares).
+pub const MAX_IDS: usize = 8192;
+/// Device specs in one Allocate answer (containers x granted nodes): a bound on what any
+/// request can make us build, about 2 MiB of answer.
+pub const MAX_SPECS: usize = 16_384;
 
 /// The advertised devices: `shares` of them, with IDs that depend on nothing but their index,
 /// so they are the same after a plugin or kubelet restart (the original's random IDs made pods
 /// fail admission with `UnexpectedAdmissionError`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Resource {
+    prefix: String,
     ids: Vec<String>,
+}
+
+/// What one resource advertises: shared devices (each granting every selected HCA) or one
+/// device per HCA.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Devices {
+    Shared(Resource),
+    PerHca(PerHca),
+}
+
+impl Devices {
+    /// The full ListAndWatch list for one reading.
+    pub fn device_list(&self, a: &Assessment) -> api::ListAndWatchResponse {
+        match self {
+            Devices::Shared(r) => r.device_list(a.health.healthy, &a.grant.nodes),
+            Devices::PerHca(p) => p.device_list(&a.host, &a.grant, &a.health.up_hcas),
+        }
+    }
+
+    /// Allocate against the host as read now.
+    pub fn allocate(
+        &self,
+        req: &api::AllocateRequest,
+        host: &Host,
+        grant: &Grant,
+    ) -> Result<api::AllocateResponse, RequestError> {
+        match self {
+            Devices::Shared(r) => r.allocate(req, &grant.nodes),
+            Devices::PerHca(p) => p.allocate(req, host, grant),
+        }
+    }
+
+    /// GetPreferredAllocation against the latest reading.
+    pub fn preferred(
+        &self,
+        req: &api::PreferredAllocationRequest,
+        a: &Assessment,
+    ) -> Result<api::PreferredAllocationResponse, RequestError> {
+        match self {
+            Devices::Shared(r) => r.preferred(req),
+            Devices::PerHca(p) => p.preferred(req, &a.host, &a.grant, &a.health.up_hcas),
+        }
+    }
+}
+
+impl Devices {
+    /// The CDI devices of one reading: each advertised ID with the nodes it grants.
+    pub fn cdi_devices<'a>(&self, host: &'a Host, grant: &'a Grant) -> Vec<cdi::CdiDevice<'a>> {
+        let a = Pair { host, grant };
+        match self {
+            Devices::Shared(r) => r
+                .ids()
+                .iter()
+                .map(|id| cdi::CdiDevice {
+                    name: id.clone(),
+                    nodes: a.grant.nodes.nodes.iter().collect(),
+                    env: Vec::new(),
+                })
+                .collect(),
+            Devices::PerHca(_) => per_hca::devices(a.host, a.grant)
+                .into_iter()
+                .map(|d| cdi::CdiDevice {
+                    nodes: per_hca::nodes_of(&[d.hca], a.grant),
+                    name: d.id,
+                    // No env here: CDI env edits of several devices replace each other, so a
+                    // pod with two HCAs would see one. Allocate's envs name them all.
+                    env: Vec::new(),
+                })
+                .collect(),
+        }
+    }
+}
+
+struct Pair<'a> {
+    host: &'a Host,
+    grant: &'a Grant,
+}
+
+/// The ListAndWatch topology of a device on `numa` nodes (none when unknown).
+pub fn topology_of(numa: &[i64]) -> Option<api::TopologyInfo> {
+    if numa.is_empty() {
+        return None;
+    }
+    let mut t = api::TopologyInfo::new();
+    t.nodes = numa
+        .iter()
+        .map(|&id| {
+            let mut n = api::NUMANode::new();
+            n.ID = id;
+            n
+        })
+        .collect();
+    Some(t)
 }
 
 /// A request the plugin refuses: gRPC `UNAVAILABLE` for [`RequestError::NoVerbs`],
@@ -40,8 +150,14 @@ pub enum RequestError {
     UnknownId {
         container: usize,
         id: String,
-        advertised: usize,
+        /// What we advertise, for the message (`rdma-0 .. rdma-3`).
+        advertised: String,
     },
+    /// Device discovery failed (an unreadable directory, too many open files): `UNAVAILABLE`
+    /// with the cause, not "no driver".
+    Discovery(String),
+    /// Over a bound on what one request may ask for: `RESOURCE_EXHAUSTED`.
+    TooLarge(String),
 }
 
 impl fmt::Display for RequestError {
@@ -52,6 +168,10 @@ impl fmt::Display for RequestError {
                 "no /dev/infiniband/uverbs* node on this node right now (RDMA driver not loaded?)"
             ),
             RequestError::NoContainers => write!(f, "request names no containers"),
+            RequestError::Discovery(why) => {
+                write!(f, "cannot discover the device nodes right now: {why}")
+            }
+            RequestError::TooLarge(why) => write!(f, "request too large: {why}"),
             RequestError::NoDevices { container } => {
                 write!(f, "container request {container} names no device IDs")
             }
@@ -62,13 +182,9 @@ impl fmt::Display for RequestError {
             } => {
                 // Bounded: a hostile request must not make us echo megabytes into the log.
                 let shown: String = id.chars().take(128).collect();
-                let range = match advertised {
-                    1 => "rdma-0".to_string(),
-                    n => format!("rdma-0 .. rdma-{}", n - 1),
-                };
                 write!(
                     f,
-                    "container request {container}: unknown device ID {shown:?} (this plugin advertises {range})"
+                    "container request {container}: unknown device ID {shown:?} (this plugin advertises {advertised})"
                 )
             }
         }
@@ -77,11 +193,69 @@ impl fmt::Display for RequestError {
 
 impl std::error::Error for RequestError {}
 
+/// A GetPreferredAllocation request within the bounds, naming containers.
+pub(crate) fn check_preferred(req: &api::PreferredAllocationRequest) -> Result<(), RequestError> {
+    if req.container_requests.is_empty() {
+        return Err(RequestError::NoContainers);
+    }
+    check_size(
+        req.container_requests.len(),
+        req.container_requests.iter().map(|c| {
+            c.available_deviceIDs
+                .len()
+                .max(c.must_include_deviceIDs.len())
+        }),
+    )
+}
+
+/// How many IDs to pick: never more than the request offers (must-include and available), so
+/// what it merely claims reserves nothing.
+pub(crate) fn preferred_size(creq: &api::ContainerPreferredAllocationRequest) -> usize {
+    let offered = creq.must_include_deviceIDs.len() + creq.available_deviceIDs.len();
+    usize::try_from(creq.allocation_size)
+        .unwrap_or(0)
+        .min(offered)
+}
+
+/// Refuses requests over the bounds, before anything is built for them.
+pub(crate) fn check_size<'a>(
+    containers: usize,
+    ids: impl Iterator<Item = usize> + 'a,
+) -> Result<(), RequestError> {
+    if containers > MAX_CONTAINERS {
+        return Err(RequestError::TooLarge(format!(
+            "{containers} container requests; at most {MAX_CONTAINERS} are served per call"
+        )));
+    }
+    for (i, n) in ids.enumerate() {
+        if n > MAX_IDS {
+            return Err(RequestError::TooLarge(format!(
+                "container request {i} names {n} device IDs; at most {MAX_IDS} are served"
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Resource {
-    /// `shares` must be at least 1 (checked when flags are parsed).
+    /// The drop-in's devices: `rdma-0` ... (`shares` at least 1, checked when flags are parsed).
     pub fn new(shares: u32) -> Resource {
+        Resource::with_prefix(ID_PREFIX, shares)
+    }
+
+    /// Devices `<prefix>0` ...: another shared resource of the same process takes a prefix of
+    /// its own, so IDs stay unique across resources.
+    pub fn with_prefix(prefix: &str, shares: u32) -> Resource {
         Resource {
-            ids: (0..shares).map(|i| format!("{ID_PREFIX}{i}")).collect(),
+            prefix: prefix.to_string(),
+            ids: (0..shares).map(|i| format!("{prefix}{i}")).collect(),
+        }
+    }
+
+    fn advertised(&self) -> String {
+        match self.ids.len() {
+            1 => self.ids[0].clone(),
+            n => format!("{} .. {}", self.ids[0], self.ids[n - 1]),
         }
     }
 
@@ -92,7 +266,7 @@ impl Resource {
 
     /// O(1): an Allocate may name thousands of IDs and we may advertise thousands of shares.
     fn is_known(&self, id: &str) -> bool {
-        id.strip_prefix(ID_PREFIX)
+        id.strip_prefix(self.prefix.as_str())
             .filter(|n| !n.starts_with('+') && (n.len() == 1 || !n.starts_with('0')))
             .and_then(|n| n.parse::<usize>().ok())
             .is_some_and(|n| n < self.ids.len())
@@ -108,32 +282,18 @@ impl Resource {
                 return Err(RequestError::UnknownId {
                     container,
                     id: id.clone(),
-                    advertised: self.ids.len(),
+                    advertised: self.advertised(),
                 });
             }
         }
         Ok(())
     }
 
-    /// The full device list for ListAndWatch: every share, healthy when a `uverbs*` node exists,
-    /// with the NUMA nodes of the HCAs when sysfs tells them all.
-    pub fn device_list(&self, inv: &Inventory) -> api::ListAndWatchResponse {
-        let health = if inv.has_verbs() { HEALTHY } else { UNHEALTHY };
-        let numa = inv.numa_nodes();
-        let topology = if numa.is_empty() {
-            None
-        } else {
-            let mut t = api::TopologyInfo::new();
-            t.nodes = numa
-                .into_iter()
-                .map(|id| {
-                    let mut n = api::NUMANode::new();
-                    n.ID = id;
-                    n
-                })
-                .collect();
-            Some(t)
-        };
+    /// The full device list for ListAndWatch: every share, with the health the host model
+    /// assessed and the NUMA nodes of the granted HCAs when sysfs tells them all.
+    pub fn device_list(&self, healthy: bool, granted: &Inventory) -> api::ListAndWatchResponse {
+        let health = if healthy { HEALTHY } else { UNHEALTHY };
+        let topology = topology_of(&granted.numa_nodes());
         let mut resp = api::ListAndWatchResponse::new();
         resp.devices = self
             .ids
@@ -160,6 +320,10 @@ impl Resource {
         if req.container_requests.is_empty() {
             return Err(RequestError::NoContainers);
         }
+        check_size(
+            req.container_requests.len(),
+            req.container_requests.iter().map(|c| c.devices_ids.len()),
+        )?;
         for (i, creq) in req.container_requests.iter().enumerate() {
             if creq.devices_ids.is_empty() {
                 return Err(RequestError::NoDevices { container: i });
@@ -168,6 +332,14 @@ impl Resource {
         }
         if !inv.has_verbs() {
             return Err(RequestError::NoVerbs);
+        }
+        let total = req.container_requests.len() * inv.nodes.len();
+        if total > MAX_SPECS {
+            return Err(RequestError::TooLarge(format!(
+                "{} containers x {} device nodes = {total} device specs; at most {MAX_SPECS} per answer",
+                req.container_requests.len(),
+                inv.nodes.len()
+            )));
         }
         let specs = device_specs(inv);
         let mut resp = api::AllocateResponse::new();
@@ -191,12 +363,10 @@ impl Resource {
         &self,
         req: &api::PreferredAllocationRequest,
     ) -> Result<api::PreferredAllocationResponse, RequestError> {
-        if req.container_requests.is_empty() {
-            return Err(RequestError::NoContainers);
-        }
+        check_preferred(req)?;
         let mut resp = api::PreferredAllocationResponse::new();
         for creq in &req.container_requests {
-            let size = usize::try_from(creq.allocation_size).unwrap_or(0);
+            let size = preferred_size(creq);
             let mut chosen: Vec<String> = Vec::with_capacity(size);
             let mut seen = HashSet::new();
             let mut must = creq.must_include_deviceIDs.clone();
@@ -243,7 +413,7 @@ pub fn device_specs(inv: &Inventory) -> Vec<api::DeviceSpec> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::{DeviceNode, Kind};
+    use crate::host::nodes::{DeviceNode, Kind};
     use std::path::PathBuf;
 
     fn inv(paths: &[(Kind, &str, Option<i64>)]) -> Inventory {
@@ -254,8 +424,17 @@ mod tests {
                     kind,
                     host_path: PathBuf::from(p),
                     numa_node,
+                    hca: None,
                 })
                 .collect(),
+            refused: Vec::new(),
+        }
+    }
+
+    impl Resource {
+        /// Health by the drop-in's rule, as the daemon assesses it in `nodes` mode.
+        fn device_list_of(&self, inv: &Inventory) -> api::ListAndWatchResponse {
+            self.device_list(inv.has_verbs(), inv)
         }
     }
 
@@ -274,13 +453,13 @@ mod tests {
         assert_eq!(Resource::new(3).ids(), ["rdma-0", "rdma-1", "rdma-2"]);
         assert_eq!(Resource::new(3), Resource::new(3));
         let r = Resource::new(2);
-        let list = r.device_list(&inv(&[(Kind::Uverbs, "/dev/infiniband/uverbs0", None)]));
+        let list = r.device_list_of(&inv(&[(Kind::Uverbs, "/dev/infiniband/uverbs0", None)]));
         assert_eq!(list.devices.len(), 2);
         assert!(list.devices.iter().all(|d| d.health == HEALTHY));
         assert!(list.devices.iter().all(|d| d.topology.is_none()));
-        let list = r.device_list(&inv(&[(Kind::RdmaCm, "/dev/infiniband/rdma_cm", None)]));
+        let list = r.device_list_of(&inv(&[(Kind::RdmaCm, "/dev/infiniband/rdma_cm", None)]));
         assert!(list.devices.iter().all(|d| d.health == UNHEALTHY));
-        let list = r.device_list(&Inventory::default());
+        let list = r.device_list_of(&Inventory::default());
         assert_eq!(list.devices[1].ID, "rdma-1");
         assert_eq!(list.devices[1].health, UNHEALTHY);
     }
@@ -301,7 +480,7 @@ mod tests {
     #[test]
     fn topology_lists_numa_nodes() {
         let r = Resource::new(1);
-        let list = r.device_list(&inv(&[
+        let list = r.device_list_of(&inv(&[
             (Kind::Uverbs, "/dev/infiniband/uverbs0", Some(1)),
             (Kind::Uverbs, "/dev/infiniband/uverbs1", Some(0)),
         ]));
@@ -375,7 +554,7 @@ mod tests {
             RequestError::UnknownId {
                 container: 1,
                 id: "gpu-7".into(),
-                advertised: 1
+                advertised: "rdma-0".into()
             }
         );
         assert!(err

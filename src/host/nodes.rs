@@ -9,10 +9,12 @@ use std::cmp::Ordering;
 use std::fmt;
 use std::fs;
 use std::io;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use log::debug;
+
+use crate::host::sysfs::{read_attr, DevNum};
 
 /// The directory of verbs, CM and MAD nodes, relative to the host root.
 pub const INFINIBAND_DIR: &str = "dev/infiniband";
@@ -35,15 +37,23 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// Classifies an entry name of `/dev/infiniband`; `None` for names we never pass.
+    /// Classifies an entry name of `/dev/infiniband`; `None` for names we never pass. Only the
+    /// kernel's exact names count (`uverbs` and digits, ...): a name with anything else in it
+    /// (control characters included) can neither be granted nor reach a log line raw.
     fn of_infiniband_entry(name: &str) -> Option<Kind> {
-        if name.starts_with("uverbs") {
+        if name == "rdma_cm" {
+            return Some(Kind::RdmaCm);
+        }
+        let numbered = |prefix: &str| {
+            name.strip_prefix(prefix).is_some_and(|n| {
+                !n.is_empty() && n.len() <= 6 && n.bytes().all(|b| b.is_ascii_digit())
+            })
+        };
+        if numbered("uverbs") {
             Some(Kind::Uverbs)
-        } else if name == "rdma_cm" {
-            Some(Kind::RdmaCm)
-        } else if name.starts_with("umad") {
+        } else if numbered("umad") {
             Some(Kind::Umad)
-        } else if name.starts_with("issm") {
+        } else if numbered("issm") {
             Some(Kind::Issm)
         } else {
             None
@@ -52,6 +62,16 @@ impl Kind {
 
     fn is_mad(self) -> bool {
         matches!(self, Kind::Umad | Kind::Issm)
+    }
+
+    /// Where sysfs says what this node's major:minor is (`<class>/<name>/dev`).
+    fn sysfs_dev(self, sysfs: &Path, name: &str) -> PathBuf {
+        let class = match self {
+            Kind::Uverbs => "class/infiniband_verbs",
+            Kind::Umad | Kind::Issm => "class/infiniband_mad",
+            Kind::RdmaCm | Kind::Knem => "class/misc",
+        };
+        sysfs.join(class).join(name).join("dev")
     }
 }
 
@@ -63,12 +83,25 @@ pub struct DeviceNode {
     pub host_path: PathBuf,
     /// The NUMA node of the HCA behind a `uverbs*` node, from sysfs; `None` when unknown.
     pub numa_node: Option<i64>,
+    /// The HCA sysfs attributes a `uverbs*`, `umad*` or `issm*` node to (its `ibdev`);
+    /// `None` for `rdma_cm`, `knem`, and nodes sysfs does not describe.
+    pub hca: Option<String>,
 }
 
 /// Everything discovery found, sorted: by kind, then in natural order within a kind.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Inventory {
     pub nodes: Vec<DeviceNode>,
+    /// Entries named like device nodes that failed verification, with why (never granted).
+    pub refused: Vec<Refused>,
+}
+
+/// An entry that looks like a device node but is not granted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    /// The host path, e.g. `/dev/infiniband/uverbs8`.
+    pub host_path: String,
+    pub why: String,
 }
 
 impl Inventory {
@@ -132,97 +165,178 @@ impl std::error::Error for Error {
 /// (`sysfs/class/infiniband_verbs/...`). An absent `dev/infiniband` or `dev/knem` is not an
 /// error (no driver loaded yet); an unreadable one is.
 pub fn scan(root: &Path, sysfs: &Path, selection: Selection) -> Result<Inventory, Error> {
-    let mut nodes = scan_infiniband(root, sysfs, selection)?;
+    let mut inv = Inventory::default();
+    scan_infiniband(root, sysfs, selection, &mut inv)?;
     let knem = root.join(KNEM_NODE);
-    if usable_node(&knem, None) {
-        nodes.push(DeviceNode {
+    let host_path = Path::new("/").join(KNEM_NODE);
+    match verify(&knem, None, &Kind::Knem.sysfs_dev(sysfs, "knem")) {
+        Verified::Absent => {}
+        Verified::Node => inv.nodes.push(DeviceNode {
             kind: Kind::Knem,
-            host_path: Path::new("/").join(KNEM_NODE),
+            host_path,
             numa_node: None,
-        });
+            hca: None,
+        }),
+        Verified::Refused(why) => refuse(&mut inv, &host_path, why),
     }
-    Ok(Inventory { nodes })
+    Ok(inv)
+}
+
+fn refuse(inv: &mut Inventory, host_path: &Path, why: String) {
+    let host_path = host_path.display().to_string();
+    debug!("refusing {host_path}: {why}");
+    inv.refused.push(Refused { host_path, why });
 }
 
 fn scan_infiniband(
     root: &Path,
     sysfs: &Path,
     selection: Selection,
-) -> Result<Vec<DeviceNode>, Error> {
+    inv: &mut Inventory,
+) -> Result<(), Error> {
     let dir = root.join(INFINIBAND_DIR);
     let entries = match fs::read_dir(&dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             debug!("{} is absent: no RDMA driver loaded", dir.display());
-            return Ok(Vec::new());
+            return Ok(());
         }
         Err(source) => return Err(Error::ReadDir { path: dir, source }),
     };
-    let mut nodes = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|source| Error::ReadDir {
             path: dir.clone(),
             source,
         })?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else {
-            debug!("skipping non-UTF-8 entry {:?} in {}", name, dir.display());
-            continue;
-        };
-        let Some(kind) = Kind::of_infiniband_entry(name) else {
-            debug!("skipping {name}: not an RDMA node we pass");
+        let os_name = entry.file_name();
+        let Some((name, kind)) = os_name
+            .to_str()
+            .and_then(|n| Kind::of_infiniband_entry(n).map(|k| (n, k)))
+        else {
+            // Debug-quoted: a crafted name cannot forge log lines.
+            log::trace!("skipping {os_name:?}: not an RDMA node name we pass");
             continue;
         };
         if kind.is_mad() && !selection.mad {
-            debug!("skipping {name}: MAD nodes are passed only with --mad-devices");
+            // Every health reading scans: trace, not debug, to keep debug logs readable.
+            log::trace!("skipping {name}: MAD nodes are passed only with --mad-devices");
             continue;
         }
-        // The entry's type comes with the listing (d_type): no stat per node, except to follow
-        // a symlink or on filesystems that do not report types.
-        let known = entry.file_type().ok().filter(|t| !t.is_symlink());
-        if !usable_node(&entry.path(), known) {
-            continue;
+        let host_path = Path::new("/").join(INFINIBAND_DIR).join(name);
+        // The entry's type comes with the listing (d_type): no stat per plain file, except to
+        // follow a symlink or on filesystems that do not report types.
+        let known = entry.file_type().ok();
+        match verify(&entry.path(), known, &kind.sysfs_dev(sysfs, name)) {
+            Verified::Absent => continue,
+            Verified::Refused(why) => {
+                refuse(inv, &host_path, why);
+                continue;
+            }
+            Verified::Node => {}
         }
         let numa_node = match kind {
             Kind::Uverbs => read_numa_node(sysfs, name),
             _ => None,
         };
-        nodes.push(DeviceNode {
+        let hca = match kind {
+            Kind::Uverbs => read_ibdev(sysfs, "class/infiniband_verbs", name),
+            Kind::Umad | Kind::Issm => read_ibdev(sysfs, "class/infiniband_mad", name),
+            _ => None,
+        };
+        inv.nodes.push(DeviceNode {
             kind,
-            host_path: Path::new("/").join(INFINIBAND_DIR).join(name),
+            host_path,
             numa_node,
+            hca,
         });
     }
-    nodes.sort_by(|a, b| {
+    inv.nodes.sort_by(|a, b| {
         a.kind
             .cmp(&b.kind)
             .then_with(|| natural_cmp(&a.host_path, &b.host_path))
     });
-    Ok(nodes)
+    inv.refused
+        .sort_by(|a, b| natural_cmp_str(&a.host_path, &b.host_path));
+    Ok(())
 }
 
-/// Character devices are real nodes; regular files stand in for them in mock trees (the
-/// original's documented `docker run` test touches `/tmp/infiniband/uverbs0`). A directory is what
-/// a container runtime leaves at a hostPath mount of a missing file: never pass it.
-fn usable_node(path: &Path, known: Option<fs::FileType>) -> bool {
-    match known.map_or_else(|| fs::metadata(path).map(|m| m.file_type()), Ok) {
-        Ok(ft) => {
-            if ft.is_char_device() || ft.is_file() {
-                true
-            } else {
-                debug!(
-                    "ignoring {}: neither a character device nor a file",
-                    path.display()
-                );
-                false
-            }
-        }
-        Err(e) => {
-            if e.kind() != io::ErrorKind::NotFound {
-                debug!("ignoring {}: {e}", path.display());
-            }
-            false
-        }
+enum Verified {
+    Node,
+    Absent,
+    Refused(String),
+}
+
+/// The runtime creates in the pod whatever device the host path finally names, so this is the
+/// last check. A **character device** is granted only when sysfs names that node with the same
+/// major:minor (`sysfs_dev`). A **regular file** is granted as a stand-in (mock trees, the
+/// original's `docker run` check): a runtime cannot make a device of it. A **symlink** is
+/// followed only to a plain name in its own directory (never `../`, never absolute: those would
+/// be resolved in our mount namespace, not the host's), one hop, and what it names is checked
+/// against the link's own name. Anything else (a directory, which a runtime leaves at a hostPath
+/// of a missing file; a FIFO; a socket) is refused.
+fn verify(path: &Path, known: Option<fs::FileType>, sysfs_dev: &Path) -> Verified {
+    // A plain file from d_type needs no stat; everything else does.
+    if known.is_some_and(|t| t.is_file()) {
+        return Verified::Node;
+    }
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Verified::Absent,
+        Err(e) => return Verified::Refused(format!("cannot stat: {e}")),
+    };
+    if !meta.file_type().is_symlink() {
+        return check_type(&meta, sysfs_dev);
+    }
+    let target = match fs::read_link(path) {
+        Ok(t) => t,
+        Err(e) => return Verified::Refused(format!("cannot read the symlink: {e}")),
+    };
+    let mut parts = target.components();
+    let plain = matches!(
+        (parts.next(), parts.next()),
+        (Some(std::path::Component::Normal(_)), None)
+    );
+    let Some(dir) = path.parent().filter(|_| plain) else {
+        return Verified::Refused(format!(
+            "a symlink to {:?}, outside its directory",
+            target.display().to_string()
+        ));
+    };
+    match fs::symlink_metadata(dir.join(&target)) {
+        Ok(m) if m.file_type().is_symlink() => Verified::Refused("a symlink to a symlink".into()),
+        Ok(m) => check_type(&m, sysfs_dev),
+        // A dangling link: nothing there (yet).
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Verified::Absent,
+        Err(e) => Verified::Refused(format!("cannot stat the link's target: {e}")),
+    }
+}
+
+fn check_type(meta: &fs::Metadata, sysfs_dev: &Path) -> Verified {
+    let ftype = meta.file_type();
+    if ftype.is_file() {
+        return Verified::Node;
+    }
+    if !ftype.is_char_device() {
+        return Verified::Refused("neither a character device nor a file".into());
+    }
+    let have = DevNum {
+        major: libc::major(meta.rdev()),
+        minor: libc::minor(meta.rdev()),
+    };
+    let want = read_attr(sysfs_dev)
+        .ok()
+        .flatten()
+        .and_then(|s| DevNum::parse(&s));
+    match want {
+        Some(w) if w == have => Verified::Node,
+        Some(w) => Verified::Refused(format!(
+            "a character device {have}, but sysfs says {w} ({})",
+            sysfs_dev.display()
+        )),
+        None => Verified::Refused(format!(
+            "a character device {have} that sysfs does not describe ({} unreadable)",
+            sysfs_dev.display()
+        )),
     }
 }
 
@@ -233,11 +347,19 @@ fn read_numa_node(sysfs: &Path, uverbs: &str) -> Option<i64> {
         .join("class/infiniband_verbs")
         .join(uverbs)
         .join("device/numa_node");
-    let text = fs::read_to_string(&path).ok()?;
+    let text = read_attr(&path).ok()??;
     match text.trim().parse::<i64>() {
         Ok(n) if n >= 0 => Some(n),
         _ => None,
     }
+}
+
+/// Reads `<sysfs>/<class>/<node>/ibdev`: the HCA a node belongs to (`uverbs3` may be
+/// `mlx5_0`'s: node numbers are not HCA numbers).
+fn read_ibdev(sysfs: &Path, class: &str, node: &str) -> Option<String> {
+    let text = read_attr(&sysfs.join(class).join(node).join("ibdev")).ok()??;
+    let name = text.trim();
+    (!name.is_empty()).then(|| name.to_string())
 }
 
 /// Orders `uverbs2` before `uverbs10`: digit runs compare by value, the rest byte-wise.
@@ -466,16 +588,134 @@ mod tests {
     }
 
     #[test]
-    fn symlinks_are_followed_and_dangling_ones_ignored() {
+    fn symlinks_stay_in_their_directory() {
         let tree = Tree::new("links");
         tree.file("dev/real/uverbs7");
+        tree.file("dev/infiniband/target3");
         tree.dir("dev/infiniband");
         let ib = tree.0.join(INFINIBAND_DIR);
-        std::os::unix::fs::symlink("../real/uverbs7", ib.join("uverbs0")).unwrap();
-        std::os::unix::fs::symlink("../real/missing", ib.join("uverbs1")).unwrap();
-        std::os::unix::fs::symlink("../real", ib.join("uverbs2")).unwrap();
+        let link = |to: &str, name: &str| std::os::unix::fs::symlink(to, ib.join(name)).unwrap();
+        link("target3", "uverbs3"); // a plain name in the same directory: followed
+        link("missing", "uverbs4"); // dangling: absent, not refused
+        link("../real/uverbs7", "uverbs0"); // leaves the directory
+        link("/etc/passwd", "uverbs1"); // absolute: would resolve in our namespace
+        link("uverbs3", "uverbs2"); // a link to a link
+        link("../../etc", "rdma_cm");
         let inv = scan(&tree.0, &tree.0.join("sys"), Selection::default()).unwrap();
-        assert_eq!(paths(&inv), ["/dev/infiniband/uverbs0"]);
+        assert_eq!(paths(&inv), ["/dev/infiniband/uverbs3"]);
+        let refused: Vec<(&str, &str)> = inv
+            .refused
+            .iter()
+            .map(|r| (r.host_path.as_str(), r.why.as_str()))
+            .collect();
+        assert_eq!(
+            refused,
+            [
+                (
+                    "/dev/infiniband/rdma_cm",
+                    "a symlink to \"../../etc\", outside its directory"
+                ),
+                (
+                    "/dev/infiniband/uverbs0",
+                    "a symlink to \"../real/uverbs7\", outside its directory"
+                ),
+                (
+                    "/dev/infiniband/uverbs1",
+                    "a symlink to \"/etc/passwd\", outside its directory"
+                ),
+                ("/dev/infiniband/uverbs2", "a symlink to a symlink"),
+            ]
+        );
+    }
+
+    #[test]
+    fn only_the_kernels_names_count() {
+        let tree = Tree::new("names");
+        for name in [
+            "uverbs0",
+            "uverbs1\nFAKE log line",
+            "uverbs",
+            "uverbs-1",
+            "uverbs01x",
+            "umad0",
+            "umadx",
+            "issm1",
+            "rdma_cm2",
+            "uverbs1234567",
+        ] {
+            tree.file(&format!("dev/infiniband/{name}"));
+        }
+        let inv = scan(&tree.0, &tree.0.join("sys"), Selection { mad: true }).unwrap();
+        assert_eq!(
+            paths(&inv),
+            [
+                "/dev/infiniband/uverbs0",
+                "/dev/infiniband/umad0",
+                "/dev/infiniband/issm1"
+            ]
+        );
+        assert!(inv.refused.is_empty(), "not ours: skipped, not refused");
+    }
+
+    #[test]
+    fn character_devices_must_match_sysfs() {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let tree = Tree::new("chardev");
+        tree.dir("dev/infiniband");
+        let mknod = |rel: &str, major: u32, minor: u32| {
+            let p = CString::new(tree.0.join(rel).as_os_str().as_bytes()).unwrap();
+            // SAFETY (test): mknod with a valid NUL-terminated path.
+            unsafe {
+                libc::mknod(
+                    p.as_ptr(),
+                    libc::S_IFCHR | 0o600,
+                    libc::makedev(major, minor),
+                ) == 0
+            }
+        };
+        if !mknod("dev/infiniband/uverbs0", 231, 192) {
+            eprintln!("mknod not permitted here (not root): skipping");
+            return;
+        }
+        tree.write("sys/class/infiniband_verbs/uverbs0/dev", "231:192\n");
+        // The numbers of /dev/mem under a verbs name.
+        assert!(mknod("dev/infiniband/uverbs8", 1, 1));
+        tree.write("sys/class/infiniband_verbs/uverbs8/dev", "231:200\n");
+        // No sysfs entry to compare with.
+        assert!(mknod("dev/infiniband/uverbs9", 231, 201));
+        // /dev/knem as a link to /dev/mem's node; rdma_cm right.
+        assert!(mknod("dev/mem", 1, 1));
+        std::os::unix::fs::symlink("mem", tree.0.join("dev/knem")).unwrap();
+        tree.write("sys/class/misc/knem/dev", "10:60\n");
+        assert!(mknod("dev/infiniband/rdma_cm", 10, 58));
+        tree.write("sys/class/misc/rdma_cm/dev", "10:58\n");
+        // A FIFO under a verbs name.
+        let fifo =
+            CString::new(tree.0.join("dev/infiniband/uverbs5").as_os_str().as_bytes()).unwrap();
+        // SAFETY (test): mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+
+        let inv = scan(&tree.0, &tree.0.join("sys"), Selection::default()).unwrap();
+        assert_eq!(
+            paths(&inv),
+            ["/dev/infiniband/uverbs0", "/dev/infiniband/rdma_cm"]
+        );
+        let why = |p: &str| {
+            inv.refused
+                .iter()
+                .find(|r| r.host_path == p)
+                .map(|r| r.why.clone())
+                .unwrap_or_default()
+        };
+        assert!(why("/dev/infiniband/uverbs8")
+            .starts_with("a character device 1:1, but sysfs says 231:200"));
+        assert!(why("/dev/infiniband/uverbs9").contains("that sysfs does not describe"));
+        assert!(why("/dev/knem").starts_with("a character device 1:1, but sysfs says 10:60"));
+        assert_eq!(
+            why("/dev/infiniband/uverbs5"),
+            "neither a character device nor a file"
+        );
     }
 
     #[test]

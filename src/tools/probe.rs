@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures_core::Stream;
 use grpcio::{CallOption, ChannelBuilder, EnvBuilder};
 
-use crate::api;
+use crate::kubelet::api;
 use crate::resource::{HEALTHY, UNHEALTHY};
 use crate::wake;
 

@@ -10,10 +10,13 @@ use futures_sink::Sink;
 use grpcio::{ServerStreamingSink, WriteFlags};
 use log::{debug, warn};
 
-use crate::api::ListAndWatchResponse;
+use crate::kubelet::api::ListAndWatchResponse;
 use crate::sys::EventFd;
 use crate::wake::Signal;
 use crate::workers;
+
+/// Streams served at once (each owns a thread); more are refused with `RESOURCE_EXHAUSTED`.
+pub const MAX_STREAMS: usize = 64;
 
 struct State {
     version: u64,

@@ -1,0 +1,276 @@
+//! The daemon's one loop, on the main thread: serve -> register -> wait for an event -> act, for
+//! every resource ([`Unit`]) at once.
+//!
+//! Events: a signal (signalfd), a filesystem change (inotify), a Register call finishing or a
+//! stream ending (eventfds, one pair per unit), a deadline (retry, stream check, port-state
+//! reading, self-check), and, where inotify cannot watch everything, a poll tick. Nothing here
+//! exits the process except a termination signal, a second instance already serving one of our
+//! sockets, or a setup failure.
+
+use std::fmt;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use grpcio::EnvBuilder;
+use log::{debug, info, warn};
+
+use crate::config::Config;
+use crate::daemon::unit::Unit;
+use crate::daemon::watch::Watcher;
+use crate::host::{self, select::Selector};
+use crate::kubelet::server;
+use crate::limits;
+use crate::sys::{self, SignalFd};
+
+const SIGNALS: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT, libc::SIGHUP];
+/// SIGHUP restarts at most this often; the ones in between are merged into the next.
+const HUP_SPACING: Duration = Duration::from_millis(100);
+/// After a termination signal, the process ends within this even if gRPC hangs in shutdown
+/// (a SIGALRM handler exits; every socket and CDI spec is removed before any server stops).
+const EXIT_WATCHDOG_SECS: libc::c_uint = 5;
+
+#[derive(Debug)]
+pub enum Error {
+    Setup {
+        what: &'static str,
+        source: io::Error,
+    },
+    Limits(String),
+    /// The resources as configured cannot be served (two per-HCA resources select one HCA).
+    Config(String),
+    Serve(server::Error),
+}
+
+impl Error {
+    /// 2 for a configuration the command line could have avoided, 1 for the rest.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Config(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Setup { what, source } => write!(f, "cannot set up {what}: {source}"),
+            Error::Limits(why) => write!(f, "refusing to start: {why}"),
+            Error::Config(why) => write!(f, "refusing to start: {why}"),
+            Error::Serve(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Two per-HCA resources must not select one HCA (it could be granted twice): refused at
+/// start. A shared resource over a per-HCA resource's HCAs is allowed, with a warning (a pod of
+/// each could hold the same HCA). HCAs that appear later go to the first per-HCA resource.
+pub fn check_overlaps(units: &[Config]) -> Result<(), Error> {
+    let h = host::scan(&units[0].host_root, &units[0].sysfs, units[0].selection())
+        .map(|h| h.hcas)
+        .unwrap_or_else(|_| host::sysfs::read(&units[0].sysfs));
+    let selects =
+        |s: &Selector, name: &str| h.get(name).is_some_and(|hca| s.check(hca).is_selected());
+    for (i, a) in units.iter().enumerate() {
+        for b in &units[i + 1..] {
+            for hca in &h.list {
+                if !(selects(&a.selector, &hca.name) && selects(&b.selector, &hca.name)) {
+                    continue;
+                }
+                if a.per_hca && b.per_hca {
+                    return Err(Error::Config(format!(
+                        "per-HCA resources {} and {} both select {}: one HCA could be granted twice; narrow their hcas=/link=/pci-ids=/pci-addrs=",
+                        a.resource_name, b.resource_name, hca.name
+                    )));
+                }
+                if a.per_hca != b.per_hca {
+                    warn!(
+                        "{} and {} both grant {} (one shared, one per HCA): a pod of each may hold it at once",
+                        a.resource_name, b.resource_name, hca.name
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs the device plugin until SIGTERM, SIGINT or SIGQUIT.
+pub fn run(cfg: Config) -> Result<(), Error> {
+    // Sockets we create are the kubelet's (root) alone: any local user could otherwise call
+    // every RPC. Set before gRPC exists, so its bind(2) of our sockets gets 0700.
+    sys::set_umask(0o077);
+    sys::limit_malloc_arenas();
+    limits::raise_open_files().map_err(Error::Limits)?;
+    let configs = cfg.units();
+    check_overlaps(&configs)?;
+    // Before any thread exists, so every thread inherits the mask and signals reach only the
+    // signalfd read on this thread.
+    sys::block_signals(&SIGNALS).map_err(|source| Error::Setup {
+        what: "signal mask",
+        source,
+    })?;
+    let signals = SignalFd::new(&SIGNALS).map_err(|source| Error::Setup {
+        what: "signalfd",
+        source,
+    })?;
+    let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc").build());
+    limits::warn_memlock();
+    let sockets: Vec<String> = configs.iter().map(|c| c.socket_name.clone()).collect();
+    let mut watcher = Watcher::new(&cfg.plugin_dir, &sockets, &cfg.host_root, !cfg.poll_only);
+    let mut units = configs
+        .into_iter()
+        .map(|c| Unit::new(c, &env))
+        .collect::<Result<Vec<Unit>, Error>>()?;
+
+    let result = drive(&cfg, &mut units, &mut watcher, &signals);
+    if result.is_err() {
+        // Whatever stopped us, no socket or CDI spec of ours stays behind.
+        stop_all(&mut units);
+    }
+    result
+}
+
+/// Socket and CDI spec of every unit first, then every server: a server that hangs in its
+/// shutdown cannot leave another unit's files behind when the watchdog ends the process.
+fn stop_all(units: &mut [Unit]) {
+    for u in units.iter_mut() {
+        u.withdraw();
+    }
+    for u in units.iter_mut() {
+        info!("stopping {}", u.resource_name());
+        u.stop();
+    }
+}
+
+/// The loop: until a termination signal (`Ok`) or an error.
+fn drive(
+    cfg: &Config,
+    units: &mut [Unit],
+    watcher: &mut Watcher,
+    signals: &SignalFd,
+) -> Result<(), Error> {
+    let self_check = |now: Instant| (!cfg.self_check.is_zero()).then(|| now + cfg.self_check);
+    let mut next_check = self_check(Instant::now());
+    // Kept across iterations, so frequent unrelated events cannot postpone it for ever.
+    let mut poll_at: Option<Instant> = None;
+    let mut hup_at: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        if hup_at.is_some_and(|t| t <= now) {
+            hup_at = None;
+            for u in units.iter_mut() {
+                u.restart("SIGHUP")?;
+            }
+        }
+        if next_check.is_some_and(|t| t <= now) {
+            let changes = watcher.refresh();
+            for u in units.iter_mut() {
+                u.self_check(changes)?;
+            }
+            next_check = self_check(now);
+        }
+        for u in units.iter_mut() {
+            u.tick(now)?;
+        }
+        if watcher.complete() {
+            poll_at = None;
+        } else if poll_at.is_none() {
+            poll_at = Some(now + cfg.poll_interval);
+        }
+        let deadline = units
+            .iter()
+            .filter_map(Unit::deadline)
+            .chain([hup_at, next_check, poll_at].into_iter().flatten())
+            .min();
+        // signalfd, then two per unit (Register outcome, stream ended), then inotify.
+        let mut fds = vec![signals.as_raw_fd()];
+        for u in units.iter() {
+            fds.push(u.registrar.as_raw_fd());
+            fds.push(u.client_left.as_raw_fd());
+        }
+        fds.extend(watcher.fd());
+        let timeout = deadline.map(|t| t.saturating_duration_since(Instant::now()));
+        let ready = sys::poll_readable(&fds, timeout).map_err(|source| Error::Setup {
+            what: "poll",
+            source,
+        })?;
+
+        if ready[0] {
+            match read_signals(signals) {
+                Signals::Stop(sig) => {
+                    // Armed first: a gRPC that cannot shut down (no threads left, say) must not
+                    // keep a rolling update waiting for its SIGKILL.
+                    sys::arm_exit_watchdog(EXIT_WATCHDOG_SECS);
+                    info!("signal {sig} received: stopping");
+                    stop_all(units);
+                    return Ok(());
+                }
+                Signals::Hup if hup_at.is_none() => {
+                    let last = units.iter().filter_map(|u| u.last_restart).max();
+                    match last.map(|t| t + HUP_SPACING) {
+                        Some(t) if t > Instant::now() => {
+                            debug!("SIGHUP: restarting at most every {HUP_SPACING:?}; merged into the next");
+                            hup_at = Some(t);
+                        }
+                        _ => {
+                            for u in units.iter_mut() {
+                                u.restart("SIGHUP")?;
+                            }
+                        }
+                    }
+                }
+                Signals::Hup | Signals::None => {}
+            }
+        }
+        for (i, u) in units.iter_mut().enumerate() {
+            if ready[1 + 2 * i] {
+                u.on_register_outcome();
+            }
+            if ready[2 + 2 * i] {
+                u.on_client_left();
+            }
+        }
+        if ready.get(1 + 2 * units.len()) == Some(&true) {
+            let changes = watcher.read();
+            for u in units.iter_mut() {
+                u.on_changes(changes)?;
+            }
+        }
+        if poll_at.is_some_and(|t| t <= Instant::now()) {
+            poll_at = None;
+            // No inotify for some directory: look for it again, rescan, check the sockets
+            // (and, at the next tick, whether kubelet.sock is there to register with).
+            let changes = watcher.refresh();
+            for u in units.iter_mut() {
+                u.self_check(changes)?;
+            }
+        }
+    }
+}
+
+enum Signals {
+    None,
+    Hup,
+    Stop(libc::c_int),
+}
+
+/// Reads every pending signal: a termination signal wins; any number of SIGHUPs are one.
+fn read_signals(signals: &SignalFd) -> Signals {
+    let mut seen = Signals::None;
+    loop {
+        match signals.read() {
+            Ok(Some(libc::SIGHUP)) => seen = Signals::Hup,
+            Ok(Some(sig)) => return Signals::Stop(sig),
+            Ok(None) => return seen,
+            Err(e) => {
+                warn!("reading signals failed: {e}");
+                return seen;
+            }
+        }
+    }
+}

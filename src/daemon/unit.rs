@@ -1,0 +1,503 @@
+//! One resource served: its own socket in the plugin dir, server generations, registration,
+//! ListAndWatch streams and health. The main loop ([`crate::daemon::lifecycle`]) drives a set of
+//! them from one thread.
+//!
+//! Registration is a state, not an action: a unit is registered when the kubelet that owns the
+//! current `kubelet.sock` accepted a Register for the server generation now serving. After every
+//! event the unit compares and registers only on a difference, one call at a time. A kubelet
+//! restart (it deletes every socket in the plugin dir, ours included, then creates a new
+//! `kubelet.sock`) therefore gives exactly one Register per resource, whatever order and
+//! batching the filesystem events arrive in.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use grpcio::Environment;
+use log::{debug, info, warn};
+
+use crate::config::Config;
+use crate::daemon::lifecycle::Error;
+use crate::daemon::reading::Reading;
+use crate::daemon::watch::Changes;
+use crate::host::health::{Mode, PortMonitor};
+use crate::kubelet::registration::{kubelet_id, KubeletId, Registrar};
+use crate::kubelet::server::{self, Serving};
+use crate::kubelet::service::Settings;
+use crate::resource::cdi;
+use crate::sys::{self, EventFd};
+
+const BACKOFF_FIRST: Duration = Duration::from_millis(10);
+const BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// After a registration, or after the kubelet ended a ListAndWatch stream, how long to wait for
+/// it to open one before registering again. A registration itself makes the kubelet cancel the
+/// old stream shortly before or after it opens the new one; the grace keeps that from looping,
+/// and it doubles (to a minute) while the kubelet keeps not watching.
+const STREAM_GRACE: Duration = Duration::from_secs(1);
+const STREAM_GRACE_CAP: Duration = Duration::from_secs(60);
+
+/// A delay that doubles from `first` to `cap`; reset after a success.
+struct Backoff {
+    next: Duration,
+    first: Duration,
+    cap: Duration,
+}
+
+impl Backoff {
+    fn new(first: Duration, cap: Duration) -> Backoff {
+        Backoff {
+            next: first,
+            first,
+            cap,
+        }
+    }
+    fn reset(&mut self) {
+        self.next = self.first;
+    }
+    /// The delay to use now; the one after it doubles.
+    fn next(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.cap);
+        d
+    }
+    fn peek(&self) -> Duration {
+        self.next
+    }
+}
+
+/// One resource served: its socket, server, registration, streams and health.
+pub struct Unit {
+    cfg: Config,
+    env: Arc<Environment>,
+    settings: Arc<Settings>,
+    serving: Option<Serving>,
+    /// Bumped with every server we start: a new server must be registered anew.
+    generation: u64,
+    /// The latest reading of the host (what the current list was made from).
+    state: Option<Reading>,
+    /// Every port's reported state, with hold-down.
+    monitor: PortMonitor,
+    /// When to read the port states again (`ports` health only: sysfs gives no events).
+    health_at: Option<Instant>,
+    pub registrar: Registrar,
+    /// The server generation and the `kubelet.sock` a Register was accepted for.
+    registered: Option<(u64, KubeletId)>,
+    /// The generation the Register in flight is for.
+    registering: u64,
+    /// When to try again after a failure (serving, or Register while `kubelet.sock` exists).
+    retry_at: Option<Instant>,
+    /// Woken by stream threads whose client went away.
+    pub client_left: Arc<EventFd>,
+    /// When to check that the kubelet watches us (a stream is open).
+    stream_check_at: Option<Instant>,
+    stream_grace: Backoff,
+    backoff: Backoff,
+    last_failure: Option<String>,
+    /// When this unit last restarted serving (SIGHUPs are spaced from it).
+    pub last_restart: Option<Instant>,
+    /// The CDI spec last written (with `--cdi`), to rewrite only on a change, and the file's
+    /// device and inode, to remove only ours.
+    cdi_written: Option<(String, (u64, u64))>,
+}
+
+impl Unit {
+    /// A unit for `cfg` (one resource), serving as soon as its first tick runs.
+    pub fn new(cfg: Config, env: &Arc<Environment>) -> Result<Unit, Error> {
+        let eventfd = |source| Error::Setup {
+            what: "eventfd",
+            source,
+        };
+        let registrar = Registrar::new().map_err(eventfd)?;
+        let client_left = Arc::new(EventFd::new().map_err(eventfd)?);
+        info!(
+            "starting: resource {}, socket {}, devices under {}, HCAs from {}, {}, granting {}, health {}",
+            cfg.resource_name,
+            cfg.socket_path().display(),
+            cfg.host_root.join("dev").display(),
+            cfg.sysfs.display(),
+            if cfg.per_hca {
+                "one device per HCA".to_string()
+            } else {
+                format!("{} device(s) advertised", cfg.shares)
+            },
+            cfg.selector.describe(),
+            cfg.health
+        );
+        Ok(Unit {
+            settings: Arc::new(Settings::from_config(&cfg)),
+            monitor: PortMonitor::new(cfg.hold_down),
+            cfg,
+            env: Arc::clone(env),
+            serving: None,
+            generation: 0,
+            state: None,
+            health_at: None,
+            registrar,
+            registered: None,
+            registering: 0,
+            retry_at: Some(Instant::now()),
+            client_left,
+            stream_check_at: None,
+            stream_grace: Backoff::new(STREAM_GRACE, STREAM_GRACE_CAP),
+            backoff: Backoff::new(BACKOFF_FIRST, BACKOFF_CAP),
+            last_failure: None,
+            last_restart: None,
+            cdi_written: None,
+        })
+    }
+
+    /// The resource this unit serves.
+    pub fn resource_name(&self) -> &str {
+        &self.cfg.resource_name
+    }
+}
+
+impl Unit {
+    /// Serves if not serving yet (a new generation, to be registered).
+    fn serve(&mut self) -> Result<(), Error> {
+        if self.serving.is_some() {
+            return Ok(());
+        }
+        let now = Reading::take(&self.settings, &self.cfg, &mut self.monitor, Instant::now());
+        self.schedule_health(&now);
+        let socket = self.cfg.socket_path();
+        match Serving::start(
+            &self.env,
+            &self.settings,
+            &socket,
+            now.list.clone(),
+            &self.client_left,
+        ) {
+            Ok(s) => {
+                self.serving = Some(s);
+                self.generation += 1;
+                now.log_start(&self.cfg, self.state.as_ref());
+                self.write_cdi(&now);
+                self.state = Some(now);
+                Ok(())
+            }
+            Err(e @ server::Error::InUse { .. }) => Err(Error::Serve(e)),
+            Err(e) => {
+                self.failed(e.to_string());
+                Ok(())
+            }
+        }
+    }
+
+    /// Registers when the kubelet owning `kubelet.sock` now has not accepted a Register for the
+    /// server now serving. One call at a time: while one runs, its outcome decides. With no
+    /// `kubelet.sock`, waits for the inotify event of its creation (or the poll tick).
+    fn maybe_register(&mut self) {
+        if self.serving.is_none() || self.registrar.in_flight || self.retry_at.is_some() {
+            return;
+        }
+        let Some(kubelet) = kubelet_id(&self.cfg.kubelet_socket()) else {
+            let what = format!(
+                "{} does not exist: is the kubelet running?",
+                self.cfg.kubelet_socket().display()
+            );
+            if self.last_failure.as_deref() != Some(what.as_str()) {
+                info!("{what} Registering when it appears");
+                self.last_failure = Some(what);
+            }
+            return;
+        };
+        if self.registered == Some((self.generation, kubelet)) {
+            return;
+        }
+        // A kubelet.sock nobody answers on is the old kubelet's (the new one deletes it and
+        // binds its own) or one whose kubelet is between bind and listen: a Register started
+        // now could reach the new kubelet just before its creation event asks for another.
+        // Ask again shortly; its replacement brings an event at once.
+        // An error other than "refused" (EMFILE, EACCES) is no reason to wait: Register
+        // itself then says what is wrong.
+        if let Ok(false) = sys::socket_answers(&self.cfg.kubelet_socket()) {
+            let delay = self.backoff.next();
+            let what = format!(
+                "{} exists but nothing answers on it (an old kubelet's, or one starting)",
+                self.cfg.kubelet_socket().display()
+            );
+            if self.last_failure.as_deref() != Some(what.as_str()) {
+                info!("{what}: registering when a kubelet answers");
+                self.last_failure = Some(what);
+            }
+            debug!("kubelet.sock does not answer; looking again in {delay:?}");
+            self.retry_at = Some(Instant::now() + delay);
+            return;
+        }
+        self.registering = self.generation;
+        self.registrar.start(&self.env, &self.cfg);
+    }
+
+    /// Logs a failure (at info the first time it reads so, then at debug) and schedules a retry.
+    fn failed(&mut self, what: String) {
+        let delay = self.backoff.next();
+        if self.last_failure.as_deref() == Some(what.as_str()) {
+            debug!("{what}; retrying in {delay:?}");
+        } else {
+            info!("{what}; retrying in {delay:?}");
+            self.last_failure = Some(what);
+        }
+        self.retry_at = Some(Instant::now() + delay);
+    }
+
+    /// Stops the current server (ending its streams) and serves again at once; the new
+    /// generation is registered by the loop.
+    pub fn restart(&mut self, why: &str) -> Result<(), Error> {
+        info!(
+            "{why}: serving and registering {} again",
+            self.cfg.resource_name
+        );
+        if let Some(old) = self.serving.take() {
+            old.stop();
+        }
+        self.last_restart = Some(Instant::now());
+        self.stream_check_at = None;
+        self.stream_grace.reset();
+        self.backoff.reset();
+        self.last_failure = None;
+        self.retry_at = None;
+        self.serve()
+    }
+
+    /// With `--cdi`: rewrites this resource's CDI spec when what it says changed (a stale spec
+    /// after a rescan would hand pods nodes that are gone).
+    fn write_cdi(&mut self, now: &Reading) {
+        if !self.cfg.cdi {
+            return;
+        }
+        let devices = self.settings.resource.cdi_devices(&now.host, &now.grant);
+        let text = cdi::render(&self.cfg.resource_name, &devices, &self.cfg.host_root);
+        if self.cdi_written.as_ref().is_some_and(|(t, _)| *t == text) {
+            return;
+        }
+        let path = cdi::spec_path(&self.cfg.cdi_dir, &self.cfg.resource_name);
+        match cdi::write_atomic(&path, &text) {
+            Ok(id) => {
+                info!(
+                    "wrote CDI spec {} ({} device(s))",
+                    path.display(),
+                    devices.len()
+                );
+                self.cdi_written = Some((text, id));
+                self.settings.set_cdi_ready(true);
+            }
+            Err(e) => {
+                // Until a spec is written, Allocate answers with device specs: a CDI name no
+                // spec defines would fail every pod.
+                warn!(
+                    "cannot write CDI spec {}: {e}; answering with device specs meanwhile",
+                    path.display()
+                );
+                self.cdi_written = None;
+                self.settings.set_cdi_ready(false);
+            }
+        }
+    }
+
+    /// Removes this resource's CDI spec (at exit): no runtime should resolve names we no
+    /// longer serve.
+    fn remove_cdi(&mut self) {
+        let Some((_, ours)) = self.cdi_written.take() else {
+            return;
+        };
+        self.settings.set_cdi_ready(false);
+        let path = cdi::spec_path(&self.cfg.cdi_dir, &self.cfg.resource_name);
+        // Only the file we wrote: a newer instance (a rolling update with surge) may have
+        // replaced it with its own.
+        if cdi::file_id(&path) != Some(ours) {
+            debug!(
+                "{} is no longer our CDI spec: leaving it alone",
+                path.display()
+            );
+            return;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => info!("removed CDI spec {}", path.display()),
+            Err(e) => warn!("cannot remove CDI spec {}: {e}", path.display()),
+        }
+    }
+
+    /// The first half of stopping: our socket and CDI spec go, so nobody is sent to a server
+    /// that is stopping (done for every unit before any server is asked to stop, which may
+    /// hang).
+    pub fn withdraw(&mut self) {
+        if let Some(s) = &self.serving {
+            s.remove_socket();
+        }
+        self.remove_cdi();
+    }
+
+    /// Stops serving for good (after [`Unit::withdraw`]).
+    pub fn stop(&mut self) {
+        if let Some(s) = self.serving.take() {
+            s.stop();
+        }
+    }
+
+    pub fn on_register_outcome(&mut self) {
+        let Some((id, result)) = self.registrar.outcome() else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                info!(
+                    "registered {} with the kubelet at {} (endpoint {})",
+                    self.cfg.resource_name,
+                    self.cfg.kubelet_socket().display(),
+                    self.cfg.socket_name
+                );
+                self.registered = id.map(|k| (self.registering, k));
+                self.backoff.reset();
+                self.last_failure = None;
+                // The kubelet opens ListAndWatch right after Register: verify it did.
+                self.stream_check_at = Some(Instant::now() + self.stream_grace.peek());
+            }
+            // No kubelet.sock: its creation (inotify) or the poll tick brings the next try.
+            Err(e) if !self.cfg.kubelet_socket().exists() => {
+                let what = e.to_string();
+                if self.last_failure.as_deref() != Some(what.as_str()) {
+                    info!("{what}; registering when it appears");
+                    self.last_failure = Some(what);
+                }
+            }
+            Err(e) => self.failed(e.to_string()),
+        }
+    }
+
+    pub fn on_changes(&mut self, changes: Changes) -> Result<(), Error> {
+        if changes.plugin_dir_appeared && self.serving.is_none() {
+            return self.restart("the plugin dir appeared");
+        }
+        if (changes.socket_removed || changes.kubelet_restarted)
+            && self.serving.is_some()
+            && !self.serving.as_ref().is_some_and(Serving::owns_socket)
+        {
+            // The kubelet deletes every socket when it starts; without ours it cannot dial us.
+            self.restart("our socket was removed")?;
+        }
+        if changes.kubelet_restarted {
+            // A new kubelet: register with it now, whatever backoff an earlier failure set.
+            debug!("kubelet.sock created");
+            if self.serving.is_some() {
+                self.retry_at = None;
+            }
+            self.backoff.reset();
+        }
+        if changes.devices {
+            self.rescan();
+        }
+        Ok(())
+    }
+
+    /// Reads the host; when the kubelet must hear of it, sends every stream the full list.
+    /// Logs each port transition once and what changed.
+    fn rescan(&mut self) {
+        if self.serving.is_none() {
+            return;
+        }
+        let now = Reading::take(&self.settings, &self.cfg, &mut self.monitor, Instant::now());
+        self.schedule_health(&now);
+        // The spec first: the kubelet may allocate a new device as soon as it hears of it.
+        self.write_cdi(&now);
+        if let Some(old) = &self.state {
+            if now.news_since(old) {
+                if let Some(serving) = &self.serving {
+                    serving.hub().publish(now.list.clone());
+                }
+            }
+            now.log_changes(&self.cfg, old);
+        }
+        self.state = Some(now);
+    }
+
+    /// In `ports` mode, the next port-state reading: every interval, or sooner when a hold-down
+    /// ends (so Unhealthy is not late by up to an interval).
+    fn schedule_health(&mut self, now: &Reading) {
+        self.health_at = (now.health.mode == Mode::Ports).then(|| {
+            let next = Instant::now() + self.cfg.health_interval;
+            self.monitor.deadline().map_or(next, |d| d.min(next))
+        });
+    }
+
+    /// A registration or a stream end a moment ago: if no stream is open now while the kubelet
+    /// we registered with is still the one at `kubelet.sock`, it dropped us (or lost our
+    /// registration) and must be registered with again. A kubelet that went away is not asked.
+    fn check_streams(&mut self) {
+        let Some(serving) = &self.serving else {
+            return;
+        };
+        if self.registrar.in_flight {
+            return;
+        }
+        let current = kubelet_id(&self.cfg.kubelet_socket());
+        let Some((generation, kubelet)) = self.registered else {
+            return;
+        };
+        if generation != self.generation || current != Some(kubelet) {
+            return;
+        }
+        if serving.hub().open_streams() > 0 {
+            self.stream_grace.reset();
+            return;
+        }
+        let grace = self.stream_grace.next();
+        info!(
+            "the kubelet has no ListAndWatch stream open (waited {grace:?}): registering {} again",
+            self.cfg.resource_name
+        );
+        self.registered = None;
+    }
+
+    /// Catches what events missed (`changes` from refreshing the watches, plus a rescan):
+    /// devices changed, our socket gone or not answering, a new kubelet.sock (registered with
+    /// by the loop), a kubelet that dropped our stream.
+    pub fn self_check(&mut self, mut changes: Changes) -> Result<(), Error> {
+        changes.devices = true;
+        self.on_changes(changes)?;
+        // Only a clear "nobody answers": a passing error (EMFILE) must not end the kubelet's
+        // stream by restarting the server.
+        let gone = matches!(sys::socket_answers(&self.cfg.socket_path()), Ok(false));
+        if self.serving.is_some() && gone {
+            return self.restart("self-check: our socket is gone or not answering");
+        }
+        // Not while a stream check is pending: it has its grace (the kubelet may be about to
+        // open ListAndWatch after a Register).
+        if self.stream_check_at.is_none() {
+            self.check_streams();
+        }
+        Ok(())
+    }
+
+    /// Runs what is due at `now`: a retry (serve), a stream check, a port-state reading; then
+    /// registers if not registered.
+    pub fn tick(&mut self, now: Instant) -> Result<(), Error> {
+        if self.retry_at.is_some_and(|t| t <= now) {
+            self.retry_at = None;
+            self.serve()?;
+        }
+        if self.stream_check_at.is_some_and(|t| t <= now) {
+            self.stream_check_at = None;
+            self.check_streams();
+        }
+        if self.health_at.is_some_and(|t| t <= now) {
+            self.health_at = None;
+            self.rescan();
+        }
+        self.maybe_register();
+        Ok(())
+    }
+
+    /// The earliest deadline of this unit.
+    pub fn deadline(&self) -> Option<Instant> {
+        [self.retry_at, self.stream_check_at, self.health_at]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// A stream of ours ended: check soon that the kubelet still watches.
+    pub fn on_client_left(&mut self) {
+        self.client_left.drain();
+        self.stream_check_at = Some(Instant::now() + self.stream_grace.peek());
+    }
+}

@@ -1,0 +1,199 @@
+//! CDI (Container Device Interface) specs, opt-in with `--cdi`: one JSON spec per resource in
+//! the spec directory (`/var/run/cdi`), kind = the resource name, one CDI device per advertised
+//! device ID listing its device nodes (with type, major and minor where the node is a character
+//! device). Allocate then answers with the fully qualified CDI names
+//! (`jarvice.com/rdma=rdma-0`), which the runtime resolves (containerd 2.0 and CRI-O have CDI
+//! on by default; Kubernetes 1.31+ passes `cdi_devices`).
+//!
+//! The spec is rewritten atomically (a temp file renamed over it) whenever what it says changes,
+//! so no runtime reads a half-written or stale spec, and it is removed at exit.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::host::nodes::DeviceNode;
+use crate::tools::json::quote;
+
+/// The CDI specification version we write: 0.6.0 added what we use (device node type, major,
+/// minor, permissions) long ago, and every CDI-aware runtime reads it.
+pub const CDI_VERSION: &str = "0.6.0";
+
+/// One CDI device: its name (our device ID), nodes and envs.
+pub struct CdiDevice<'a> {
+    pub name: String,
+    pub nodes: Vec<&'a DeviceNode>,
+    pub env: Vec<(String, String)>,
+}
+
+/// The fully qualified name a runtime resolves: `jarvice.com/rdma=rdma-0`.
+pub fn qualified(kind: &str, device: &str) -> String {
+    format!("{kind}={device}")
+}
+
+/// CDI device names: `[A-Za-z0-9][A-Za-z0-9_.:-]*` (our IDs always are).
+pub fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b':' | b'-'))
+}
+
+/// The spec as JSON. `host_root` is where the nodes are seen (to read a character device's
+/// numbers); the paths written are host paths, as the runtime resolves them.
+pub fn render(kind: &str, devices: &[CdiDevice<'_>], host_root: &Path) -> String {
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "{{\"cdiVersion\":{},\"kind\":{},\"devices\":[",
+        quote(CDI_VERSION),
+        quote(kind)
+    );
+    for (i, d) in devices.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{{\"name\":{},\"containerEdits\":{{", quote(&d.name));
+        if !d.env.is_empty() {
+            let env: Vec<String> = d
+                .env
+                .iter()
+                .map(|(k, v)| quote(&format!("{k}={v}")))
+                .collect();
+            let _ = write!(out, "\"env\":[{}],", env.join(","));
+        }
+        out.push_str("\"deviceNodes\":[");
+        for (j, n) in d.nodes.iter().enumerate() {
+            if j > 0 {
+                out.push(',');
+            }
+            let path = n.host_path.to_string_lossy();
+            let _ = write!(out, "{{\"path\":{}", quote(&path));
+            let seen = host_root.join(n.host_path.strip_prefix("/").unwrap_or(&n.host_path));
+            if let Ok(m) = fs::metadata(&seen) {
+                if m.file_type().is_char_device() {
+                    let _ = write!(
+                        out,
+                        ",\"type\":\"c\",\"major\":{},\"minor\":{}",
+                        libc::major(m.rdev()),
+                        libc::minor(m.rdev())
+                    );
+                }
+            }
+            out.push_str(",\"permissions\":\"rw\"}");
+        }
+        out.push_str("]}}");
+    }
+    out.push_str("]}\n");
+    out
+}
+
+/// Where the spec of resource `kind` lives in `dir`: `jarvice.com_rdma.json` (`_` cannot occur
+/// in a domain, so two kinds never share a file).
+pub fn spec_path(dir: &Path, kind: &str) -> PathBuf {
+    dir.join(format!("{}.json", kind.replace('/', "_")))
+}
+
+/// A resource name CDI accepts as a kind (`vendor/class`): the vendor starts with a letter and
+/// holds letters, digits, `.` and `-`; the class starts with a letter, holds letters, digits,
+/// `_` and `-`, and ends with a letter or digit. Kubernetes allows more (`9lives.com/ib.hdr`).
+pub fn valid_kind(kind: &str) -> bool {
+    let Some((vendor, class)) = kind.split_once('/') else {
+        return false;
+    };
+    let starts_alpha = |s: &str| s.bytes().next().is_some_and(|b| b.is_ascii_alphabetic());
+    let ends_alnum = |s: &str| s.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric());
+    starts_alpha(vendor)
+        && ends_alnum(vendor)
+        && vendor
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        && starts_alpha(class)
+        && ends_alnum(class)
+        && class
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Device and inode of the file at `path`.
+pub fn file_id(path: &Path) -> Option<(u64, u64)> {
+    fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Writes `text` to `path` atomically: a temp file in the same directory, fsynced, renamed.
+/// World-readable (0644, its directory 0755 when we make it): runtimes read specs as whatever
+/// user they run. Returns the new file's device and inode.
+pub fn write_atomic(path: &Path, text: &str) -> io::Result<(u64, u64)> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        fs::create_dir_all(dir)?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
+    }
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name()
+            .map_or("spec".into(), |n| n.to_string_lossy())
+    ));
+    {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        // The umask (077) took bits off the mode above; put them back.
+        f.set_permissions(fs::Permissions::from_mode(0o644))?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    file_id(path).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "spec vanished"))
+}
+
+use std::os::unix::fs::PermissionsExt;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::nodes::Kind;
+
+    #[test]
+    fn names_and_rendering_follow_the_spec() {
+        assert!(valid_name("rdma-0"));
+        assert!(valid_name("hca-0c42a10300c45e00"));
+        assert!(valid_name("pci-0000:3b:00.0"));
+        assert!(!valid_name("-x") && !valid_name("") && !valid_name("a/b"));
+        let n = DeviceNode {
+            kind: Kind::Uverbs,
+            host_path: "/dev/infiniband/uverbs0".into(),
+            numa_node: None,
+            hca: None,
+        };
+        let d = CdiDevice {
+            name: "rdma-0".into(),
+            nodes: vec![&n],
+            env: vec![("JARVICE_RDMA_HCAS".into(), "mlx5_0".into())],
+        };
+        assert_eq!(
+            render("jarvice.com/rdma", &[d], Path::new("/nonexistent")),
+            "{\"cdiVersion\":\"0.6.0\",\"kind\":\"jarvice.com/rdma\",\"devices\":[{\"name\":\"rdma-0\",\"containerEdits\":{\"env\":[\"JARVICE_RDMA_HCAS=mlx5_0\"],\"deviceNodes\":[{\"path\":\"/dev/infiniband/uverbs0\",\"permissions\":\"rw\"}]}}]}\n"
+        );
+        assert_eq!(
+            spec_path(Path::new("/var/run/cdi"), "jarvice.com/rdma"),
+            Path::new("/var/run/cdi/jarvice.com_rdma.json")
+        );
+        assert!(valid_kind("jarvice.com/rdma") && valid_kind("a-b.example/hca_2"));
+        for bad in [
+            "9lives.com/rdma",
+            "jarvice.com/ib.hdr",
+            "jarvice.com/-x",
+            "x/",
+            "rdma",
+        ] {
+            assert!(!valid_kind(bad), "{bad}");
+        }
+    }
+}
