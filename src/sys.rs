@@ -388,17 +388,28 @@ pub enum LimitKind {
     Nofile,
 }
 
-/// `getrlimit` for `kind`.
-pub fn get_limit(kind: LimitKind) -> io::Result<Limit> {
-    // The constants' type differs between glibc and musl; matching here keeps it out of the API.
-    let resource = match kind {
-        LimitKind::Memlock => libc::RLIMIT_MEMLOCK,
-        LimitKind::Nofile => libc::RLIMIT_NOFILE,
+/// `RLIMIT_*` for `kind`. The constants' type differs between glibc and musl: a macro lets each
+/// call site infer it instead of naming it.
+macro_rules! resource_of {
+    ($kind:expr) => {
+        match $kind {
+            LimitKind::Memlock => libc::RLIMIT_MEMLOCK,
+            LimitKind::Nofile => libc::RLIMIT_NOFILE,
+        }
     };
+}
+
+fn read_rlimit(kind: LimitKind) -> io::Result<libc::rlimit> {
     // SAFETY: rlimit is plain data; zeroed is a valid value that getrlimit overwrites.
     let mut lim: libc::rlimit = unsafe { mem::zeroed() };
     // SAFETY: `lim` is a valid, exclusively borrowed rlimit for the duration of the call.
-    cvt(unsafe { libc::getrlimit(resource, &mut lim) })?;
+    cvt(unsafe { libc::getrlimit(resource_of!(kind), &mut lim) })?;
+    Ok(lim)
+}
+
+/// `getrlimit` for `kind`.
+pub fn get_limit(kind: LimitKind) -> io::Result<Limit> {
+    let lim = read_rlimit(kind)?;
     // rlim_t is not u64 on every target.
     #[allow(clippy::unnecessary_cast)]
     let value = |v: libc::rlim_t| (v != libc::RLIM_INFINITY).then_some(v as u64);
@@ -410,20 +421,13 @@ pub fn get_limit(kind: LimitKind) -> io::Result<Limit> {
 
 /// `setrlimit` of `kind`'s soft limit to `soft` (`None`: unlimited), keeping the hard limit.
 pub fn set_soft_limit(kind: LimitKind, soft: Option<u64>) -> io::Result<()> {
-    let resource = match kind {
-        LimitKind::Memlock => libc::RLIMIT_MEMLOCK,
-        LimitKind::Nofile => libc::RLIMIT_NOFILE,
-    };
-    // SAFETY: rlimit is plain data; getrlimit fills it.
-    let mut lim: libc::rlimit = unsafe { mem::zeroed() };
-    // SAFETY: `lim` is a valid, exclusively borrowed rlimit for the duration of the call.
-    cvt(unsafe { libc::getrlimit(resource, &mut lim) })?;
+    let mut lim = read_rlimit(kind)?;
     // rlim_t is not u64 on every target.
     #[allow(clippy::unnecessary_cast)]
     let soft = soft.map_or(libc::RLIM_INFINITY, |n| n as libc::rlim_t);
     lim.rlim_cur = soft;
     // SAFETY: as above; the kernel validates the values.
-    cvt(unsafe { libc::setrlimit(resource, &lim) })?;
+    cvt(unsafe { libc::setrlimit(resource_of!(kind), &lim) })?;
     Ok(())
 }
 

@@ -193,6 +193,17 @@ impl fmt::Display for RequestError {
 
 impl std::error::Error for RequestError {}
 
+/// An Allocate request within the bounds, naming containers.
+pub(crate) fn check_allocate(req: &api::AllocateRequest) -> Result<(), RequestError> {
+    if req.container_requests.is_empty() {
+        return Err(RequestError::NoContainers);
+    }
+    check_size(
+        req.container_requests.len(),
+        req.container_requests.iter().map(|c| c.devices_ids.len()),
+    )
+}
+
 /// A GetPreferredAllocation request within the bounds, naming containers.
 pub(crate) fn check_preferred(req: &api::PreferredAllocationRequest) -> Result<(), RequestError> {
     if req.container_requests.is_empty() {
@@ -317,13 +328,7 @@ impl Resource {
         req: &api::AllocateRequest,
         inv: &Inventory,
     ) -> Result<api::AllocateResponse, RequestError> {
-        if req.container_requests.is_empty() {
-            return Err(RequestError::NoContainers);
-        }
-        check_size(
-            req.container_requests.len(),
-            req.container_requests.iter().map(|c| c.devices_ids.len()),
-        )?;
+        check_allocate(req)?;
         for (i, creq) in req.container_requests.iter().enumerate() {
             if creq.devices_ids.is_empty() {
                 return Err(RequestError::NoDevices { container: i });

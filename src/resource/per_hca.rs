@@ -11,8 +11,8 @@ use crate::host::{self, Grant, Host};
 use crate::kubelet::api;
 use crate::resource::topology::{self, Place};
 use crate::resource::{
-    check_preferred, check_size, device_specs, preferred_size, topology_of, RequestError, HEALTHY,
-    MAX_SPECS, UNHEALTHY,
+    check_allocate, check_preferred, device_specs, preferred_size, topology_of, RequestError,
+    HEALTHY, MAX_SPECS, UNHEALTHY,
 };
 
 /// The env that names the granted HCAs, comma-separated (`mlx5_0,mlx5_3`).
@@ -98,13 +98,7 @@ impl PerHca {
         host: &Host,
         grant: &Grant,
     ) -> Result<api::AllocateResponse, RequestError> {
-        if req.container_requests.is_empty() {
-            return Err(RequestError::NoContainers);
-        }
-        check_size(
-            req.container_requests.len(),
-            req.container_requests.iter().map(|c| c.devices_ids.len()),
-        )?;
+        check_allocate(req)?;
         let devs = devices(host, grant);
         let by_id: HashMap<&str, &HcaDevice<'_>> =
             devs.iter().map(|d| (d.id.as_str(), d)).collect();
