@@ -105,6 +105,21 @@ fn netns(sysfs_root: &Path) -> Check {
 /// names.
 fn nodes(cfg: &Config, h: &Host, granted: &[String]) -> Vec<Check> {
     let mut out = Vec::new();
+    // A node sysfs attributes to an HCA it does not list: a partial sysfs, or a driver half
+    // unloaded. Never granted with a selection, so say so.
+    for e in &h.hcas.orphans {
+        out.push(Check::bad(
+            "device nodes",
+            Status::Warn,
+            format!(
+                "sysfs names {} for HCA {}, which {} does not list",
+                e.name,
+                e.hca.as_deref().unwrap_or("?"),
+                sysfs::CLASS_INFINIBAND
+            ),
+            "reload the RDMA drivers; with a selection flag this node is never granted",
+        ));
+    }
     for hca in &h.hcas.list {
         // A node missing for an HCA the operator left out is not this resource's problem.
         let severity = if granted.contains(&hca.name) {
