@@ -308,9 +308,8 @@ fn diagnose_names_each_problem_with_its_fix_and_passes_when_all_is_well() {
                 .output()
                 .expect("run diagnose");
             let text = stdout(&out);
-            let mut lines = text.lines().peekable();
             let mut checks = 0;
-            while let Some(line) = lines.next() {
+            for line in text.lines() {
                 if line.contains(" check(s): ") {
                     break;
                 }
