@@ -512,3 +512,19 @@ pub fn with_one_cpu<T>(f: impl FnOnce() -> T) -> T {
     }
     out
 }
+
+/// `mknod(path, S_IFCHR | 0600, major:minor)`: a character device (root only), for tests and mock
+/// trees that need real device numbers.
+pub fn make_char_device(path: &Path, major: u32, minor: u32) -> io::Result<()> {
+    let p = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `p` is a valid NUL-terminated path for the duration of the call.
+    cvt(unsafe {
+        libc::mknod(
+            p.as_ptr(),
+            libc::S_IFCHR | 0o600,
+            libc::makedev(major, minor),
+        )
+    })
+    .map(drop)
+}

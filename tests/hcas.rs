@@ -5,21 +5,12 @@
 mod common;
 
 use std::fs;
-use std::os::unix::process::CommandExt;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::*;
 use rdma_plugin::host::mock::{self, MockHca, MockPort};
 use rdma_plugin::kubelet::api;
-
-fn run(host: &Host, args: &[&str]) -> Output {
-    plugin_command()
-        .args(args)
-        .args(host.args())
-        .output()
-        .expect("run plugin binary")
-}
 
 /// A kubelet, then the plugin with `extra` flags; returns them with the first list.
 fn start(host: &Host, extra: &[&str]) -> (FakeKubelet, Plugin, api::ListAndWatchResponse) {
@@ -32,10 +23,6 @@ fn start(host: &Host, extra: &[&str]) -> (FakeKubelet, Plugin, api::ListAndWatch
 
 fn health_of(list: &api::ListAndWatchResponse) -> &str {
     &list.devices[0].health
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 #[test]
@@ -231,16 +218,8 @@ fn diagnose(host: &Host, memlock: Option<u64>, extra: &[&str]) -> Option<Output>
     }
     let mut cmd = plugin_command();
     cmd.arg("diagnose").args(extra).args(host.args());
-    // SAFETY (test): only setrlimit, async-signal-safe, between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
+    let n = memlock.unwrap_or(u64::MAX);
+    with_limit(Rlimit::Memlock, n, n)(&mut cmd);
     Some(cmd.output().expect("run diagnose"))
 }
 
@@ -302,11 +281,7 @@ fn diagnose_names_each_problem_with_its_fix_and_passes_when_all_is_well() {
         // Without the capability the memlock check is what it is here; every other check
         // must pass.
         None => {
-            let out = plugin_command()
-                .arg("diagnose")
-                .args(host.args())
-                .output()
-                .expect("run diagnose");
+            let out = run(&host, &["diagnose"]);
             let text = stdout(&out);
             let mut checks = 0;
             for line in text.lines() {
@@ -332,19 +307,7 @@ fn diagnose_names_each_problem_with_its_fix_and_passes_when_all_is_well() {
 fn the_daemon_warns_about_memlock_once_at_start() {
     let host = Host::with_hcas("memlock");
     let kubelet = FakeKubelet::start(&host.plugin_dir());
-    let plugin = Plugin::start_with(&host, &[], |cmd| {
-        // SAFETY (test): only setrlimit between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                let lim = libc::rlimit {
-                    rlim_cur: 64 << 10,
-                    rlim_max: 64 << 10,
-                };
-                libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim);
-                Ok(())
-            });
-        }
-    });
+    let plugin = Plugin::start_with(&host, &[], with_limit(Rlimit::Memlock, 64 << 10, 64 << 10));
     kubelet.expect_registered();
     assert!(plugin.wait_log("memlock: containers get a locked-memory limit of 64 KiB"));
     assert_eq!(plugin.log_text().matches("memlock:").count(), 1);

@@ -5,63 +5,17 @@
 
 mod common;
 
-use std::ffi::CString;
 use std::fs;
 use std::io::Write;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
 use grpcio::RpcStatusCode;
 use rdma_plugin::kubelet::api;
-
-#[derive(Clone, Copy)]
-enum Rlimit {
-    Nofile,
-    As,
-}
-
-/// Sets `which` to `soft`/`hard` in the child between fork and exec.
-fn with_limit(which: Rlimit, soft: u64, hard: u64) -> impl FnOnce(&mut std::process::Command) {
-    // The constants' type differs between glibc and musl: let each target infer it.
-    let resource = match which {
-        Rlimit::Nofile => libc::RLIMIT_NOFILE,
-        Rlimit::As => libc::RLIMIT_AS,
-    };
-    move |cmd| {
-        // SAFETY (test): only setrlimit, async-signal-safe, between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let lim = libc::rlimit {
-                    rlim_cur: soft as libc::rlim_t,
-                    rlim_max: hard as libc::rlim_t,
-                };
-                if libc::setrlimit(resource, &lim) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
-    }
-}
-
-fn mknod(path: &Path, major: u32, minor: u32) -> bool {
-    let p = CString::new(path.as_os_str().as_bytes()).unwrap();
-    // SAFETY (test): mknod with a valid NUL-terminated path.
-    unsafe {
-        libc::mknod(
-            p.as_ptr(),
-            libc::S_IFCHR | 0o600,
-            libc::makedev(major, minor),
-        ) == 0
-    }
-}
 
 #[test]
 fn a_device_tree_cannot_smuggle_devices_or_forge_log_lines() {

@@ -38,14 +38,6 @@ fn health_of(list: &api::ListAndWatchResponse, id: &str) -> String {
         .unwrap_or_default()
 }
 
-fn run(host: &Host, args: &[&str]) -> std::process::Output {
-    plugin_command()
-        .args(args)
-        .args(host.args())
-        .output()
-        .expect("run plugin binary")
-}
-
 #[test]
 fn two_resources_register_on_their_own_sockets_once_per_kubelet_restart() {
     let host = Host::with_hcas("two");
@@ -438,15 +430,11 @@ fn cdi_specs_are_written_kept_current_and_removed_and_allocate_names_them() {
 
 #[test]
 fn cdi_specs_give_character_devices_their_numbers() {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
     let host = Host::empty("cdichar");
     host.add_hca(&MockHca::connectx(0));
     let node = host.root().join("dev/infiniband/uverbs0");
     fs::remove_file(&node).unwrap();
-    let p = CString::new(node.as_os_str().as_bytes()).unwrap();
-    // SAFETY (test): mknod with a valid NUL-terminated path.
-    if unsafe { libc::mknod(p.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(231, 192)) } != 0 {
+    if !mknod(&node, 231, 192) {
         eprintln!("mknod not permitted (not root): skipped");
         return;
     }

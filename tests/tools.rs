@@ -3,21 +3,9 @@
 mod common;
 
 use std::fs;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use common::*;
-
-fn run(host: &Host, args: &[&str]) -> Output {
-    plugin_command()
-        .args(args)
-        .args(host.args())
-        .output()
-        .expect("run plugin binary")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 #[test]
 fn list_prints_the_advertised_devices_and_the_allocate_answer() {

@@ -157,6 +157,70 @@ pub fn plugin_bin() -> PathBuf {
         .expect("target/<profile>/ above examples/")
 }
 
+/// Runs the plugin binary with `args` (a subcommand and flags) against `host`, to its end.
+pub fn run(host: &Host, args: &[&str]) -> std::process::Output {
+    plugin_command()
+        .args(args)
+        .args(host.args())
+        .output()
+        .expect("run plugin binary")
+}
+
+pub fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A character device at `path` (root only); false where mknod is not permitted.
+pub fn mknod(path: &Path, major: u32, minor: u32) -> bool {
+    rdma_plugin::sys::make_char_device(path, major, minor).is_ok()
+}
+
+/// Resource limits a test sets in the plugin's process.
+#[derive(Clone, Copy)]
+pub enum Rlimit {
+    Nofile,
+    As,
+    Memlock,
+}
+
+/// Sets `which` to `soft`/`hard` (bytes or descriptors; `u64::MAX`: unlimited) in the child
+/// between fork and exec.
+pub fn with_limit(which: Rlimit, soft: u64, hard: u64) -> impl FnOnce(&mut Command) {
+    use std::os::unix::process::CommandExt;
+    // The constants' type differs between glibc and musl: let each target infer it.
+    let resource = match which {
+        Rlimit::Nofile => libc::RLIMIT_NOFILE,
+        Rlimit::As => libc::RLIMIT_AS,
+        Rlimit::Memlock => libc::RLIMIT_MEMLOCK,
+    };
+    // rlim_t is not u64 on every target.
+    #[allow(clippy::unnecessary_cast)]
+    let lim = |v: u64| {
+        if v == u64::MAX {
+            libc::RLIM_INFINITY
+        } else {
+            v as libc::rlim_t
+        }
+    };
+    let (soft, hard) = (lim(soft), lim(hard));
+    move |cmd| {
+        // SAFETY (test): only setrlimit, async-signal-safe, between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let l = libc::rlimit {
+                    rlim_cur: soft,
+                    rlim_max: hard,
+                };
+                if libc::setrlimit(resource, &l) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+}
+
 /// True when the plugin runs under an emulator (`$JARVICE_TEST_RUNNER`, e.g. qemu-user): then
 /// resource limits and `/proc` figures (RSS, address space) are the emulator's, not the
 /// plugin's, and the tests that measure them say so and skip that part.
