@@ -71,11 +71,13 @@ fn start_to_registered(rows: &mut Vec<Row>) {
         drop(plugin);
 
         let host = Host::new("bench-start2");
-        let _plugin = start_plugin(&host);
-        assert!(wait_for(WAIT, || host.socket().exists()));
+        let plugin = start_plugin(&host);
+        // Resting: no server, no gRPC, until kubelet.sock appears.
+        assert!(plugin.wait_log("is the kubelet running?"));
         let t0 = Instant::now();
         let kubelet = FakeKubelet::start(&host.plugin_dir());
         plugin_first.push(until_registered_and_listed(&kubelet, t0).0);
+        drop(plugin);
     }
     rows.push(Row {
         what: "start -> registered, kubelet first (process spawn included)".into(),
@@ -83,7 +85,7 @@ fn start_to_registered(rows: &mut Vec<Row>) {
         target: "",
     });
     rows.push(Row {
-        what: "kubelet appears -> registered, plugin first".into(),
+        what: "kubelet appears -> registered, plugin first (gRPC started then)".into(),
         value: summary(plugin_first),
         target: "",
     });
@@ -518,7 +520,7 @@ fn idle_and_streams(rows: &mut Vec<Row>) {
     // No kubelet at all: what the plugin costs a node whose kubelet is down.
     let lonely = Host::new("bench-nokubelet");
     let alone = start_plugin(&lonely);
-    assert!(wait_for(WAIT, || lonely.socket().exists()));
+    assert!(alone.wait_log("is the kubelet running?"));
     idle_figures(&alone, "with no kubelet", rows);
     drop(alone);
 
@@ -556,6 +558,25 @@ fn idle_and_streams(rows: &mut Vec<Row>) {
         target: "< 1 s, exit 0",
     });
     drop(streams);
+
+    // The kubelet stops (kubelet.sock removed): servers stop at once, gRPC after its linger.
+    let host = Host::new("bench-left");
+    let kubelet = FakeKubelet::start(&host.plugin_dir());
+    let plugin = start_plugin(&host);
+    kubelet.expect_registered();
+    kubelet.expect_list();
+    kubelet.stop();
+    assert!(plugin.wait_log("gRPC shut down"));
+    idle_figures(&plugin, "after the kubelet stopped", rows);
+    let kubelet = FakeKubelet::start(&host.plugin_dir());
+    let t0 = Instant::now();
+    kubelet.expect_registered();
+    rows.push(Row {
+        what: "kubelet back after gRPC was shut down -> registered (gRPC started again)".into(),
+        value: format!("{:.2} ms", ms(t0.elapsed())),
+        target: "< 50 ms",
+    });
+    idle_figures(&plugin, "with the kubelet back", rows);
 }
 
 fn binary_size(rows: &mut Vec<Row>) {

@@ -479,8 +479,9 @@ pub fn limit_malloc_arenas() {}
 /// on), and sizes from it its timer shards (2 per CPU, up to 32, each waking a timer thread
 /// about once a second), its event-engine pool (`min(CPUs, 16)` threads at start) and its
 /// executor (up to 2 per CPU). A device plugin needs none of that: on a 64-CPU node this is
-/// ~64 wake-ups a second and ~20 more threads. Call it before any other thread exists (threads
-/// inherit the mask). Where the mask cannot be read or set, `f` runs as is.
+/// ~64 wake-ups a second and ~20 more threads. Only the calling thread's mask changes, and `f`
+/// must start no thread (threads inherit the mask). Where the mask cannot be read or set, `f`
+/// runs as is.
 pub fn with_one_cpu<T>(f: impl FnOnce() -> T) -> T {
     let size = mem::size_of::<libc::cpu_set_t>();
     // SAFETY: cpu_set_t is plain data; zeroed is an empty set that sched_getaffinity fills.
@@ -527,4 +528,21 @@ pub fn make_char_device(path: &Path, major: u32, minor: u32) -> io::Result<()> {
         )
     })
     .map(drop)
+}
+
+mod grpc_core {
+    extern "C" {
+        // gRPC C-core, linked in through grpcio-sys.
+        pub fn grpc_shutdown();
+    }
+}
+
+/// Drops the reference to gRPC's global state that grpcio's `EnvBuilder::build` took (grpcio
+/// never drops it). The last one stops gRPC's timer, executor and poller threads, on this thread.
+/// Call only once no gRPC object (environment, server, channel, call) is left, from a thread that
+/// is not gRPC's.
+pub fn grpc_shutdown() {
+    // SAFETY: no pointers; balanced with the grpc_init of the environment that was dropped, and
+    // called with no gRPC object alive (see above), so nothing uses the state it frees.
+    unsafe { grpc_core::grpc_shutdown() }
 }

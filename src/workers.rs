@@ -31,41 +31,53 @@ const IDLE_EXIT: Duration = Duration::from_secs(30);
 const IDLE_EXIT: Duration = Duration::from_millis(300);
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
+/// A job for an idle thread, or `None`: exit now.
+type Order = Option<Job>;
 
 /// Idle threads: an ID each (to take itself off the list when it exits) and where to send it a
 /// job.
-static IDLE: Mutex<Vec<(usize, Sender<Job>)>> = Mutex::new(Vec::new());
+static IDLE: Mutex<Vec<(usize, Sender<Order>)>> = Mutex::new(Vec::new());
 static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
 
-fn idle() -> MutexGuard<'static, Vec<(usize, Sender<Job>)>> {
+fn idle() -> MutexGuard<'static, Vec<(usize, Sender<Order>)>> {
     // A plain list of senders: a panic elsewhere cannot leave it inconsistent.
     IDLE.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Runs `job` on an idle stream thread, or on a new one. Fails only if no thread can be made.
 pub fn run(job: impl FnOnce() + Send + 'static) -> io::Result<()> {
-    let mut job: Job = Box::new(job);
+    let mut order: Order = Some(Box::new(job));
     loop {
         let Some((_, worker)) = idle().pop() else {
             break;
         };
-        match worker.send(job) {
+        match worker.send(order) {
             Ok(()) => return Ok(()),
             // That thread is gone (its job panicked): try the next one.
-            Err(SendError(back)) => job = back,
+            Err(SendError(back)) => order = back,
         }
     }
     let (tx, rx) = mpsc::channel();
     thread::Builder::new()
         .name("list-and-watch".into())
         .stack_size(STACK_SIZE)
-        .spawn(move || work(job, &tx, &rx))
+        .spawn(move || work(order, &tx, &rx))
         .map(drop)
 }
 
-fn work(first: Job, me: &Sender<Job>, jobs: &Receiver<Job>) {
+/// Ends every idle thread now (gRPC is being shut down: no stream will come for a while).
+pub fn release_idle() {
+    for (_, worker) in idle().drain(..) {
+        // A thread that is gone already needs no telling.
+        let _ = worker.send(None);
+    }
+}
+
+fn work(first: Order, me: &Sender<Order>, jobs: &Receiver<Order>) {
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-    first();
+    if let Some(job) = first {
+        job();
+    }
     loop {
         {
             let mut idle = idle();
@@ -76,7 +88,8 @@ fn work(first: Job, me: &Sender<Job>, jobs: &Receiver<Job>) {
         }
         // `me` is alive, so this returns with a job or after the idle time.
         let job = match jobs.recv_timeout(IDLE_EXIT) {
-            Ok(job) => job,
+            Ok(Some(job)) => job,
+            Ok(None) => return,
             Err(RecvTimeoutError::Timeout) => {
                 let mut idle = idle();
                 match idle.iter().position(|(i, _)| *i == id) {
@@ -86,8 +99,8 @@ fn work(first: Job, me: &Sender<Job>, jobs: &Receiver<Job>) {
                     }
                     // Taken off the list by `run`: its job is on the way.
                     None => match jobs.recv() {
-                        Ok(job) => job,
-                        Err(_) => return,
+                        Ok(Some(job)) => job,
+                        Ok(None) | Err(_) => return,
                     },
                 }
             }
@@ -103,8 +116,16 @@ mod tests {
     use std::sync::mpsc::channel;
     use std::time::Duration;
 
+    /// The pool is global: one test releasing idle threads would break another's reuse count.
+    static SERIAL: Mutex<()> = Mutex::new(());
+
+    fn serial() -> MutexGuard<'static, ()> {
+        SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     #[test]
     fn threads_are_reused_and_bounded() {
+        let _serial = serial();
         let (tx, rx) = channel();
         // Sequential jobs: each one should find the previous job's thread idle.
         let mut names = Vec::new();
@@ -132,7 +153,40 @@ mod tests {
     }
 
     #[test]
+    fn released_idle_threads_exit_at_once() {
+        let _serial = serial();
+        use std::cell::RefCell;
+        use std::sync::Arc;
+        thread_local! {
+            // Dropped when the thread exits, not when the job ends.
+            static UNTIL_EXIT: RefCell<Option<Arc<()>>> = const { RefCell::new(None) };
+        }
+        let (tx, rx) = channel();
+        let alive = Arc::new(());
+        for _ in 0..2 {
+            let (tx, mark) = (tx.clone(), Arc::clone(&alive));
+            run(move || {
+                UNTIL_EXIT.with(|k| *k.borrow_mut() = Some(mark));
+                tx.send(()).unwrap();
+            })
+            .unwrap();
+        }
+        for _ in 0..2 {
+            rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        }
+        // Well before IDLE_EXIT would end them; again and again, since a thread parks itself
+        // only after its job returned.
+        let start = std::time::Instant::now();
+        while Arc::strong_count(&alive) > 1 && start.elapsed() < IDLE_EXIT / 3 {
+            release_idle();
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(Arc::strong_count(&alive), 1, "threads still alive");
+    }
+
+    #[test]
     fn idle_threads_exit_after_a_while() {
+        let _serial = serial();
         let (tx, rx) = channel();
         for _ in 0..3 {
             let tx = tx.clone();

@@ -32,7 +32,7 @@ fn plugin_dir_missing_at_start_is_waited_for() {
     let host = Host::new("nodir");
     fs::remove_dir(host.plugin_dir()).unwrap();
     let mut plugin = Plugin::start(&host, &["--poll-interval", "1"]);
-    assert!(plugin.wait_log("cannot listen"));
+    assert!(plugin.wait_log("is this its device-plugin directory"));
     assert!(plugin.child.try_wait().unwrap().is_none(), "still running");
     fs::create_dir(host.plugin_dir()).unwrap();
     let kubelet = FakeKubelet::start(&host.plugin_dir());

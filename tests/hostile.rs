@@ -378,6 +378,9 @@ fn sigterm_ends_the_process_even_when_grpc_has_no_threads() {
     // and its shutdown then never completes (the musl build may get its threads: either way
     // the process must end within seconds, with its socket removed).
     let host = Host::new("nothreads");
+    // A kubelet.sock, so the plugin serves (and starts gRPC); a dead one (nobody listens), so
+    // no Register call runs short of memory: this is about the shutdown.
+    drop(std::os::unix::net::UnixListener::bind(host.plugin_dir().join("kubelet.sock")).unwrap());
     let mut plugin = Plugin::start_with(&host, &[], with_limit(Rlimit::As, 60 << 20, 60 << 20));
     assert!(
         wait_for(WAIT, || host.socket().exists()),

@@ -3,20 +3,21 @@
 //!
 //! Events: a signal (signalfd), a filesystem change (inotify), a Register call finishing or a
 //! stream ending (eventfds, one pair per unit), a deadline (retry, stream check, port-state
-//! reading, self-check), and, where inotify cannot watch everything, a poll tick. Nothing here
+//! reading, self-check while serving, gRPC's shutdown once nothing serves), and, where inotify
+//! cannot watch everything, a poll tick. With no kubelet there is none of them but inotify's
+//! and signals: the process sleeps in `poll(2)` with no thread of gRPC's left. Nothing here
 //! exits the process except a termination signal, a second instance already serving one of our
 //! sockets, or a setup failure.
 
 use std::fmt;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use grpcio::EnvBuilder;
 use log::{debug, info, warn};
 
 use crate::config::Config;
+use crate::daemon::grpc::Grpc;
 use crate::daemon::unit::Unit;
 use crate::daemon::watch::Watcher;
 use crate::host::{self, select::Selector};
@@ -118,23 +119,28 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         what: "signalfd",
         source,
     })?;
-    // gRPC sizes its timer shards and thread pools from the CPUs it counts in
-    // EnvBuilder::new(): one is plenty for a device plugin, and each more costs idle wake-ups.
-    let env = Arc::new(
-        sys::with_one_cpu(EnvBuilder::new)
-            .cq_count(1)
-            .name_prefix("grpc")
-            .build(),
-    );
+    // Started when a resource first serves (there may be no kubelet yet).
+    let mut grpc = Grpc::new().map_err(|source| Error::Setup {
+        what: "eventfd",
+        source,
+    })?;
     limits::warn_memlock();
+    // A second instance must find out now, not when a kubelet appears: we serve only then.
+    for c in &configs {
+        server::claim(&c.socket_path()).or_else(|e| match e {
+            server::Error::InUse { .. } => Err(Error::Serve(e)),
+            // Anything else (not a socket, cannot remove) is retried and logged by the unit.
+            _ => Ok(()),
+        })?;
+    }
     let sockets: Vec<String> = configs.iter().map(|c| c.socket_name.clone()).collect();
     let mut watcher = Watcher::new(&cfg.plugin_dir, &sockets, &cfg.host_root, !cfg.poll_only);
     let mut units = configs
         .into_iter()
-        .map(|c| Unit::new(c, &env))
+        .map(Unit::new)
         .collect::<Result<Vec<Unit>, Error>>()?;
 
-    let result = drive(&cfg, &mut units, &mut watcher, &signals);
+    let result = drive(&cfg, &mut units, &mut grpc, &mut watcher, &signals);
     if result.is_err() {
         // Whatever stopped us, no socket or CDI spec of ours stays behind.
         stop_all(&mut units);
@@ -158,6 +164,7 @@ fn stop_all(units: &mut [Unit]) {
 fn drive(
     cfg: &Config,
     units: &mut [Unit],
+    grpc: &mut Grpc,
     watcher: &mut Watcher,
     signals: &SignalFd,
 ) -> Result<(), Error> {
@@ -171,19 +178,26 @@ fn drive(
         if hup_at.is_some_and(|t| t <= now) {
             hup_at = None;
             for u in units.iter_mut() {
-                u.restart("SIGHUP")?;
+                u.restart("SIGHUP", grpc)?;
             }
         }
         if next_check.is_some_and(|t| t <= now) {
             let changes = watcher.refresh();
             for u in units.iter_mut() {
-                u.self_check(changes)?;
+                u.self_check(changes, grpc)?;
             }
             next_check = self_check(now);
         }
         for u in units.iter_mut() {
-            u.tick(now)?;
+            u.tick(now, grpc)?;
         }
+        // The self-check looks after servers: while none runs, nothing wakes us but events.
+        if !units.iter().any(Unit::is_serving) {
+            next_check = None;
+        } else if next_check.is_none() {
+            next_check = self_check(now);
+        }
+        grpc.settle(units.iter().any(Unit::needs_grpc), Instant::now());
         if watcher.complete() {
             poll_at = None;
         } else if poll_at.is_none() {
@@ -192,7 +206,11 @@ fn drive(
         let deadline = units
             .iter()
             .filter_map(Unit::deadline)
-            .chain([hup_at, next_check, poll_at].into_iter().flatten())
+            .chain(
+                [hup_at, next_check, poll_at, grpc.deadline()]
+                    .into_iter()
+                    .flatten(),
+            )
             .min();
         // signalfd, then two per unit (Register outcome, stream ended), then inotify.
         let mut fds = vec![signals.as_raw_fd()];
@@ -226,7 +244,7 @@ fn drive(
                         }
                         _ => {
                             for u in units.iter_mut() {
-                                u.restart("SIGHUP")?;
+                                u.restart("SIGHUP", grpc)?;
                             }
                         }
                     }
@@ -245,7 +263,7 @@ fn drive(
         if ready.get(1 + 2 * units.len()) == Some(&true) {
             let changes = watcher.read();
             for u in units.iter_mut() {
-                u.on_changes(changes)?;
+                u.on_changes(changes, grpc)?;
             }
         }
         if poll_at.is_some_and(|t| t <= Instant::now()) {
@@ -254,7 +272,7 @@ fn drive(
             // (and, at the next tick, whether kubelet.sock is there to register with).
             let changes = watcher.refresh();
             for u in units.iter_mut() {
-                u.self_check(changes)?;
+                u.self_check(changes, grpc)?;
             }
         }
     }

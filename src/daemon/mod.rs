@@ -1,6 +1,7 @@
 //! The daemon that drives the kubelet side: the main loop over a set of resources ([`unit`]),
 //! the readings of the host each serves, and the filesystem watches the loop wakes on.
 
+pub mod grpc;
 pub mod lifecycle;
 pub mod reading;
 pub mod unit;

@@ -8,14 +8,19 @@
 //! restart (it deletes every socket in the plugin dir, ours included, then creates a new
 //! `kubelet.sock`) therefore gives exactly one Register per resource, whatever order and
 //! batching the filesystem events arrive in.
+//!
+//! Serving is a state too: a unit serves while a kubelet is there (`kubelet.sock` exists and is
+//! not one found dead) and rests, with no server and no socket, while none is. The kubelet only
+//! dials us after our Register, so a server with no kubelet serves nobody, and it keeps gRPC's
+//! threads and timers running ([`crate::daemon::grpc`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use grpcio::Environment;
 use log::{debug, info, warn};
 
 use crate::config::Config;
+use crate::daemon::grpc::Grpc;
 use crate::daemon::lifecycle::Error;
 use crate::daemon::reading::Reading;
 use crate::daemon::watch::Changes;
@@ -34,6 +39,10 @@ const BACKOFF_CAP: Duration = Duration::from_secs(10);
 /// and it doubles (to a minute) while the kubelet keeps not watching.
 const STREAM_GRACE: Duration = Duration::from_secs(1);
 const STREAM_GRACE_CAP: Duration = Duration::from_secs(60);
+/// A `kubelet.sock` nobody has answered on for this long is a dead kubelet's (one killed
+/// without the chance to remove it): the unit rests until a new `kubelet.sock` is made. A live
+/// kubelet binds and listens in one go, so only a stale file refuses for long.
+pub const KUBELET_DEAD_AFTER: Duration = Duration::from_secs(15);
 
 /// A delay that doubles from `first` to `cap`; reset after a success.
 struct Backoff {
@@ -67,7 +76,6 @@ impl Backoff {
 /// One resource served: its socket, server, registration, streams and health.
 pub struct Unit {
     cfg: Config,
-    env: Arc<Environment>,
     settings: Arc<Settings>,
     serving: Option<Serving>,
     /// Bumped with every server we start: a new server must be registered anew.
@@ -85,6 +93,10 @@ pub struct Unit {
     registering: u64,
     /// When to try again after a failure (serving, or Register while `kubelet.sock` exists).
     retry_at: Option<Instant>,
+    /// The `kubelet.sock` that refuses connections, and since when.
+    silent: Option<(KubeletId, Instant)>,
+    /// A `kubelet.sock` that refused for [`KUBELET_DEAD_AFTER`]: not served until replaced.
+    dead_kubelet: Option<KubeletId>,
     /// Woken by stream threads whose client went away.
     pub client_left: Arc<EventFd>,
     /// When to check that the kubelet watches us (a stream is open).
@@ -101,7 +113,7 @@ pub struct Unit {
 
 impl Unit {
     /// A unit for `cfg` (one resource), serving as soon as its first tick runs.
-    pub fn new(cfg: Config, env: &Arc<Environment>) -> Result<Unit, Error> {
+    pub fn new(cfg: Config) -> Result<Unit, Error> {
         let eventfd = |source| Error::Setup {
             what: "eventfd",
             source,
@@ -126,7 +138,6 @@ impl Unit {
             settings: Arc::new(Settings::from_config(&cfg)),
             monitor: PortMonitor::new(cfg.hold_down),
             cfg,
-            env: Arc::clone(env),
             serving: None,
             generation: 0,
             state: None,
@@ -135,6 +146,8 @@ impl Unit {
             registered: None,
             registering: 0,
             retry_at: Some(Instant::now()),
+            silent: None,
+            dead_kubelet: None,
             client_left,
             stream_check_at: None,
             stream_grace: Backoff::new(STREAM_GRACE, STREAM_GRACE_CAP),
@@ -149,19 +162,38 @@ impl Unit {
     pub fn resource_name(&self) -> &str {
         &self.cfg.resource_name
     }
+
+    /// Whether a server of this unit is running.
+    pub fn is_serving(&self) -> bool {
+        self.serving.is_some()
+    }
+
+    /// Whether this unit uses gRPC now (a server, or a Register call under way).
+    pub fn needs_grpc(&self) -> bool {
+        self.serving.is_some() || self.registrar.in_flight
+    }
+
+    /// The kubelet to serve: its socket's identity, when it exists and is not one found dead.
+    fn kubelet_here(&self) -> Option<KubeletId> {
+        kubelet_id(&self.cfg.kubelet_socket()).filter(|id| Some(*id) != self.dead_kubelet)
+    }
 }
 
 impl Unit {
-    /// Serves if not serving yet (a new generation, to be registered).
-    fn serve(&mut self) -> Result<(), Error> {
+    /// Serves if not serving yet and a kubelet is there (a new generation, to be registered).
+    fn serve(&mut self, grpc: &mut Grpc) -> Result<(), Error> {
         if self.serving.is_some() {
+            return Ok(());
+        }
+        if self.kubelet_here().is_none() {
+            self.note_no_kubelet();
             return Ok(());
         }
         let now = Reading::take(&self.settings, &self.cfg, &mut self.monitor, Instant::now());
         self.schedule_health(&now);
         let socket = self.cfg.socket_path();
         match Serving::start(
-            &self.env,
+            &grpc.env(),
             &self.settings,
             &socket,
             now.list.clone(),
@@ -183,22 +215,54 @@ impl Unit {
         }
     }
 
+    /// Logs once that there is no kubelet to serve, and why.
+    fn note_no_kubelet(&mut self) {
+        let sock = self.cfg.kubelet_socket();
+        let what = if !self.cfg.plugin_dir.is_dir() {
+            format!(
+                "{} does not exist: is the kubelet running, and is this its device-plugin directory (--plugin-dir)?",
+                self.cfg.plugin_dir.display()
+            )
+        } else if kubelet_id(&sock).is_none() {
+            format!("{} does not exist: is the kubelet running?", sock.display())
+        } else {
+            format!(
+                "{} has not answered for {KUBELET_DEAD_AFTER:?}: the kubelet is gone",
+                sock.display()
+            )
+        };
+        if self.last_failure.as_deref() != Some(what.as_str()) {
+            info!(
+                "{what} Not serving {} until a kubelet makes a new one",
+                self.cfg.resource_name
+            );
+            self.last_failure = Some(what);
+        }
+    }
+
+    /// Stops serving while no kubelet is there: no server, no socket (the CDI spec stays: the
+    /// runtime may still start containers allocated before).
+    fn rest(&mut self) {
+        self.note_no_kubelet();
+        if let Some(s) = self.serving.take() {
+            s.stop();
+        }
+        self.registered = None;
+        self.retry_at = None;
+        self.stream_check_at = None;
+        self.health_at = None;
+        self.silent = None;
+        self.backoff.reset();
+        self.stream_grace.reset();
+    }
+
     /// Registers when the kubelet owning `kubelet.sock` now has not accepted a Register for the
-    /// server now serving. One call at a time: while one runs, its outcome decides. With no
-    /// `kubelet.sock`, waits for the inotify event of its creation (or the poll tick).
-    fn maybe_register(&mut self) {
+    /// server now serving. One call at a time: while one runs, its outcome decides.
+    fn maybe_register(&mut self, grpc: &mut Grpc) {
         if self.serving.is_none() || self.registrar.in_flight || self.retry_at.is_some() {
             return;
         }
-        let Some(kubelet) = kubelet_id(&self.cfg.kubelet_socket()) else {
-            let what = format!(
-                "{} does not exist: is the kubelet running?",
-                self.cfg.kubelet_socket().display()
-            );
-            if self.last_failure.as_deref() != Some(what.as_str()) {
-                info!("{what} Registering when it appears");
-                self.last_failure = Some(what);
-            }
+        let Some(kubelet) = self.kubelet_here() else {
             return;
         };
         if self.registered == Some((self.generation, kubelet)) {
@@ -211,6 +275,17 @@ impl Unit {
         // An error other than "refused" (EMFILE, EACCES) is no reason to wait: Register
         // itself then says what is wrong.
         if let Ok(false) = sys::socket_answers(&self.cfg.kubelet_socket()) {
+            let now = Instant::now();
+            let since = match self.silent {
+                Some((id, since)) if id == kubelet => since,
+                _ => now,
+            };
+            self.silent = Some((kubelet, since));
+            if now.duration_since(since) >= KUBELET_DEAD_AFTER {
+                self.dead_kubelet = Some(kubelet);
+                self.rest();
+                return;
+            }
             let delay = self.backoff.next();
             let what = format!(
                 "{} exists but nothing answers on it (an old kubelet's, or one starting)",
@@ -221,11 +296,12 @@ impl Unit {
                 self.last_failure = Some(what);
             }
             debug!("kubelet.sock does not answer; looking again in {delay:?}");
-            self.retry_at = Some(Instant::now() + delay);
+            self.retry_at = Some(now + delay);
             return;
         }
+        self.silent = None;
         self.registering = self.generation;
-        self.registrar.start(&self.env, &self.cfg);
+        self.registrar.start(&grpc.env(), &self.cfg);
     }
 
     /// Logs a failure (at info the first time it reads so, then at debug) and schedules a retry.
@@ -242,7 +318,7 @@ impl Unit {
 
     /// Stops the current server (ending its streams) and serves again at once; the new
     /// generation is registered by the loop.
-    pub fn restart(&mut self, why: &str) -> Result<(), Error> {
+    pub fn restart(&mut self, why: &str, grpc: &mut Grpc) -> Result<(), Error> {
         info!(
             "{why}: serving and registering {} again",
             self.cfg.resource_name
@@ -256,7 +332,7 @@ impl Unit {
         self.backoff.reset();
         self.last_failure = None;
         self.retry_at = None;
-        self.serve()
+        self.serve(grpc)
     }
 
     /// With `--cdi`: rewrites this resource's CDI spec when what it says changed (a stale spec
@@ -364,23 +440,21 @@ impl Unit {
         }
     }
 
-    pub fn on_changes(&mut self, changes: Changes) -> Result<(), Error> {
+    pub fn on_changes(&mut self, changes: Changes, grpc: &mut Grpc) -> Result<(), Error> {
         if changes.plugin_dir_appeared && self.serving.is_none() {
-            return self.restart("the plugin dir appeared");
+            return self.restart("the plugin dir appeared", grpc);
         }
         if (changes.socket_removed || changes.kubelet_restarted)
             && self.serving.is_some()
             && !self.serving.as_ref().is_some_and(Serving::owns_socket)
         {
             // The kubelet deletes every socket when it starts; without ours it cannot dial us.
-            self.restart("our socket was removed")?;
+            self.restart("our socket was removed", grpc)?;
         }
         if changes.kubelet_restarted {
             // A new kubelet: register with it now, whatever backoff an earlier failure set.
             debug!("kubelet.sock created");
-            if self.serving.is_some() {
-                self.retry_at = None;
-            }
+            self.retry_at = None;
             self.backoff.reset();
         }
         if changes.devices {
@@ -451,14 +525,14 @@ impl Unit {
     /// Catches what events missed (`changes` from refreshing the watches, plus a rescan):
     /// devices changed, our socket gone or not answering, a new kubelet.sock (registered with
     /// by the loop), a kubelet that dropped our stream.
-    pub fn self_check(&mut self, mut changes: Changes) -> Result<(), Error> {
+    pub fn self_check(&mut self, mut changes: Changes, grpc: &mut Grpc) -> Result<(), Error> {
         changes.devices = true;
-        self.on_changes(changes)?;
+        self.on_changes(changes, grpc)?;
         // Only a clear "nobody answers": a passing error (EMFILE) must not end the kubelet's
         // stream by restarting the server.
         let gone = matches!(sys::socket_answers(&self.cfg.socket_path()), Ok(false));
         if self.serving.is_some() && gone {
-            return self.restart("self-check: our socket is gone or not answering");
+            return self.restart("self-check: our socket is gone or not answering", grpc);
         }
         // Not while a stream check is pending: it has its grace (the kubelet may be about to
         // open ListAndWatch after a Register).
@@ -468,12 +542,22 @@ impl Unit {
         Ok(())
     }
 
-    /// Runs what is due at `now`: a retry (serve), a stream check, a port-state reading; then
-    /// registers if not registered.
-    pub fn tick(&mut self, now: Instant) -> Result<(), Error> {
+    /// Runs what is due at `now`: a retry (serve), a stream check, a port-state reading; serves
+    /// or rests as a kubelet came or went; then registers if not registered.
+    pub fn tick(&mut self, now: Instant, grpc: &mut Grpc) -> Result<(), Error> {
         if self.retry_at.is_some_and(|t| t <= now) {
             self.retry_at = None;
-            self.serve()?;
+            self.serve(grpc)?;
+        }
+        match (self.serving.is_some(), self.kubelet_here().is_some()) {
+            (true, false) => self.rest(),
+            (false, true) if self.retry_at.is_none() => self.serve(grpc)?,
+            _ => {}
+        }
+        // A new kubelet deletes our socket before it makes kubelet.sock; its events may not be
+        // read yet. Registering the server whose socket is gone would cost a second Register.
+        if self.serving.as_ref().is_some_and(|s| !s.owns_socket()) {
+            self.restart("our socket was removed", grpc)?;
         }
         if self.stream_check_at.is_some_and(|t| t <= now) {
             self.stream_check_at = None;
@@ -483,7 +567,7 @@ impl Unit {
             self.health_at = None;
             self.rescan();
         }
-        self.maybe_register();
+        self.maybe_register(grpc);
         Ok(())
     }
 

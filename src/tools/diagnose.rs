@@ -278,7 +278,11 @@ fn plugin(cfg: &Config) -> Check {
             "plugin",
             Status::Fail,
             e.to_string(),
-            "is the plugin running? see `kubectl -n kube-system logs ds/rdma-device`; flags that move the socket must be given here too",
+            if cfg.kubelet_socket().exists() {
+                "is the plugin running? see `kubectl -n kube-system logs ds/rdma-device`; flags that move the socket must be given here too"
+            } else {
+                "the plugin serves only while kubelet.sock exists: see the kubelet check"
+            },
         ),
     }
 }

@@ -41,7 +41,11 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::NoSocket { path } => {
-                write!(f, "{} does not exist: plugin not serving", path.display())
+                write!(
+                    f,
+                    "{} does not exist: plugin not serving (it serves only while the kubelet's kubelet.sock is there)",
+                    path.display()
+                )
             }
             Error::Rpc { rpc, source } => write!(f, "{rpc} failed: {source}"),
             Error::Timeout { rpc } => write!(f, "{rpc} gave no answer within {PROBE_TIMEOUT:?}"),

@@ -734,10 +734,19 @@ impl FakeKubelet {
         }
     }
 
-    /// Stops like a killed kubelet: serving ends, `kubelet.sock` stays behind.
+    /// Stops like a killed kubelet: serving ends, `kubelet.sock` stays behind (the same file,
+    /// refusing connections).
     pub fn crash(&mut self) {
         self.remove_sock = false;
+        // gRPC unlinks its socket file when the server shuts down, which a killed process
+        // cannot: keep the file under a second name and put it back.
+        let path = self.dir.join("kubelet.sock");
+        let keep = self.dir.join(".kubelet.sock.crashed");
+        let kept = fs::hard_link(&path, &keep).is_ok();
         self.shutdown();
+        if kept {
+            fs::rename(&keep, &path).unwrap();
+        }
     }
 
     /// Stops serving and removes its own `kubelet.sock`, keeping the events to count.
