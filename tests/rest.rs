@@ -66,6 +66,42 @@ fn without_a_kubelet_it_runs_one_thread_and_no_socket() {
     );
 }
 
+/// Voluntary and involuntary context switches of the process's main thread so far.
+fn main_thread_switches(plugin: &Plugin) -> u64 {
+    let pid = plugin.pid();
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/status"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("ctxt_switches:"))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn resting_it_polls_nothing_even_with_no_device_directory_to_watch() {
+    // No dev/infiniband: serving, the plugin would poll for it every second. Resting, only
+    // kubelet.sock matters, and the plugin dir is watched.
+    let host = Host::empty("rest-nodrv");
+    let plugin = Plugin::start(&host, &["--poll-interval", "1"]);
+    assert!(plugin.wait_log("is the kubelet running?"));
+    thread::sleep(Duration::from_millis(300));
+    let before = main_thread_switches(&plugin);
+    thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        main_thread_switches(&plugin),
+        before,
+        "the main thread woke while resting"
+    );
+    assert_eq!(threads(&plugin), one_thread());
+
+    let kubelet = FakeKubelet::start(&host.plugin_dir());
+    kubelet.expect_registered();
+    kubelet.expect_health("Unhealthy");
+    // Serving, it looks for the driver's directory again.
+    host.add_node("uverbs0");
+    kubelet.expect_health("Healthy");
+}
+
 #[test]
 fn a_kubelet_that_stops_and_returns_is_served_each_time_with_grpc_restarted() {
     let host = Host::new("rest-cycle");

@@ -191,14 +191,21 @@ fn drive(
         for u in units.iter_mut() {
             u.tick(now, grpc)?;
         }
+        let serving = units.iter().any(Unit::is_serving);
         // The self-check looks after servers: while none runs, nothing wakes us but events.
-        if !units.iter().any(Unit::is_serving) {
+        if !serving {
             next_check = None;
         } else if next_check.is_none() {
             next_check = self_check(now);
         }
         grpc.settle(units.iter().any(Unit::needs_grpc), Instant::now());
-        if watcher.complete() {
+        // Resting, only kubelet.sock matters (devices are read afresh when serving starts).
+        let watched = if serving {
+            watcher.complete()
+        } else {
+            watcher.watches_plugin_dir()
+        };
+        if watched {
             poll_at = None;
         } else if poll_at.is_none() {
             poll_at = Some(now + cfg.poll_interval);

@@ -106,6 +106,11 @@ impl Watcher {
         self.inotify.is_some() && self.targets().iter().all(|t| t.wd.is_some())
     }
 
+    /// True when the plugin dir is watched (all a resting daemon needs: `kubelet.sock` appearing).
+    pub fn watches_plugin_dir(&self) -> bool {
+        self.inotify.is_some() && self.plugin_dir.wd.is_some()
+    }
+
     fn targets(&self) -> [&Target; 3] {
         [&self.plugin_dir, &self.dev_dir, &self.ib_dir]
     }
