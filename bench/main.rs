@@ -577,6 +577,20 @@ fn idle_and_streams(rows: &mut Vec<Row>) {
         target: "< 50 ms",
     });
     idle_figures(&plugin, "with the kubelet back", rows);
+
+    // Killed: kubelet.sock stays, refusing. Given up after 15 s, gRPC shut down 5 s later.
+    let mut kubelet = kubelet;
+    kubelet.crash();
+    assert!(wait_for(Duration::from_secs(60), || plugin
+        .log_text()
+        .matches("gRPC shut down")
+        .count()
+        == 2));
+    idle_figures(
+        &plugin,
+        "after the kubelet was killed (its socket left)",
+        rows,
+    );
 }
 
 fn binary_size(rows: &mut Vec<Row>) {
