@@ -38,6 +38,27 @@ type Order = Option<Job>;
 /// job.
 static IDLE: Mutex<Vec<(usize, Sender<Order>)>> = Mutex::new(Vec::new());
 static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+/// Jobs handed out and not finished: streams under way (they hold gRPC calls).
+static BUSY: AtomicUsize = AtomicUsize::new(0);
+
+/// How many jobs are handed out and not finished yet.
+pub fn busy() -> usize {
+    BUSY.load(Ordering::SeqCst)
+}
+
+/// Counts a job as finished when dropped, even if the job panicked.
+struct Finished;
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        BUSY.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn run_counted(job: Job) {
+    let _done = Finished;
+    job();
+}
 
 fn idle() -> MutexGuard<'static, Vec<(usize, Sender<Order>)>> {
     // A plain list of senders: a panic elsewhere cannot leave it inconsistent.
@@ -46,6 +67,8 @@ fn idle() -> MutexGuard<'static, Vec<(usize, Sender<Order>)>> {
 
 /// Runs `job` on an idle stream thread, or on a new one. Fails only if no thread can be made.
 pub fn run(job: impl FnOnce() + Send + 'static) -> io::Result<()> {
+    // Counted from now: no moment where a stream is on its way to a thread and not counted.
+    BUSY.fetch_add(1, Ordering::SeqCst);
     let mut order: Order = Some(Box::new(job));
     loop {
         let Some((_, worker)) = idle().pop() else {
@@ -58,11 +81,14 @@ pub fn run(job: impl FnOnce() + Send + 'static) -> io::Result<()> {
         }
     }
     let (tx, rx) = mpsc::channel();
-    thread::Builder::new()
+    let spawned = thread::Builder::new()
         .name("list-and-watch".into())
         .stack_size(STACK_SIZE)
-        .spawn(move || work(order, &tx, &rx))
-        .map(drop)
+        .spawn(move || work(order, &tx, &rx));
+    if spawned.is_err() {
+        BUSY.fetch_sub(1, Ordering::SeqCst);
+    }
+    spawned.map(drop)
 }
 
 /// Ends every idle thread now (gRPC is being shut down: no stream will come for a while).
@@ -76,7 +102,7 @@ pub fn release_idle() {
 fn work(first: Order, me: &Sender<Order>, jobs: &Receiver<Order>) {
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     if let Some(job) = first {
-        job();
+        run_counted(job);
     }
     loop {
         {
@@ -106,7 +132,7 @@ fn work(first: Order, me: &Sender<Order>, jobs: &Receiver<Order>) {
             }
             Err(RecvTimeoutError::Disconnected) => return,
         };
-        job();
+        run_counted(job);
     }
 }
 
@@ -182,6 +208,27 @@ mod tests {
             thread::sleep(Duration::from_millis(1));
         }
         assert_eq!(Arc::strong_count(&alive), 1, "threads still alive");
+    }
+
+    #[test]
+    fn a_job_counts_as_busy_until_it_returns() {
+        let _serial = serial();
+        let before = busy();
+        let (go, wait) = channel::<()>();
+        let (done, finished) = channel();
+        run(move || {
+            let _ = wait.recv();
+            done.send(()).unwrap();
+        })
+        .unwrap();
+        assert_eq!(busy(), before + 1);
+        go.send(()).unwrap();
+        finished.recv_timeout(Duration::from_secs(10)).unwrap();
+        let start = std::time::Instant::now();
+        while busy() > before && start.elapsed() < Duration::from_secs(10) {
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(busy(), before);
     }
 
     #[test]

@@ -99,6 +99,12 @@ impl Grpc {
     }
 
     fn shut_down(&mut self, now: Instant) {
+        if workers::busy() > 0 {
+            // A stream thread still holds its call: after the server stopped, it ends soon.
+            debug!("stream threads still running: shutting gRPC down later");
+            self.shutdown_at = Some(now + BUSY_RETRY);
+            return;
+        }
         let Some(env) = self.env.take() else {
             return;
         };
