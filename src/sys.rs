@@ -7,6 +7,7 @@ use std::mem;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 /// Turns the C convention (-1 and `errno`) into an `io::Result`.
@@ -437,6 +438,55 @@ pub fn set_umask(mask: libc::mode_t) {
     unsafe { libc::umask(mask) };
 }
 
+/// The termination signals; a teardown that may hang lets them through ([`stoppable`]).
+pub const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT];
+/// After a termination signal, the process ends within this even if gRPC hangs in shutdown.
+pub const EXIT_WATCHDOG_SECS: libc::c_uint = 5;
+
+/// A termination signal that arrived during [`stoppable`] (0: none).
+static STOP_REQUESTED: AtomicI32 = AtomicI32::new(0);
+
+/// Runs `f`, a gRPC teardown that may never return (gRPC short of threads waits for ever for one
+/// it could not start), with the termination signals let through to this thread: the loop that
+/// reads them from the signalfd is stuck in `f` meanwhile. One that arrives arms the exit
+/// watchdog at once and is kept for [`stop_requested`]. Blocked again when `f` returns.
+pub fn stoppable<T>(f: impl FnOnce() -> T) -> T {
+    extern "C" fn on_stop(sig: libc::c_int) {
+        // The first one arms the watchdog; later ones must not postpone it.
+        if STOP_REQUESTED.swap(sig, Ordering::SeqCst) == 0 {
+            // sigaction, sigemptyset and alarm are async-signal-safe.
+            arm_exit_watchdog(EXIT_WATCHDOG_SECS);
+        }
+    }
+    let Ok(set) = sigset(&STOP_SIGNALS) else {
+        return f();
+    };
+    // SAFETY: sigaction with a zeroed struct, a valid handler and an empty mask, for signals that
+    // are blocked on every thread but this one while the mask below is lifted.
+    unsafe {
+        let mut sa: libc::sigaction = mem::zeroed();
+        sa.sa_sigaction = on_stop as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::sigemptyset(&mut sa.sa_mask);
+        for sig in STOP_SIGNALS {
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+    unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+    let out = f();
+    // SAFETY: as above.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    out
+}
+
+/// The termination signal that arrived during a [`stoppable`] teardown, if any.
+pub fn stop_requested() -> Option<libc::c_int> {
+    match STOP_REQUESTED.load(Ordering::SeqCst) {
+        0 => None,
+        sig => Some(sig),
+    }
+}
+
 /// Ends the process `secs` seconds from now unless it has exited by then: the last word when a
 /// shutdown hangs (gRPC without threads left cannot finish one). The SIGALRM handler writes one
 /// line and exits 0: the stop was asked for, and our sockets were removed before gRPC was.
@@ -534,6 +584,7 @@ mod grpc_core {
     extern "C" {
         // gRPC C-core, linked in through grpcio-sys.
         pub fn grpc_shutdown();
+        pub fn grpc_is_initialized() -> libc::c_int;
     }
 }
 
@@ -545,4 +596,11 @@ pub fn grpc_shutdown() {
     // SAFETY: no pointers; balanced with the grpc_init of the environment that was dropped, and
     // called with no gRPC object alive (see above), so nothing uses the state it frees.
     unsafe { grpc_core::grpc_shutdown() }
+}
+
+/// Whether gRPC's global state is still up: gRPC keeps a reference of its own while internal
+/// work (a connection attempt under way, say) finishes, and ends once that is done.
+pub fn grpc_is_initialized() -> bool {
+    // SAFETY: no arguments; reads gRPC's init count under its own lock.
+    unsafe { grpc_core::grpc_is_initialized() != 0 }
 }

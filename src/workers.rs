@@ -55,11 +55,6 @@ impl Drop for Finished {
     }
 }
 
-fn run_counted(job: Job) {
-    let _done = Finished;
-    job();
-}
-
 fn idle() -> MutexGuard<'static, Vec<(usize, Sender<Order>)>> {
     // A plain list of senders: a panic elsewhere cannot leave it inconsistent.
     IDLE.lock().unwrap_or_else(PoisonError::into_inner)
@@ -101,10 +96,15 @@ pub fn release_idle() {
 
 fn work(first: Order, me: &Sender<Order>, jobs: &Receiver<Order>) {
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-    if let Some(job) = first {
-        run_counted(job);
-    }
+    let mut next = first;
     loop {
+        let Some(job) = next.take() else {
+            return;
+        };
+        // Counted until this thread is idle (on the list, where `release_idle` finds it) or on
+        // its way out, not merely until the job returned.
+        let done = Finished;
+        job();
         {
             let mut idle = idle();
             if idle.len() >= MAX_IDLE {
@@ -112,10 +112,10 @@ fn work(first: Order, me: &Sender<Order>, jobs: &Receiver<Order>) {
             }
             idle.push((id, me.clone()));
         }
+        drop(done);
         // `me` is alive, so this returns with a job or after the idle time.
-        let job = match jobs.recv_timeout(IDLE_EXIT) {
-            Ok(Some(job)) => job,
-            Ok(None) => return,
+        next = match jobs.recv_timeout(IDLE_EXIT) {
+            Ok(order) => order,
             Err(RecvTimeoutError::Timeout) => {
                 let mut idle = idle();
                 match idle.iter().position(|(i, _)| *i == id) {
@@ -124,15 +124,11 @@ fn work(first: Order, me: &Sender<Order>, jobs: &Receiver<Order>) {
                         return;
                     }
                     // Taken off the list by `run`: its job is on the way.
-                    None => match jobs.recv() {
-                        Ok(Some(job)) => job,
-                        Ok(None) | Err(_) => return,
-                    },
+                    None => jobs.recv().unwrap_or(None),
                 }
             }
             Err(RecvTimeoutError::Disconnected) => return,
         };
-        run_counted(job);
     }
 }
 

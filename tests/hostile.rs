@@ -369,6 +369,34 @@ fn the_largest_answer_stays_within_the_daemonsets_memory_limit() {
 }
 
 #[test]
+fn sigterm_ends_the_process_while_resting_hangs_in_grpc_short_of_threads() {
+    if under_emulation() {
+        eprintln!("under an emulator RLIMIT_AS binds the emulator's guest space: skipped");
+        return;
+    }
+    // As below, but the stop comes from resting (the kubelet's socket is a dead one's): gRPC's
+    // server teardown may then wait for ever for a thread it could not start, on the main
+    // thread, which reads signals. A SIGTERM must still end the process.
+    let host = Host::new("restnothreads");
+    drop(std::os::unix::net::UnixListener::bind(host.plugin_dir().join("kubelet.sock")).unwrap());
+    let mut plugin = Plugin::start_with(&host, &[], with_limit(Rlimit::As, 60 << 20, 60 << 20));
+    assert!(
+        wait_for(Duration::from_secs(40), || plugin
+            .log_text()
+            .contains("has not answered for")),
+        "{}",
+        plugin.log_text()
+    );
+    thread::sleep(Duration::from_millis(500));
+    plugin.signal(libc::SIGTERM);
+    let status = plugin
+        .wait_exit(Duration::from_secs(10))
+        .expect("ends within seconds");
+    assert!(status.success(), "{status}");
+    assert!(!host.socket().exists(), "our socket removed");
+}
+
+#[test]
 fn sigterm_ends_the_process_even_when_grpc_has_no_threads() {
     if under_emulation() {
         eprintln!("under an emulator RLIMIT_AS binds the emulator's guest space: skipped");

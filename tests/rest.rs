@@ -145,3 +145,33 @@ fn a_dead_kubelets_socket_is_given_up_until_a_new_kubelet_comes() {
     let kubelet = FakeKubelet::start(&host.plugin_dir());
     served_by(&host, &kubelet);
 }
+
+#[test]
+fn a_file_in_the_way_of_our_socket_does_not_start_grpc_on_every_retry() {
+    let host = Host::new("rest-file");
+    let (kubelet, plugin) = start_registered(&host, &[]);
+    // Something puts a file where our socket was: we may not remove it, so we cannot serve.
+    std::fs::remove_file(host.socket()).unwrap();
+    std::fs::write(host.socket(), b"not ours").unwrap();
+    assert!(plugin.wait_log("is not a socket"));
+    // Nothing serves: gRPC goes after its linger, and the retries (every 10 s at most) do not
+    // start it again, since the path is checked first.
+    assert!(wait_for(SHUTDOWN_WAIT, || plugin
+        .log_text()
+        .contains("gRPC shut down")));
+    let retries = |log: &str| log.matches("retrying in").count();
+    let at_shutdown = retries(&plugin.log_text());
+    assert!(
+        wait_for(SHUTDOWN_WAIT, || retries(&plugin.log_text())
+            >= at_shutdown + 2),
+        "{}",
+        plugin.log_text()
+    );
+    assert!(!plugin.log_text().contains("gRPC started again"));
+    wait_one_thread(&plugin);
+
+    // The file goes: served and registered again at the next retry, gRPC started once.
+    std::fs::remove_file(host.socket()).unwrap();
+    kubelet.expect_registered();
+    assert_eq!(plugin.log_text().matches("gRPC started again").count(), 1);
+}

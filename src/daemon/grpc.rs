@@ -121,20 +121,30 @@ impl Grpc {
         self.shutdown_at = None;
         // A notification left from an earlier environment must not count for this one.
         self.drained.drain();
-        // Shuts the completion queue down; its thread exits once every call on it is done.
-        drop(env);
-        match sys::poll_readable(&[self.drained.as_raw_fd()], Some(DRAIN_WAIT)) {
-            Ok(ready) if ready[0] => {
-                self.drained.drain();
-                // Idle stream threads hold gRPC's thread-local state: they go first.
-                workers::release_idle();
-                sys::grpc_shutdown();
-                info!("no kubelet to serve: gRPC shut down (no threads, no timers) until one is back");
+        // gRPC short of threads may hang in its teardown: a SIGTERM meanwhile must still end us.
+        let drained = Arc::clone(&self.drained);
+        sys::stoppable(move || {
+            // Shuts the completion queue down; its thread exits once every call on it is done.
+            drop(env);
+            match sys::poll_readable(&[drained.as_raw_fd()], Some(DRAIN_WAIT)) {
+                Ok(ready) if ready[0] => {
+                    drained.drain();
+                    // Idle stream threads hold gRPC's thread-local state: they go first.
+                    workers::release_idle();
+                    sys::grpc_shutdown();
+                    if sys::grpc_is_initialized() {
+                        info!("nothing to serve: gRPC released (it ends its own work, then its threads)");
+                    } else {
+                        info!("nothing to serve: gRPC shut down (no threads, no timers) until a kubelet needs it");
+                    }
+                }
+                Ok(_) => warn!(
+                    "gRPC's completion queue did not drain within {DRAIN_WAIT:?}: leaving gRPC initialised"
+                ),
+                Err(e) => {
+                    warn!("cannot wait for gRPC's completion queue: {e}; leaving gRPC initialised")
+                }
             }
-            Ok(_) => warn!(
-                "gRPC's completion queue did not drain within {DRAIN_WAIT:?}: leaving gRPC initialised"
-            ),
-            Err(e) => warn!("cannot wait for gRPC's completion queue: {e}; leaving gRPC initialised"),
-        }
+        });
     }
 }

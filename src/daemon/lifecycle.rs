@@ -25,12 +25,17 @@ use crate::kubelet::server;
 use crate::limits;
 use crate::sys::{self, SignalFd};
 
-const SIGNALS: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT, libc::SIGHUP];
+const SIGNALS: [libc::c_int; 4] = [
+    sys::STOP_SIGNALS[0],
+    sys::STOP_SIGNALS[1],
+    sys::STOP_SIGNALS[2],
+    libc::SIGHUP,
+];
 /// SIGHUP restarts at most this often; the ones in between are merged into the next.
 const HUP_SPACING: Duration = Duration::from_millis(100);
 /// After a termination signal, the process ends within this even if gRPC hangs in shutdown
 /// (a SIGALRM handler exits; every socket and CDI spec is removed before any server stops).
-const EXIT_WATCHDOG_SECS: libc::c_uint = 5;
+const EXIT_WATCHDOG_SECS: libc::c_uint = sys::EXIT_WATCHDOG_SECS;
 
 #[derive(Debug)]
 pub enum Error {
@@ -174,6 +179,12 @@ fn drive(
     let mut poll_at: Option<Instant> = None;
     let mut hup_at: Option<Instant> = None;
     loop {
+        if let Some(sig) = sys::stop_requested() {
+            // It came while a server or gRPC was being stopped; the watchdog is armed.
+            info!("signal {sig} received: stopping");
+            stop_all(units);
+            return Ok(());
+        }
         let now = Instant::now();
         if hup_at.is_some_and(|t| t <= now) {
             hup_at = None;

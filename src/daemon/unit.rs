@@ -189,17 +189,23 @@ impl Unit {
             self.note_no_kubelet();
             return Ok(());
         }
-        let now = Reading::take(&self.settings, &self.cfg, &mut self.monitor, Instant::now());
-        self.schedule_health(&now);
         let socket = self.cfg.socket_path();
-        match Serving::start(
-            &grpc.env(),
-            &self.settings,
-            &socket,
-            now.list.clone(),
-            &self.client_left,
-        ) {
-            Ok(s) => {
+        // Claimed before gRPC is started for it: a path we cannot serve (a file in the way)
+        // must not start and stop gRPC with every retry.
+        let started = server::claim(&socket).and_then(|()| {
+            let now = Reading::take(&self.settings, &self.cfg, &mut self.monitor, Instant::now());
+            Serving::start(
+                &grpc.env(),
+                &self.settings,
+                &socket,
+                now.list.clone(),
+                &self.client_left,
+            )
+            .map(|s| (s, now))
+        });
+        match started {
+            Ok((s, now)) => {
+                self.schedule_health(&now);
                 self.serving = Some(s);
                 self.generation += 1;
                 now.log_start(&self.cfg, self.state.as_ref());
@@ -227,7 +233,7 @@ impl Unit {
             format!("{} does not exist: is the kubelet running?", sock.display())
         } else {
             format!(
-                "{} has not answered for {KUBELET_DEAD_AFTER:?}: the kubelet is gone",
+                "{} has not answered for {KUBELET_DEAD_AFTER:?}: the kubelet is gone.",
                 sock.display()
             )
         };
@@ -281,12 +287,17 @@ impl Unit {
                 _ => now,
             };
             self.silent = Some((kubelet, since));
-            if now.duration_since(since) >= KUBELET_DEAD_AFTER {
+            let silent_for = now.duration_since(since);
+            if silent_for >= KUBELET_DEAD_AFTER {
                 self.dead_kubelet = Some(kubelet);
                 self.rest();
                 return;
             }
-            let delay = self.backoff.next();
+            // The last look falls on the dot, not up to a backoff step later.
+            let delay = self
+                .backoff
+                .next()
+                .min(KUBELET_DEAD_AFTER - silent_for + Duration::from_millis(1));
             let what = format!(
                 "{} exists but nothing answers on it (an old kubelet's, or one starting)",
                 self.cfg.kubelet_socket().display()
@@ -319,6 +330,10 @@ impl Unit {
     /// Stops the current server (ending its streams) and serves again at once; the new
     /// generation is registered by the loop.
     pub fn restart(&mut self, why: &str, grpc: &mut Grpc) -> Result<(), Error> {
+        if self.serving.is_none() && self.kubelet_here().is_none() {
+            debug!("{why}: resting (no kubelet), nothing to restart");
+            return Ok(());
+        }
         info!(
             "{why}: serving and registering {} again",
             self.cfg.resource_name

@@ -163,12 +163,15 @@ impl Serving {
         // finds it gone, and nobody dials a server that is stopping.
         self.remove_socket();
         self.hub.stop();
-        let done = server.shutdown();
-        if wake::block_on(done, Some(SHUTDOWN_GRACE)).is_none() {
-            debug!("calls still running after {SHUTDOWN_GRACE:?}: cancelling them");
-            server.cancel_all_calls();
-        }
-        drop(server);
+        // gRPC short of threads may never finish this: a SIGTERM meanwhile must still end us.
+        sys::stoppable(|| {
+            let done = server.shutdown();
+            if wake::block_on(done, Some(SHUTDOWN_GRACE)).is_none() {
+                debug!("calls still running after {SHUTDOWN_GRACE:?}: cancelling them");
+                server.cancel_all_calls();
+            }
+            drop(server);
+        });
         info!("stopped serving on {}", self.socket.display());
     }
 
