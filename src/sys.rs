@@ -454,7 +454,11 @@ pub fn stoppable<T>(f: impl FnOnce() -> T) -> T {
     extern "C" fn on_stop(sig: libc::c_int) {
         // The first one arms the watchdog; later ones must not postpone it.
         if STOP_REQUESTED.swap(sig, Ordering::SeqCst) == 0 {
-            // sigaction, sigemptyset and alarm are async-signal-safe.
+            const MSG: &[u8] =
+                b"[INFO ] termination signal received while gRPC was stopping: exiting within 5 s\n";
+            // SAFETY: write(2) is async-signal-safe and MSG a static buffer (so are sigaction,
+            // sigemptyset and alarm, which the watchdog uses).
+            unsafe { libc::write(2, MSG.as_ptr().cast(), MSG.len()) };
             arm_exit_watchdog(EXIT_WATCHDOG_SECS);
         }
     }
