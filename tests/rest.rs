@@ -139,7 +139,8 @@ fn a_dead_kubelets_socket_is_given_up_until_a_new_kubelet_comes() {
         "{}",
         plugin.log_text()
     );
-    assert!(!host.socket().exists());
+    // Said as the resource starts resting; the socket goes with the server right after.
+    assert!(wait_for(WAIT, || !host.socket().exists()));
     wait_one_thread(&plugin);
 
     let kubelet = FakeKubelet::start(&host.plugin_dir());
