@@ -63,12 +63,7 @@ fn a_device_tree_cannot_smuggle_devices_or_forge_log_lines() {
         "a file name forged a log record:\n{log}"
     );
     // `list` and `diagnose` say why.
-    let out = plugin_command()
-        .arg("list")
-        .args(host.args())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = stdout(&run(&host, &["list"]));
     assert!(
         text.contains("REFUSED (named like device nodes, never granted)"),
         "{text}"
@@ -77,12 +72,7 @@ fn a_device_tree_cannot_smuggle_devices_or_forge_log_lines() {
         text.contains("/dev/infiniband/uverbs5: a symlink to \"/etc/passwd\""),
         "{text}"
     );
-    let out = plugin_command()
-        .arg("diagnose")
-        .args(host.args())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = stdout(&run(&host, &["diagnose"]));
     assert!(
         text.contains("fail device nodes: /dev/infiniband/uverbs5 refused:"),
         "{text}"
