@@ -176,3 +176,27 @@ fn a_file_in_the_way_of_our_socket_does_not_start_grpc_on_every_retry() {
     kubelet.expect_registered();
     assert_eq!(plugin.log_text().matches("gRPC started again").count(), 1);
 }
+
+#[test]
+fn a_flapping_kubelet_sock_leaves_one_register_for_the_kubelet_that_stays() {
+    let host = Host::new("rest-flap");
+    let mut plugin = Plugin::start(&host, &[]);
+    assert!(plugin.wait_log("is the kubelet running?"));
+    let sock = host.plugin_dir().join("kubelet.sock");
+    // Dead sockets appearing and vanishing as fast as we can: each may start a server; none
+    // answers a Register.
+    for _ in 0..200 {
+        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        std::fs::remove_file(&sock).unwrap();
+    }
+    let kubelet = FakeKubelet::start(&host.plugin_dir());
+    served_by(&host, &kubelet);
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        kubelet.registrations(),
+        0,
+        "one Register for the kubelet that stayed"
+    );
+    assert!(plugin.child.try_wait().unwrap().is_none(), "still running");
+    assert!(!plugin.log_text().contains("panicked"));
+}
