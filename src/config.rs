@@ -81,8 +81,9 @@ pub struct Config {
     pub cdi: bool,
     /// Where CDI specs go (`--cdi-dir`).
     pub cdi_dir: PathBuf,
-    /// With `--cdi`, also answer with DeviceSpecs (runtimes without CDI).
-    pub cdi_device_specs: bool,
+    /// With `--cdi`, answer with CDI names alone, no DeviceSpecs (`--cdi-only`; off: runtimes
+    /// without CDI still get the devices).
+    pub cdi_only: bool,
     /// Shared device IDs are this and an index: `rdma-` for the drop-in's (whatever its
     /// resource name), `<name>-` for a `--resource` spec's, so IDs are unique in the process.
     pub id_prefix: String,
@@ -123,7 +124,7 @@ impl Default for Config {
             id_prefix: crate::resource::ID_PREFIX.to_string(),
             cdi: false,
             cdi_dir: PathBuf::from(DEFAULT_CDI_DIR),
-            cdi_device_specs: false,
+            cdi_only: false,
         }
     }
 }
@@ -136,7 +137,8 @@ impl Config {
 
     /// `<plugin-dir>/kubelet.sock`: where the kubelet takes registrations.
     pub fn kubelet_socket(&self) -> PathBuf {
-        self.plugin_dir.join(crate::daemon::watch::KUBELET_SOCKET)
+        self.plugin_dir
+            .join(crate::kubelet::registration::KUBELET_SOCKET)
     }
 
     /// Which optional node families discovery passes.
@@ -372,8 +374,13 @@ fn options() -> Options {
     );
     o.optflag(
         "",
+        "cdi-only",
+        "with --cdi, answer Allocate with CDI names alone: pods on a runtime without CDI (containerd 1.6, 1.7 without enable_cdi) then start without the devices [default: off: CDI names and device specs]",
+    );
+    o.optflag(
+        "",
         "cdi-device-specs",
-        "with --cdi, also answer with device specs, for runtimes without CDI [default: off]",
+        "accepted for compatibility: device specs come with --cdi unless --cdi-only [default: on]",
     );
     o.optflag(
         "",
@@ -397,6 +404,22 @@ pub fn usage() -> String {
         env!("CARGO_PKG_VERSION")
     );
     options().usage(&brief)
+}
+
+/// A socket path that fits `sun_path`, and so does the private name gRPC binds next to it
+/// ([`crate::kubelet::server`]).
+fn check_socket_path(path: &Path) -> Result<(), UsageError> {
+    let len = path.as_os_str().len();
+    let dir = path.parent().map_or(0, |d| d.as_os_str().len());
+    let private = dir + 1 + crate::kubelet::server::PRIVATE_NAME_MAX;
+    if len.max(private) > MAX_SOCKET_PATH {
+        return Err(UsageError(format!(
+            "socket path {} is {len} bytes; a unix socket path can hold at most {MAX_SOCKET_PATH}, and the plugin dir at most {}",
+            path.display(),
+            MAX_SOCKET_PATH - 1 - crate::kubelet::server::PRIVATE_NAME_MAX
+        )));
+    }
+    Ok(())
 }
 
 /// Parses the arguments after the program name.
@@ -504,10 +527,14 @@ fn config_from(m: &getopts::Matches) -> Result<Config, UsageError> {
     if let Some(dir) = m.opt_str("cdi-dir") {
         c.cdi_dir = absolute_dir("--cdi-dir", &dir)?;
     }
-    c.cdi_device_specs = m.opt_present("cdi-device-specs");
-    if !c.cdi && (m.opt_present("cdi-dir") || c.cdi_device_specs) {
+    c.cdi_only = m.opt_present("cdi-only");
+    let cdi_flags = ["cdi-dir", "cdi-only", "cdi-device-specs"];
+    if let Some(flag) = cdi_flags.iter().find(|f| !c.cdi && m.opt_present(f)) {
+        return Err(UsageError(format!("--{flag} goes with --cdi")));
+    }
+    if c.cdi_only && m.opt_present("cdi-device-specs") {
         return Err(UsageError(
-            "--cdi-dir and --cdi-device-specs go with --cdi".into(),
+            "--cdi-only and --cdi-device-specs contradict each other".into(),
         ));
     }
     let specs = m.opt_strs("resource");
@@ -539,21 +566,9 @@ fn config_from(m: &getopts::Matches) -> Result<Config, UsageError> {
                 unit.resource_name
             )));
         }
-        let len = unit.socket_path().as_os_str().len();
-        if len > MAX_SOCKET_PATH {
-            return Err(UsageError(format!(
-                "socket path {} is {len} bytes; a unix socket path can hold at most {MAX_SOCKET_PATH}",
-                unit.socket_path().display()
-            )));
-        }
+        check_socket_path(&unit.socket_path())?;
     }
-    let len = c.socket_path().as_os_str().len();
-    if len > MAX_SOCKET_PATH {
-        return Err(UsageError(format!(
-            "socket path {} is {len} bytes; a unix socket path can hold at most {MAX_SOCKET_PATH}",
-            c.socket_path().display()
-        )));
-    }
+    check_socket_path(&c.socket_path())?;
     Ok(c)
 }
 
@@ -694,7 +709,7 @@ fn check_socket_name(name: &str) -> Result<(), UsageError> {
         || name.contains('\0')
         || name == "."
         || name == ".."
-        || name == crate::daemon::watch::KUBELET_SOCKET
+        || name == crate::kubelet::registration::KUBELET_SOCKET
         || name == "kubelet_internal_checkpoint"
     {
         return Err(UsageError(format!(
@@ -932,6 +947,7 @@ mod tests {
             "--hca-envs",
             "--cdi",
             "--cdi-dir",
+            "--cdi-only",
             "--cdi-device-specs",
             "--json",
             "--help",

@@ -271,6 +271,16 @@ pub fn socket_answers(path: &Path) -> io::Result<bool> {
     }
 }
 
+/// Whether this process may write in `path` (`access(2)` with `W_OK`, which also refuses on a
+/// read-only mount, where root's permission bits say nothing).
+pub fn may_write(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
+}
+
 /// Waits until one of `fds` is readable or `timeout` passes (`None`: forever). Returns which
 /// of them are readable. EINTR counts as "nothing ready".
 pub fn poll_readable(fds: &[RawFd], timeout: Option<Duration>) -> io::Result<Vec<bool>> {

@@ -389,7 +389,8 @@ fn cdi_specs_are_written_kept_current_and_removed_and_allocate_names_them() {
         assert!(out.status.success(), "{out:?}");
     }
 
-    // Allocate names CDI devices and leaves the nodes to the runtime.
+    // Allocate names CDI devices, and grants the nodes as device specs too (for a runtime
+    // without CDI; tests/cdi.rs has --cdi-only).
     let client = plugin_client(&host.plugin_dir().join("ib.sock"));
     let resp = client
         .allocate_opt(&alloc_request(&[&[&one]]), opt())
@@ -397,7 +398,10 @@ fn cdi_specs_are_written_kept_current_and_removed_and_allocate_names_them() {
     let c = &resp.container_responses[0];
     let names: Vec<&str> = c.cdi_devices.iter().map(|d| d.name.as_str()).collect();
     assert_eq!(names, [format!("jarvice.com/ib={one}")]);
-    assert!(c.devices.is_empty());
+    assert_eq!(
+        spec_paths(c),
+        ["/dev/infiniband/uverbs0", "/dev/infiniband/rdma_cm"]
+    );
     assert_eq!(c.envs["JARVICE_RDMA_HCAS"], "mlx5_1");
 
     // A node goes: the spec follows (no stale spec after a rescan).
@@ -415,7 +419,7 @@ fn cdi_specs_are_written_kept_current_and_removed_and_allocate_names_them() {
     );
     drop(kubelet);
 
-    // With --cdi-device-specs the nodes come too, for runtimes without CDI.
+    // --cdi-device-specs (the default now) is still accepted: deploy files of 2.0 pass it.
     let kubelet = FakeKubelet::start(&host.plugin_dir());
     args.push("--cdi-device-specs");
     let _plugin = Plugin::start(&host, &args);
@@ -507,24 +511,9 @@ fn list_probe_and_diagnose_cover_every_resource() {
 }
 
 #[test]
-fn cdi_kinds_are_checked_and_an_unwritable_spec_dir_falls_back_to_device_specs() {
+fn cdi_kinds_are_checked() {
     let host = Host::new("cdibad");
     let out = run(&host, &["--cdi", "--resource", "jarvice.com/ib.hdr"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a CDI kind"));
-
-    // A file where the spec dir should be: no spec, so no CDI names either.
-    let blocker = host.tmp.path().join("notadir");
-    fs::write(&blocker, b"").unwrap();
-    let dir = blocker.join("cdi").display().to_string();
-    let kubelet = FakeKubelet::start(&host.plugin_dir());
-    let plugin = Plugin::start(&host, &["--cdi", "--cdi-dir", &dir]);
-    kubelet.expect_registered();
-    assert!(plugin.wait_log("answering with device specs meanwhile"));
-    let resp = plugin_client(&host.socket())
-        .allocate_opt(&alloc_request(&[&["rdma-0"]]), opt())
-        .unwrap();
-    let c = &resp.container_responses[0];
-    assert!(c.cdi_devices.is_empty());
-    assert_eq!(c.devices.len(), 3);
 }

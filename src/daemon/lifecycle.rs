@@ -19,10 +19,11 @@ use log::{debug, info, warn};
 use crate::config::Config;
 use crate::daemon::grpc::Grpc;
 use crate::daemon::unit::Unit;
-use crate::daemon::watch::Watcher;
+use crate::daemon::watch::{Paths, Watcher};
 use crate::host::{self, select::Selector};
 use crate::kubelet::server;
 use crate::limits;
+use crate::resource::cdi;
 use crate::sys::{self, SignalFd};
 
 const SIGNALS: [libc::c_int; 4] = [
@@ -139,7 +140,21 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         })?;
     }
     let sockets: Vec<String> = configs.iter().map(|c| c.socket_name.clone()).collect();
-    let mut watcher = Watcher::new(&cfg.plugin_dir, &sockets, &cfg.host_root, !cfg.poll_only);
+    let specs: Vec<String> = configs
+        .iter()
+        .filter_map(|c| {
+            cdi::spec_path(&c.cdi_dir, &c.resource_name)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .collect();
+    let paths = Paths {
+        plugin_dir: &cfg.plugin_dir,
+        socket_names: &sockets,
+        host_root: &cfg.host_root,
+        cdi: cfg.cdi.then_some((cfg.cdi_dir.as_path(), specs)),
+    };
+    let mut watcher = Watcher::new(paths, !cfg.poll_only);
     let mut units = configs
         .into_iter()
         .map(Unit::new)

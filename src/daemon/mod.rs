@@ -1,6 +1,8 @@
 //! The daemon that drives the kubelet side: the main loop over a set of resources ([`unit`]),
-//! the readings of the host each serves, and the filesystem watches the loop wakes on.
+//! the readings of the host each serves, the CDI spec each keeps, and the filesystem watches
+//! the loop wakes on.
 
+pub mod cdi_spec;
 pub mod grpc;
 pub mod lifecycle;
 pub mod reading;

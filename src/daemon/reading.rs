@@ -48,6 +48,17 @@ impl Reading {
         }
     }
 
+    /// Makes every device of this reading Unhealthy for a reason outside the host (a CDI spec
+    /// that cannot be written): the kubelet must send no pod here that would fail to start.
+    pub fn fail(&mut self, reason: String) {
+        self.health.healthy = false;
+        self.health.up_hcas.clear();
+        self.health.reason = reason;
+        for d in &mut self.list.devices {
+            d.health = UNHEALTHY.to_string();
+        }
+    }
+
     /// True when the kubelet must hear of it: the list changed, or the nodes did (the kubelet
     /// takes every message as the whole list, and a repeat tells it the news promptly).
     pub fn news_since(&self, old: &Reading) -> bool {

@@ -17,9 +17,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use log::{debug, info};
 
 use crate::config::Config;
+use crate::daemon::cdi_spec::{Outcome, SpecKeeper};
 use crate::daemon::grpc::Grpc;
 use crate::daemon::lifecycle::Error;
 use crate::daemon::reading::Reading;
@@ -106,9 +107,8 @@ pub struct Unit {
     last_failure: Option<String>,
     /// When this unit last restarted serving (SIGHUPs are spaced from it).
     pub last_restart: Option<Instant>,
-    /// The CDI spec last written (with `--cdi`), to rewrite only on a change, and the file's
-    /// device and inode, to remove only ours.
-    cdi_written: Option<(String, (u64, u64))>,
+    /// With `--cdi`: this resource's CDI spec, kept as it must be.
+    cdi: Option<SpecKeeper>,
 }
 
 impl Unit {
@@ -136,6 +136,9 @@ impl Unit {
         );
         Ok(Unit {
             settings: Arc::new(Settings::from_config(&cfg)),
+            cdi: cfg
+                .cdi
+                .then(|| SpecKeeper::new(&cfg.cdi_dir, &cfg.resource_name)),
             monitor: PortMonitor::new(cfg.hold_down),
             cfg,
             serving: None,
@@ -154,7 +157,6 @@ impl Unit {
             backoff: Backoff::new(BACKOFF_FIRST, BACKOFF_CAP),
             last_failure: None,
             last_restart: None,
-            cdi_written: None,
         })
     }
 
@@ -193,7 +195,8 @@ impl Unit {
         // Claimed before gRPC is started for it: a path we cannot serve (a file in the way)
         // must not start and stop gRPC with every retry.
         let started = server::claim(&socket).and_then(|()| {
-            let now = Reading::take(&self.settings, &self.cfg, &mut self.monitor, Instant::now());
+            // The spec first: the kubelet may allocate as soon as it hears of a device.
+            let now = self.read_host();
             Serving::start(
                 &grpc.env(),
                 &self.settings,
@@ -209,7 +212,6 @@ impl Unit {
                 self.serving = Some(s);
                 self.generation += 1;
                 now.log_start(&self.cfg, self.state.as_ref());
-                self.write_cdi(&now);
                 self.state = Some(now);
                 Ok(())
             }
@@ -350,62 +352,25 @@ impl Unit {
         self.serve(grpc)
     }
 
-    /// With `--cdi`: rewrites this resource's CDI spec when what it says changed (a stale spec
-    /// after a rescan would hand pods nodes that are gone).
-    fn write_cdi(&mut self, now: &Reading) {
-        if !self.cfg.cdi {
-            return;
-        }
-        let devices = self.settings.resource.cdi_devices(&now.host, &now.grant);
-        let text = cdi::render(&self.cfg.resource_name, &devices, &self.cfg.host_root);
-        if self.cdi_written.as_ref().is_some_and(|(t, _)| *t == text) {
-            return;
-        }
-        let path = cdi::spec_path(&self.cfg.cdi_dir, &self.cfg.resource_name);
-        match cdi::write_atomic(&path, &text) {
-            Ok(id) => {
-                info!(
-                    "wrote CDI spec {} ({} device(s))",
-                    path.display(),
-                    devices.len()
-                );
-                self.cdi_written = Some((text, id));
-                self.settings.set_cdi_ready(true);
-            }
-            Err(e) => {
-                // Until a spec is written, Allocate answers with device specs: a CDI name no
-                // spec defines would fail every pod.
-                warn!(
-                    "cannot write CDI spec {}: {e}; answering with device specs meanwhile",
-                    path.display()
-                );
-                self.cdi_written = None;
-                self.settings.set_cdi_ready(false);
+    /// Reads the host and, with `--cdi`, makes the spec match the reading. A spec that cannot
+    /// be written makes the reading Unhealthy, with that reason: a CDI name that does not
+    /// resolve fails every pod. Until the spec is on disk as it must be, Allocate answers with
+    /// device specs alone.
+    fn read_host(&mut self) -> Reading {
+        let mut now = Reading::take(&self.settings, &self.cfg, &mut self.monitor, Instant::now());
+        if let Some(keeper) = &mut self.cdi {
+            let devices = self.settings.resource.cdi_devices(&now.host, &now.grant);
+            let text = cdi::render(&self.cfg.resource_name, &devices, &self.cfg.host_root);
+            match keeper.ensure(&text, devices.len(), Instant::now()) {
+                Outcome::Current => self.settings.set_cdi_ready(true),
+                Outcome::Deferred => self.settings.set_cdi_ready(false),
+                Outcome::Failed(why) => {
+                    self.settings.set_cdi_ready(false);
+                    now.fail(why);
+                }
             }
         }
-    }
-
-    /// Removes this resource's CDI spec (at exit): no runtime should resolve names we no
-    /// longer serve.
-    fn remove_cdi(&mut self) {
-        let Some((_, ours)) = self.cdi_written.take() else {
-            return;
-        };
-        self.settings.set_cdi_ready(false);
-        let path = cdi::spec_path(&self.cfg.cdi_dir, &self.cfg.resource_name);
-        // Only the file we wrote: a newer instance (a rolling update with surge) may have
-        // replaced it with its own.
-        if cdi::file_id(&path) != Some(ours) {
-            debug!(
-                "{} is no longer our CDI spec: leaving it alone",
-                path.display()
-            );
-            return;
-        }
-        match std::fs::remove_file(&path) {
-            Ok(()) => info!("removed CDI spec {}", path.display()),
-            Err(e) => warn!("cannot remove CDI spec {}: {e}", path.display()),
-        }
+        now
     }
 
     /// The first half of stopping: our socket and CDI spec go, so nobody is sent to a server
@@ -415,7 +380,10 @@ impl Unit {
         if let Some(s) = &self.serving {
             s.remove_socket();
         }
-        self.remove_cdi();
+        if let Some(keeper) = &mut self.cdi {
+            self.settings.set_cdi_ready(false);
+            keeper.remove();
+        }
     }
 
     /// Stops serving for good (after [`Unit::withdraw`]).
@@ -472,7 +440,8 @@ impl Unit {
             self.retry_at = None;
             self.backoff.reset();
         }
-        if changes.devices {
+        // Our own spec writes come back here too: reading finds the file current, writes nothing.
+        if changes.devices || changes.cdi {
             self.rescan();
         }
         Ok(())
@@ -484,10 +453,9 @@ impl Unit {
         if self.serving.is_none() {
             return;
         }
-        let now = Reading::take(&self.settings, &self.cfg, &mut self.monitor, Instant::now());
-        self.schedule_health(&now);
         // The spec first: the kubelet may allocate a new device as soon as it hears of it.
-        self.write_cdi(&now);
+        let now = self.read_host();
+        self.schedule_health(&now);
         if let Some(old) = &self.state {
             if now.news_since(old) {
                 if let Some(serving) = &self.serving {
@@ -578,7 +546,8 @@ impl Unit {
             self.stream_check_at = None;
             self.check_streams();
         }
-        if self.health_at.is_some_and(|t| t <= now) {
+        let spec_due = self.cdi.as_ref().and_then(SpecKeeper::due);
+        if self.health_at.is_some_and(|t| t <= now) || spec_due.is_some_and(|t| t <= now) {
             self.health_at = None;
             self.rescan();
         }
@@ -588,10 +557,21 @@ impl Unit {
 
     /// The earliest deadline of this unit.
     pub fn deadline(&self) -> Option<Instant> {
-        [self.retry_at, self.stream_check_at, self.health_at]
-            .into_iter()
-            .flatten()
-            .min()
+        // The spec's retry matters only while serving (rescans are).
+        let spec_due = self
+            .cdi
+            .as_ref()
+            .and_then(SpecKeeper::due)
+            .filter(|_| self.serving.is_some());
+        [
+            self.retry_at,
+            self.stream_check_at,
+            self.health_at,
+            spec_due,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// A stream of ours ended: check soon that the kubelet still watches.

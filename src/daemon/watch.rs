@@ -1,10 +1,14 @@
 //! Turns inotify records into the few changes the plugin acts on: the kubelet restarted
-//! (`kubelet.sock` created), our socket vanished, or device nodes came or went.
+//! (`kubelet.sock` created), our socket vanished, device nodes came or went, or something
+//! touched our CDI specs.
 //!
 //! Watched: the plugin dir, `<root>/dev` (for `infiniband` and `knem` appearing or vanishing,
-//! e.g. a driver loaded late) and `<root>/dev/infiniband`. A directory that does not exist yet
-//! is watched once it does; until then, and when inotify cannot be had at all (fs.inotify limits),
-//! the caller falls back to polling (see [`Watcher::complete`]).
+//! e.g. a driver loaded late), `<root>/dev/infiniband` and, with `--cdi`, the CDI dir; and the
+//! parents of the plugin dir and the CDI dir (`<root>/dev` is `infiniband`'s), so that a
+//! directory deleted and made again (a kubelet or runtime reinstall) is an event, not a poll.
+//! A directory that does not exist yet is watched once it does. Only where neither a directory
+//! nor its parent can be watched (no inotify, fs.inotify limits, a parent missing too) does the
+//! caller fall back to polling (see [`Watcher::complete`]).
 
 use std::ffi::OsStr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -13,16 +17,23 @@ use std::path::{Path, PathBuf};
 use log::{debug, warn};
 
 use crate::host::nodes::{INFINIBAND_DIR, KNEM_NODE};
+use crate::kubelet::registration::KUBELET_SOCKET;
 use crate::sys::{Inotify, InotifyEvent};
-
-/// The kubelet's own socket in the plugin dir; created anew on every kubelet start.
-pub const KUBELET_SOCKET: &str = "kubelet.sock";
 
 const DIR_EVENTS: u32 = libc::IN_CREATE
     | libc::IN_DELETE
     | libc::IN_MOVED_FROM
     | libc::IN_MOVED_TO
     | libc::IN_ATTRIB
+    | libc::IN_DELETE_SELF
+    | libc::IN_MOVE_SELF;
+/// In the CDI dir a spec can also be truncated or rewritten in place.
+const CDI_EVENTS: u32 = DIR_EVENTS | libc::IN_MODIFY | libc::IN_CLOSE_WRITE;
+/// In a parent, only its child coming or going matters.
+const PARENT_EVENTS: u32 = libc::IN_CREATE
+    | libc::IN_DELETE
+    | libc::IN_MOVED_FROM
+    | libc::IN_MOVED_TO
     | libc::IN_DELETE_SELF
     | libc::IN_MOVE_SELF;
 
@@ -34,11 +45,17 @@ pub struct Changes {
     pub devices: bool,
     /// The plugin dir exists (again) and is watched now: serving there may work at last.
     pub plugin_dir_appeared: bool,
+    /// One of our CDI specs, or the CDI dir itself, was touched: check the specs.
+    pub cdi: bool,
 }
 
 impl Changes {
     pub fn any(&self) -> bool {
-        self.kubelet_restarted || self.socket_removed || self.devices || self.plugin_dir_appeared
+        self.kubelet_restarted
+            || self.socket_removed
+            || self.devices
+            || self.plugin_dir_appeared
+            || self.cdi
     }
 
     fn merge(&mut self, other: Changes) {
@@ -46,32 +63,70 @@ impl Changes {
         self.socket_removed |= other.socket_removed;
         self.devices |= other.devices;
         self.plugin_dir_appeared |= other.plugin_dir_appeared;
+        self.cdi |= other.cdi;
+    }
+}
+
+/// The directories watched, each for its own reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    PluginDir,
+    PluginParent,
+    Dev,
+    Infiniband,
+    Cdi,
+    CdiParent,
+}
+
+impl Role {
+    fn mask(self) -> u32 {
+        match self {
+            Role::PluginParent | Role::CdiParent => PARENT_EVENTS,
+            Role::Cdi => CDI_EVENTS,
+            _ => DIR_EVENTS,
+        }
+    }
+
+    /// The role of this one's parent, whose watch sees it come and go.
+    fn parent(self) -> Option<Role> {
+        match self {
+            Role::PluginDir => Some(Role::PluginParent),
+            Role::Infiniband => Some(Role::Dev),
+            Role::Cdi => Some(Role::CdiParent),
+            _ => None,
+        }
     }
 }
 
 struct Target {
+    role: Role,
     path: PathBuf,
     wd: Option<libc::c_int>,
 }
 
-/// The inotify watches of the plugin dir, `<root>/dev` and `<root>/dev/infiniband`.
+/// The inotify watches of the plugin dir, `<root>/dev`, `<root>/dev/infiniband`, the CDI dir,
+/// and the parents of the plugin and CDI dirs.
 pub struct Watcher {
     inotify: Option<Inotify>,
-    plugin_dir: Target,
-    dev_dir: Target,
-    ib_dir: Target,
+    targets: Vec<Target>,
     /// Our sockets' names (one per resource served).
     socket_names: Vec<String>,
+    /// Our CDI specs' file names (with `--cdi`).
+    spec_names: Vec<String>,
+}
+
+/// Where the kubelet's and the runtime's directories are, and what of ours lives in them.
+pub struct Paths<'a> {
+    pub plugin_dir: &'a Path,
+    pub socket_names: &'a [String],
+    pub host_root: &'a Path,
+    /// The CDI dir and our specs' file names there, with `--cdi`.
+    pub cdi: Option<(&'a Path, Vec<String>)>,
 }
 
 impl Watcher {
     /// `use_inotify = false` (flag `--poll`) polls everything, for filesystems without inotify.
-    pub fn new(
-        plugin_dir: &Path,
-        socket_names: &[String],
-        host_root: &Path,
-        use_inotify: bool,
-    ) -> Watcher {
+    pub fn new(paths: Paths<'_>, use_inotify: bool) -> Watcher {
         let inotify = if !use_inotify {
             None
         } else {
@@ -83,13 +138,33 @@ impl Watcher {
                 }
             }
         };
-        let target = |path: PathBuf| Target { path, wd: None };
+        let mut targets = Vec::new();
+        let mut add = |role, path: PathBuf| {
+            targets.push(Target {
+                role,
+                path,
+                wd: None,
+            })
+        };
+        add(Role::PluginDir, paths.plugin_dir.to_path_buf());
+        if let Some(parent) = paths.plugin_dir.parent() {
+            add(Role::PluginParent, parent.to_path_buf());
+        }
+        add(Role::Dev, paths.host_root.join("dev"));
+        add(Role::Infiniband, paths.host_root.join(INFINIBAND_DIR));
+        let mut spec_names = Vec::new();
+        if let Some((dir, names)) = paths.cdi {
+            add(Role::Cdi, dir.to_path_buf());
+            if let Some(parent) = dir.parent() {
+                add(Role::CdiParent, parent.to_path_buf());
+            }
+            spec_names = names;
+        }
         let mut w = Watcher {
             inotify,
-            plugin_dir: target(plugin_dir.to_path_buf()),
-            dev_dir: target(host_root.join("dev")),
-            ib_dir: target(host_root.join(INFINIBAND_DIR)),
-            socket_names: socket_names.to_vec(),
+            targets,
+            socket_names: paths.socket_names.to_vec(),
+            spec_names,
         };
         // What exists now is scanned at start anyway; only the watches matter here.
         let _ = w.refresh();
@@ -101,18 +176,33 @@ impl Watcher {
         self.inotify.as_ref().map(AsRawFd::as_raw_fd)
     }
 
-    /// True when every directory is watched, so no polling is needed.
+    fn target(&self, role: Role) -> Option<&Target> {
+        self.targets.iter().find(|t| t.role == role)
+    }
+
+    /// Whether an event will tell when `role`'s directory changes or comes into being: it is
+    /// watched, or it is missing and its parent is.
+    fn covered(&self, role: Role) -> bool {
+        let watched = |r: Role| self.target(r).is_some_and(|t| t.wd.is_some());
+        self.inotify.is_some()
+            && (watched(role)
+                || role.parent().is_some_and(|p| {
+                    watched(p) && !self.target(role).is_some_and(|t| t.path.is_dir())
+                }))
+    }
+
+    /// True when every change is an event, so no polling is needed.
     pub fn complete(&self) -> bool {
-        self.inotify.is_some() && self.targets().iter().all(|t| t.wd.is_some())
+        self.targets
+            .iter()
+            .filter(|t| t.role.parent().is_some() || t.role == Role::Dev)
+            .all(|t| self.covered(t.role))
     }
 
-    /// True when the plugin dir is watched (all a resting daemon needs: `kubelet.sock` appearing).
+    /// True when `kubelet.sock` appearing is an event (all a resting daemon needs), also while
+    /// the plugin dir itself is missing but its parent is watched.
     pub fn watches_plugin_dir(&self) -> bool {
-        self.inotify.is_some() && self.plugin_dir.wd.is_some()
-    }
-
-    fn targets(&self) -> [&Target; 3] {
-        [&self.plugin_dir, &self.dev_dir, &self.ib_dir]
+        self.covered(Role::PluginDir)
     }
 
     /// Adds the watches that are missing (their directory may exist by now). A watch added now
@@ -122,16 +212,17 @@ impl Watcher {
         let Some(inotify) = &self.inotify else {
             return changes;
         };
-        let plugin_wd = self.plugin_dir.wd;
-        for t in [&mut self.plugin_dir, &mut self.dev_dir, &mut self.ib_dir] {
-            if t.wd.is_some() {
-                continue;
-            }
-            match inotify.add_watch(&t.path, DIR_EVENTS | libc::IN_ONLYDIR) {
+        for t in self.targets.iter_mut().filter(|t| t.wd.is_none()) {
+            match inotify.add_watch(&t.path, t.role.mask() | libc::IN_ONLYDIR) {
                 Ok(wd) => {
                     debug!("watching {}", t.path.display());
                     t.wd = Some(wd);
-                    changes.devices = true;
+                    match t.role {
+                        Role::PluginDir => changes.plugin_dir_appeared = true,
+                        Role::Dev | Role::Infiniband => changes.devices = true,
+                        Role::Cdi => changes.cdi = true,
+                        Role::PluginParent | Role::CdiParent => {}
+                    }
                 }
                 Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
                     warn!(
@@ -142,7 +233,6 @@ impl Watcher {
                 Err(e) => debug!("cannot watch {} yet: {e}", t.path.display()),
             }
         }
-        changes.plugin_dir_appeared = plugin_wd.is_none() && self.plugin_dir.wd.is_some();
         changes
     }
 
@@ -156,6 +246,7 @@ impl Watcher {
                 self.inotify = None;
                 return Changes {
                     devices: true,
+                    cdi: true,
                     ..Changes::default()
                 };
             }
@@ -168,6 +259,11 @@ impl Watcher {
         changes
     }
 
+    /// The file name (last component) of `role`'s directory.
+    fn child_name(&self, role: Role) -> Option<&OsStr> {
+        self.target(role).and_then(|t| t.path.file_name())
+    }
+
     fn classify(&mut self, ev: &InotifyEvent, changes: &mut Changes) {
         if ev.mask & libc::IN_Q_OVERFLOW != 0 {
             // Events were lost: assume the worst of each kind.
@@ -175,54 +271,81 @@ impl Watcher {
             changes.devices = true;
             changes.socket_removed = true;
             changes.kubelet_restarted = true;
+            changes.cdi = true;
             return;
         }
+        let Some(role) = self
+            .targets
+            .iter()
+            .find(|t| t.wd == Some(ev.wd))
+            .map(|t| t.role)
+        else {
+            return;
+        };
         let gone = ev.mask & (libc::IN_IGNORED | libc::IN_DELETE_SELF | libc::IN_MOVE_SELF) != 0;
         let name = ev.name();
         let created = ev.mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0;
         let removed = ev.mask & (libc::IN_DELETE | libc::IN_MOVED_FROM) != 0;
-        if Some(ev.wd) == self.plugin_dir.wd {
-            if gone {
-                self.forget(ev.wd);
-                changes.socket_removed = true;
-            } else if created && name == OsStr::new(KUBELET_SOCKET) {
-                changes.kubelet_restarted = true;
-            } else if (removed || created)
-                && self.socket_names.iter().any(|n| name == OsStr::new(n))
-            {
-                // Deleted, or something moved over it: either way it may no longer be ours.
-                changes.socket_removed = true;
-            }
-        } else if Some(ev.wd) == self.dev_dir.wd {
-            if gone {
-                self.forget(ev.wd);
-                changes.devices = true;
-            } else if name == OsStr::new("infiniband")
-                || Path::new("dev").join(name) == Path::new(KNEM_NODE)
-            {
-                changes.devices = true;
-                if removed && name == OsStr::new("infiniband") {
-                    self.forget_ib();
+        if gone {
+            // A directory moved away keeps its watch (no IN_IGNORED): drop it ourselves.
+            self.forget_role(role);
+        }
+        match role {
+            Role::PluginDir => {
+                if gone {
+                    changes.socket_removed = true;
+                } else if created && name == OsStr::new(KUBELET_SOCKET) {
+                    changes.kubelet_restarted = true;
+                } else if (removed || created)
+                    && self.socket_names.iter().any(|n| name == OsStr::new(n))
+                {
+                    // Deleted, or something moved over it: either way it may no longer be ours.
+                    changes.socket_removed = true;
                 }
             }
-        } else if Some(ev.wd) == self.ib_dir.wd {
-            if gone {
-                self.forget(ev.wd);
+            // The plugin dir made again: `refresh` (after this batch) watches it and says so.
+            Role::PluginParent => {
+                if removed && Some(name) == self.child_name(Role::PluginDir) {
+                    self.forget_role(Role::PluginDir);
+                    changes.socket_removed = true;
+                }
             }
-            changes.devices = true;
+            Role::Dev => {
+                if gone {
+                    changes.devices = true;
+                } else if name == OsStr::new("infiniband")
+                    || Path::new("dev").join(name) == Path::new(KNEM_NODE)
+                {
+                    changes.devices = true;
+                    if removed && name == OsStr::new("infiniband") {
+                        self.forget_role(Role::Infiniband);
+                    }
+                }
+            }
+            Role::Infiniband => changes.devices = true,
+            Role::Cdi => {
+                if gone || self.spec_names.iter().any(|n| name == OsStr::new(n)) {
+                    changes.cdi = true;
+                }
+            }
+            Role::CdiParent => {
+                if Some(name) == self.child_name(Role::Cdi) {
+                    if removed {
+                        self.forget_role(Role::Cdi);
+                    }
+                    changes.cdi = true;
+                }
+            }
         }
     }
 
-    fn forget(&mut self, wd: libc::c_int) {
-        for t in [&mut self.plugin_dir, &mut self.dev_dir, &mut self.ib_dir] {
-            if t.wd == Some(wd) {
-                t.wd = None;
-            }
-        }
-    }
-
-    fn forget_ib(&mut self) {
-        if let (Some(wd), Some(inotify)) = (self.ib_dir.wd.take(), &self.inotify) {
+    /// Drops `role`'s watch because its directory went (its own `IN_IGNORED` may come later,
+    /// or, for a directory moved away, never).
+    fn forget_role(&mut self, role: Role) {
+        let Some(t) = self.targets.iter_mut().find(|t| t.role == role) else {
+            return;
+        };
+        if let (Some(wd), Some(inotify)) = (t.wd.take(), &self.inotify) {
             // Usually already gone with the directory; EINVAL then is expected.
             let _ = inotify.rm_watch(wd);
         }
@@ -246,14 +369,24 @@ mod tests {
     }
 
     #[test]
-    fn classifies_kubelet_socket_devices_and_late_directories() {
+    fn classifies_kubelet_socket_devices_cdi_and_late_directories() {
         let base = std::env::temp_dir().join(format!("rdma-watch-{}", std::process::id()));
-        let plugin_dir = base.join("plugins");
+        let plugin_dir = base.join("kubelet/plugins");
         let root = base.join("root");
+        let cdi_dir = base.join("run/cdi");
         fs::create_dir_all(&plugin_dir).unwrap();
         fs::create_dir_all(root.join("dev")).unwrap();
-        let mut w = Watcher::new(&plugin_dir, &["rdma.sock".to_string()], &root, true);
-        assert!(!w.complete(), "dev/infiniband does not exist yet");
+        fs::create_dir_all(&cdi_dir).unwrap();
+        let sockets = ["rdma.sock".to_string()];
+        let paths = Paths {
+            plugin_dir: &plugin_dir,
+            socket_names: &sockets,
+            host_root: &root,
+            cdi: Some((&cdi_dir, vec!["jarvice.com_rdma.json".to_string()])),
+        };
+        let mut w = Watcher::new(paths, true);
+        // dev/infiniband does not exist yet, but its parent is watched: no polling.
+        assert!(w.complete());
 
         fs::write(plugin_dir.join("kubelet.sock"), b"").unwrap();
         let c = wait_changes(&mut w);
@@ -285,16 +418,49 @@ mod tests {
         // The driver unloads: the directory goes, and comes back.
         fs::remove_dir_all(root.join("dev/infiniband")).unwrap();
         assert!(wait_changes(&mut w).devices);
-        assert!(!w.complete());
+        assert!(w.complete());
         fs::create_dir_all(root.join("dev/infiniband")).unwrap();
         assert!(wait_changes(&mut w).devices);
-        assert!(w.complete());
 
-        // The plugin dir goes away and comes back (a kubelet reinstalled).
+        // Our CDI spec: created, rewritten in place, truncated, deleted; other files are not ours.
+        let spec = cdi_dir.join("jarvice.com_rdma.json");
+        fs::write(&spec, b"{}").unwrap();
+        assert!(wait_changes(&mut w).cdi);
+        fs::write(&spec, b"{\"x\":1}").unwrap();
+        assert!(wait_changes(&mut w).cdi);
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&spec)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        assert!(wait_changes(&mut w).cdi);
+        fs::remove_file(&spec).unwrap();
+        assert!(wait_changes(&mut w).cdi);
+        fs::write(cdi_dir.join("nvidia.com_gpu.json"), b"{}").unwrap();
+        assert!(!wait_changes(&mut w).any());
+        // The CDI dir goes and comes back: both are events, and it is watched again.
+        fs::remove_dir_all(&cdi_dir).unwrap();
+        assert!(wait_changes(&mut w).cdi);
+        assert!(w.complete(), "its parent is watched");
+        fs::create_dir_all(&cdi_dir).unwrap();
+        assert!(wait_changes(&mut w).cdi);
+        fs::write(&spec, b"{}").unwrap();
+        assert!(wait_changes(&mut w).cdi);
+
+        // The plugin dir goes away and comes back (a kubelet reinstalled): an event, no poll.
         fs::remove_dir_all(&plugin_dir).unwrap();
         assert!(wait_changes(&mut w).socket_removed);
-        assert!(!w.complete());
-        assert!(!w.refresh().plugin_dir_appeared);
+        assert!(w.watches_plugin_dir() && w.complete(), "through its parent");
+        fs::create_dir_all(&plugin_dir).unwrap();
+        assert!(wait_changes(&mut w).plugin_dir_appeared);
+        fs::write(plugin_dir.join("kubelet.sock"), b"").unwrap();
+        assert!(wait_changes(&mut w).kubelet_restarted);
+
+        // With the parent gone too, only polling can tell.
+        fs::remove_dir_all(base.join("kubelet")).unwrap();
+        wait_changes(&mut w);
+        assert!(!w.watches_plugin_dir() && !w.complete());
         fs::create_dir_all(&plugin_dir).unwrap();
         assert!(w.refresh().plugin_dir_appeared);
         assert!(w.complete());

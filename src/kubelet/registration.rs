@@ -23,6 +23,9 @@ use crate::kubelet::api;
 use crate::kubelet::service;
 use crate::sys::EventFd;
 
+/// The kubelet's own socket in the plugin dir; created anew on every kubelet start.
+pub const KUBELET_SOCKET: &str = "kubelet.sock";
+
 #[derive(Debug)]
 pub enum Error {
     /// `kubelet.sock` does not exist (kubelet not running, or a different --plugin-dir).

@@ -1,11 +1,21 @@
 //! One serving generation: a grpcio server on `<plugin-dir>/<socket-name>` with its [`Hub`].
 //! Stopping it ends its streams, shuts the server down completely and removes the socket, so a
 //! restart never leaks a server (the original's bug 5).
+//!
+//! The socket path is ours only while the file there is the socket we bound. gRPC C-core
+//! unlinks whatever socket sits at its listening path when it binds and again when it shuts
+//! down (`tcp_server_posix.cc`: `grpc_unlink_if_unix_domain_socket` in `add_port` and
+//! `deactivated_all_ports`), which would delete another process's socket that took our path
+//! meanwhile. So gRPC listens on a private name in the same directory
+//! (`.<socket>.<pid>.<n>`), and we give the socket its public name with link(2), which never
+//! replaces a file, then drop the private name: gRPC's unlinks find nothing, and we remove the
+//! public name only while it is still the file we linked (device, inode and change time).
 
 use std::fmt;
 use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +58,11 @@ pub enum Error {
         path: PathBuf,
         source: grpcio::Error,
     },
+    /// The listening socket could not be given its public name.
+    Publish {
+        path: PathBuf,
+        source: io::Error,
+    },
 }
 
 impl fmt::Display for Error {
@@ -70,6 +85,9 @@ impl fmt::Display for Error {
             Error::Listen { path, source } => {
                 write!(f, "cannot listen on {}: {source}", path.display())
             }
+            Error::Publish { path, source } => {
+                write!(f, "cannot make our socket {}: {source}", path.display())
+            }
         }
     }
 }
@@ -81,15 +99,77 @@ pub struct Serving {
     server: Option<Server>,
     hub: Arc<Hub>,
     socket: PathBuf,
-    /// Device and inode of the socket file we bound.
-    identity: Option<(u64, u64)>,
+    /// The socket file we bound, as it was once published.
+    identity: Option<Identity>,
 }
 
-/// Device and inode of the socket at `path` (`None`: absent, or not a socket).
-fn socket_identity(path: &Path) -> Option<(u64, u64)> {
+/// What tells our socket file from another at the same path: device and inode, and the change
+/// time, because a file system reuses a deleted file's inode number (ext4 and xfs do at once).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Identity {
+    dev: u64,
+    ino: u64,
+    ctime: (i64, i64),
+}
+
+/// The identity of the socket at `path` (`None`: absent, or not a socket).
+pub fn socket_identity(path: &Path) -> Option<Identity> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::symlink_metadata(path).ok()?;
-    m.file_type().is_socket().then(|| (m.dev(), m.ino()))
+    m.file_type().is_socket().then(|| Identity {
+        dev: m.dev(),
+        ino: m.ino(),
+        ctime: (m.ctime(), m.ctime_nsec()),
+    })
+}
+
+/// The longest private name: `.jrp.` and a pid (at most 7 digits, `pid_max` 4194304), `.` and
+/// a counter below 10,000.
+pub const PRIVATE_NAME_MAX: usize = 5 + 7 + 1 + 4;
+
+/// The private name gRPC listens on, next to `socket`: hidden and unique to this process and
+/// server while it exists (a few microseconds), so no other process has a file there (the
+/// kubelet removes leftovers at its start).
+fn private_path(socket: &Path) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    socket.with_file_name(format!(
+        ".jrp.{}.{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed) % 10_000
+    ))
+}
+
+/// Gives the socket bound at `private` the name `socket`: link(2) fails with `EEXIST` rather
+/// than replace whatever someone put there since [`claim`]. The private name goes either way.
+fn publish(private: &Path, socket: &Path) -> Result<Identity, Error> {
+    let linked = std::fs::hard_link(private, socket);
+    if let Err(e) = std::fs::remove_file(private) {
+        debug!("cannot remove {}: {e}", private.display());
+    }
+    match linked {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            // Someone took the path between claim and now: theirs, not ours to remove.
+            Err(if sys::socket_answers(socket).unwrap_or(false) {
+                Error::InUse {
+                    path: socket.to_path_buf(),
+                }
+            } else {
+                Error::Publish {
+                    path: socket.to_path_buf(),
+                    source: e,
+                }
+            })
+        }
+        Err(source) => Err(Error::Publish {
+            path: socket.to_path_buf(),
+            source,
+        }),
+        // Read after the private name is gone: unlinking it changed the change time.
+        Ok(()) => socket_identity(socket).ok_or_else(|| Error::Publish {
+            path: socket.to_path_buf(),
+            source: io::Error::new(io::ErrorKind::NotFound, "vanished right after link"),
+        }),
+    }
 }
 
 impl Serving {
@@ -114,29 +194,28 @@ impl Serving {
             .register_service(service)
             .build()
             .map_err(|source| Error::Build { source })?;
+        let private = private_path(socket);
         server
             .add_listening_port(
-                format!("unix:{}", socket.display()),
+                format!("unix:{}", private.display()),
                 ServerCredentials::insecure(),
             )
             .map_err(|source| Error::Listen {
-                path: socket.to_path_buf(),
+                path: private.clone(),
                 source,
             })?;
         server.start();
-        // Which file is ours: at exit we remove only that one, never a file another process
-        // put at the same path after ours was deleted.
-        let identity = socket_identity(socket);
-        if identity.is_none() {
-            warn!("{} vanished right after bind", socket.display());
-        }
-        info!("serving the device plugin on {}", socket.display());
-        Ok(Serving {
+        let mut serving = Serving {
             server: Some(server),
             hub,
             socket: socket.to_path_buf(),
-            identity,
-        })
+            identity: None,
+        };
+        // Which file is ours: we remove only that one, never a file another process put at
+        // the same path after ours was deleted. On failure, dropping `serving` stops gRPC.
+        serving.identity = Some(publish(&private, socket)?);
+        info!("serving the device plugin on {}", socket.display());
+        Ok(serving)
     }
 
     /// True while the file at our socket path is the socket this server bound.
@@ -160,7 +239,8 @@ impl Serving {
             return;
         };
         // The socket goes first: if gRPC cannot shut down cleanly, the exit watchdog still
-        // finds it gone, and nobody dials a server that is stopping.
+        // finds it gone, and nobody dials a server that is stopping. gRPC's own unlink at
+        // shutdown is of the private name, long gone.
         self.remove_socket();
         self.hub.stop();
         // gRPC short of threads may never finish this: a SIGTERM meanwhile must still end us.

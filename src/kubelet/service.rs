@@ -32,9 +32,10 @@ pub struct Settings {
     pub resource: Devices,
     /// The resource name (the CDI kind).
     pub resource_name: String,
-    /// With `--cdi`: answer with CDI names (and DeviceSpecs too when the flag says so).
+    /// With `--cdi`: answer with CDI names (and DeviceSpecs too, unless `--cdi-only`).
     pub cdi: Option<CdiAnswer>,
-    /// The CDI spec is written and current: CDI names resolve.
+    /// The CDI spec is on disk as it must be: CDI names resolve. Set by the daemon, which
+    /// watches the spec; while it is not, Allocate answers with device specs alone.
     cdi_ready: std::sync::atomic::AtomicBool,
     /// The health rule and hold-down (for one-off assessments).
     pub health: Mode,
@@ -57,7 +58,7 @@ impl Settings {
             resource: cfg.resource(),
             resource_name: cfg.resource_name.clone(),
             cdi: cfg.cdi.then_some(CdiAnswer {
-                device_specs: cfg.cdi_device_specs,
+                device_specs: !cfg.cdi_only,
             }),
             cdi_ready: std::sync::atomic::AtomicBool::new(false),
             health: cfg.health,
@@ -149,13 +150,13 @@ impl Settings {
 /// How Allocate answers in CDI mode.
 #[derive(Clone, Copy, Debug)]
 pub struct CdiAnswer {
-    /// Also the DeviceSpecs, for runtimes without CDI.
+    /// Also the DeviceSpecs, so that a runtime without CDI (which ignores CDI names without a
+    /// word) still gives the container its devices (the default; off with `--cdi-only`).
     pub device_specs: bool,
 }
 
 /// Turns an Allocate answer into its CDI form: each container gets the CDI names of the IDs it
-/// asked for; the DeviceSpecs stay only when asked to (envs stay: they are not in the spec of a
-/// shared device).
+/// asked for; the DeviceSpecs stay unless `--cdi-only` (envs stay: they are in no spec).
 fn as_cdi(
     mut resp: api::AllocateResponse,
     req: &api::AllocateRequest,

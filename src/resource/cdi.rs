@@ -3,10 +3,11 @@
 //! device ID listing its device nodes (with type, major and minor where the node is a character
 //! device). Allocate then answers with the fully qualified CDI names
 //! (`jarvice.com/rdma=rdma-0`), which the runtime resolves (containerd 2.0 and CRI-O have CDI
-//! on by default; Kubernetes 1.31+ passes `cdi_devices`).
+//! on by default; Kubernetes 1.31+ passes `cdi_devices`), and with the device specs too unless
+//! `--cdi-only`, because a runtime without CDI drops the names without a word.
 //!
-//! The spec is rewritten atomically (a temp file renamed over it) whenever what it says changes,
-//! so no runtime reads a half-written or stale spec, and it is removed at exit.
+//! Here: what a spec says and how it is written (atomically: a temp file renamed over it, so no
+//! runtime reads half a spec). The daemon keeps it as it must be ([`crate::daemon::cdi_spec`]).
 
 use std::fmt::Write as _;
 use std::fs;

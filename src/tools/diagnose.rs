@@ -6,6 +6,7 @@
 //! default locked-memory limit, the RDMA netns mode, the host's `/dev` and the kubelet's dir.
 
 use std::fmt::Write as _;
+use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::time::Instant;
@@ -16,6 +17,8 @@ use crate::host::nodes::INFINIBAND_DIR;
 use crate::host::sysfs::{self, DevNum};
 use crate::host::{self, Assessment, Host};
 use crate::limits::{self, Memlock};
+use crate::resource::cdi;
+use crate::sys;
 use crate::tools::json::quote;
 use crate::tools::probe;
 
@@ -287,6 +290,79 @@ fn plugin(cfg: &Config) -> Check {
     }
 }
 
+/// With `--cdi`: the spec dir writable, the spec present and what this host gives now, and
+/// what the container runtime must do with the names (which no file here can tell).
+fn cdi(u: &Config, a: &Assessment) -> Vec<Check> {
+    let mut out = Vec::new();
+    let dir = &u.cdi_dir;
+    out.push(match fs::metadata(dir) {
+        Ok(m) if m.is_dir() && sys::may_write(dir) => {
+            Check::ok("cdi", format!("{} is a writable directory", dir.display()))
+        }
+        Ok(m) if m.is_dir() => Check::bad(
+            "cdi",
+            Status::Fail,
+            format!("{} is not writable here", dir.display()),
+            "mount the host's /var/run/cdi read-write into the plugin (hostPath, DirectoryOrCreate); a read-only root file system needs that mount",
+        ),
+        Ok(_) => Check::bad(
+            "cdi",
+            Status::Fail,
+            format!("{} is not a directory", dir.display()),
+            "remove what is there; the plugin makes the directory",
+        ),
+        Err(e) => Check::bad(
+            "cdi",
+            Status::Warn,
+            format!("{}: {e}", dir.display()),
+            "the plugin makes it when it writes its spec; in a pod, mount the host's /var/run/cdi (hostPath, DirectoryOrCreate)",
+        ),
+    });
+    let path = cdi::spec_path(dir, &u.resource_name);
+    let devices = u.resource().cdi_devices(&a.host, &a.grant);
+    let want = cdi::render(&u.resource_name, &devices, &u.host_root);
+    out.push(match fs::read(&path) {
+        Ok(text) if text == want.as_bytes() => Check::ok(
+            "cdi",
+            format!(
+                "{} is current: {} device(s) of {}",
+                path.display(),
+                devices.len(),
+                u.resource_name
+            ),
+        ),
+        Ok(_) => Check::bad(
+            "cdi",
+            Status::Warn,
+            format!("{} differs from what this host gives now", path.display()),
+            "the plugin rewrites it within milliseconds while it serves: run diagnose with the plugin's own flags; if it stays so, see the plugin's log",
+        ),
+        Err(e) => Check::bad(
+            "cdi",
+            Status::Fail,
+            format!("{}: {e}", path.display()),
+            "the plugin writes it while it serves (with --cdi) and restores it when it goes: is the plugin running? Pods given its CDI names fail with `unresolvable CDI devices` until it is there",
+        ),
+    });
+    out.push(if u.cdi_only {
+        Check::bad(
+            "cdi",
+            Status::Warn,
+            format!("{}: --cdi-only: Allocate answers with CDI names alone", u.resource_name),
+            "a runtime without CDI (containerd 1.6; 1.7 without enable_cdi = true) ignores them and starts pods without /dev/infiniband: check `crictl info | grep -i cdi` on the node (enableCDI true), or drop --cdi-only",
+        )
+    } else {
+        Check::ok(
+            "cdi",
+            format!(
+                "{}: Allocate answers with CDI names and device specs: pods get the devices with or without CDI in the runtime (`crictl info | grep -i cdi` shows which)",
+                u.resource_name
+            ),
+        )
+    });
+    out
+}
+
 /// Runs every check.
 pub fn run(cfg: &Config) -> Vec<Check> {
     let mut checks = vec![memlock(), netns(&cfg.sysfs)];
@@ -404,6 +480,11 @@ pub fn run(cfg: &Config) -> Vec<Check> {
                 },
             )
         });
+    }
+    if cfg.cdi {
+        for (u, a) in &assessed {
+            checks.extend(cdi(u, a));
+        }
     }
     checks.push(kubelet(cfg));
     for (u, _) in &assessed {

@@ -1,0 +1,97 @@
+//! Our socket path is ours only while the file there is the socket we bound: a socket another
+//! process put there survives our restarts and our exit (gRPC C-core unlinks whatever socket is
+//! at its listening path when it shuts down: `tcp_server_posix.cc` `deactivated_all_ports`),
+//! and a plugin dir deleted and made again is seen through its parent at once, not by a poll.
+
+mod common;
+
+use std::fs;
+use std::os::unix::net::{UnixListener, UnixStream};
+
+use common::*;
+
+/// Someone else's listener at our socket path, bound after ours was deleted.
+fn take_path(host: &Host) -> UnixListener {
+    fs::remove_file(host.socket()).unwrap();
+    UnixListener::bind(host.socket()).expect("bind at the plugin's path")
+}
+
+fn still_theirs(host: &Host) {
+    assert!(host.socket().exists(), "their socket file is gone");
+    UnixStream::connect(host.socket()).expect("their socket still answers");
+}
+
+#[test]
+fn a_listener_that_took_our_path_keeps_it_when_we_restart_and_give_up() {
+    let host = Host::new("sockthief");
+    let (_kubelet, mut plugin) = start_registered(&host, &[]);
+    let _theirs = take_path(&host);
+    // We notice (inotify), stop our server, find theirs answering and exit as a second
+    // instance would: their socket stays, and says so in our log.
+    let status = plugin.wait_exit(WAIT).expect("exits: the path is taken");
+    assert_eq!(status.code(), Some(1), "{}", plugin.log_text());
+    assert!(plugin
+        .log_text()
+        .contains("answers connections: another plugin instance is serving it"));
+    still_theirs(&host);
+}
+
+#[test]
+fn sigterm_leaves_a_socket_someone_else_put_at_our_path() {
+    let host = Host::new("sockexit");
+    // Nothing wakes the loop before the signal: no inotify, no poll, no self-check.
+    let (_kubelet, mut plugin) = start_registered(
+        &host,
+        &["--poll", "--poll-interval", "3600", "--self-check", "0"],
+    );
+    let _theirs = take_path(&host);
+    plugin.signal(libc::SIGTERM);
+    assert!(plugin.wait_exit(WAIT).expect("exits").success());
+    still_theirs(&host);
+    // gRPC listened on a private name, gone since we published the socket.
+    let leftovers: Vec<String> = fs::read_dir(host.plugin_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".jrp."))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn our_own_socket_is_removed_at_exit_and_restarts_leave_no_private_names() {
+    let host = Host::new("sockown");
+    let (kubelet, mut plugin) = start_registered(&host, &[]);
+    for _ in 0..3 {
+        plugin.signal(libc::SIGHUP);
+        kubelet.expect_registered();
+    }
+    plugin.signal(libc::SIGTERM);
+    assert!(plugin.wait_exit(WAIT).expect("exits").success());
+    let left: Vec<String> = fs::read_dir(host.plugin_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "kubelet.sock")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn a_plugin_dir_made_again_is_registered_with_at_once() {
+    let host = Host::new("dirback");
+    // A poll could not rescue it within the test's wait: only an event can.
+    let (kubelet, plugin) = start_registered(&host, &["--poll-interval", "3600"]);
+    kubelet.stop();
+    // A kubelet reinstall: the directory goes (moved away, then removed) and comes back, once
+    // the plugin has seen it gone (it tried to watch it again, and could not) and has nothing
+    // left to wake it (gRPC shut down 5 s after the kubelet went).
+    let aside = host.tmp.path().join("plugins-old");
+    fs::rename(host.plugin_dir(), &aside).unwrap();
+    fs::remove_dir_all(&aside).unwrap();
+    assert!(plugin.wait_log(&format!("cannot watch {} yet", host.plugin_dir().display())));
+    assert!(plugin.wait_log("nothing to serve: gRPC"));
+    fs::create_dir(host.plugin_dir()).unwrap();
+    let kubelet = FakeKubelet::start(&host.plugin_dir());
+    let (req, _) = kubelet.expect_registered();
+    assert_eq!(req.endpoint, "rdma.sock");
+    kubelet.expect_list();
+}
