@@ -4,6 +4,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod recovery;
 
 use std::fs;
 use std::path::Path;
@@ -635,6 +636,8 @@ fn main() {
     start_to_registered(&mut rows);
     hot_plug(&mut rows);
     kubelet_restarts(&mut rows);
+    recovery::plugin_dir_recreated(&mut rows);
+    recovery::spec_restored(&mut rows);
     sigterm_exit(&mut rows);
     allocate_latency(&mut rows);
     largest_answer(&mut rows);
