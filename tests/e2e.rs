@@ -60,16 +60,13 @@ fn old_kubelets_authority_form_is_accepted() {
 }
 
 #[test]
-fn allocate_for_one_and_two_containers_reads_nodes_live() {
+fn allocate_for_one_and_two_containers_grants_the_latest_reading() {
     let host = Host::new("alloc");
     fs::write(host.root().join("dev/knem"), b"").unwrap();
     let kubelet = FakeKubelet::start(&host.plugin_dir());
-    // No inotify and a poll an hour away: only a live read at Allocate can see new nodes.
-    let _plugin = Plugin::start(
-        &host,
-        &["--shares", "2", "--poll", "--poll-interval", "3600"],
-    );
+    let _plugin = Plugin::start(&host, &["--shares", "2"]);
     kubelet.expect_registered();
+    kubelet.expect_list();
     let client = plugin_client(&host.socket());
 
     let one = client
@@ -86,8 +83,11 @@ fn allocate_for_one_and_two_containers_reads_nodes_live() {
     }
     assert!(c.envs.is_empty() && c.mounts.is_empty() && c.annotations.is_empty());
 
-    // A node added since start counts at once: Allocate reads the tree, not a snapshot.
+    // A node added since start: read within milliseconds (inotify), sent to the kubelet (each
+    // list is the whole list), and granted from then on. Allocate answers from that reading,
+    // never from a read of its own on gRPC's thread.
     host.add_node("uverbs10");
+    kubelet.expect_list();
     let two = client
         .allocate_opt(&alloc_request(&[&["rdma-0"], &["rdma-1"]]), opt())
         .unwrap();

@@ -331,7 +331,7 @@ fn the_largest_answer_stays_within_the_daemonsets_memory_limit() {
     for i in 0..128 {
         host.add_node(&format!("uverbs{i}"));
     }
-    let (_kubelet, plugin) = start_registered(&host, &[]);
+    let (kubelet, plugin) = start_registered(&host, &[]);
     let client = plugin_client(&host.socket());
     let containers: Vec<&[&str]> = (0..128).map(|_| &["rdma-0"][..]).collect();
     let resp = client
@@ -339,8 +339,9 @@ fn the_largest_answer_stays_within_the_daemonsets_memory_limit() {
         .unwrap();
     assert_eq!(resp.container_responses.len(), 128);
     assert_eq!(resp.container_responses[0].devices.len(), 128);
-    // One node more and the same request is over the bound.
+    // One node more (read, and sent to the kubelet) and the same request is over the bound.
     host.add_node("uverbs128");
+    kubelet.expect_list();
     let s = rpc_status(
         client.allocate_opt(&alloc_request(&containers), opt()),
         RpcStatusCode::RESOURCE_EXHAUSTED,

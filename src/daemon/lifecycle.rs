@@ -9,15 +9,18 @@
 //! exits the process except a termination signal, a second instance already serving one of our
 //! sockets, or a setup failure.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
 use crate::config::Config;
 use crate::daemon::grpc::Grpc;
+use crate::daemon::snapshot::HostReader;
 use crate::daemon::unit::Unit;
 use crate::daemon::watch::{Paths, Watcher};
 use crate::host::{self, select::Selector};
@@ -155,12 +158,13 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         cdi: cfg.cdi.then_some((cfg.cdi_dir.as_path(), specs)),
     };
     let mut watcher = Watcher::new(paths, !cfg.poll_only);
+    let reader = Rc::new(RefCell::new(HostReader::new(&cfg)));
     let mut units = configs
         .into_iter()
-        .map(Unit::new)
+        .map(|c| Unit::new(c, Rc::clone(&reader)))
         .collect::<Result<Vec<Unit>, Error>>()?;
 
-    let result = drive(&cfg, &mut units, &mut grpc, &mut watcher, &signals);
+    let result = drive(&cfg, &mut units, &mut grpc, &mut watcher, &signals, &reader);
     if result.is_err() {
         // Whatever stopped us, no socket or CDI spec of ours stays behind.
         stop_all(&mut units);
@@ -187,6 +191,7 @@ fn drive(
     grpc: &mut Grpc,
     watcher: &mut Watcher,
     signals: &SignalFd,
+    reader: &RefCell<HostReader>,
 ) -> Result<(), Error> {
     let self_check = |now: Instant| (!cfg.self_check.is_zero()).then(|| now + cfg.self_check);
     let mut next_check = self_check(Instant::now());
@@ -257,6 +262,9 @@ fn drive(
             what: "poll",
             source,
         })?;
+        // Whatever woke us may have changed the host: the units that read it now share one
+        // fresh reading.
+        reader.borrow_mut().invalidate();
 
         if ready[0] {
             match read_signals(signals) {

@@ -1,20 +1,24 @@
 //! One reading of the host as the daemon serves it (what is granted, its health, the device
 //! list sent to the kubelet), and the log lines that say what changed between two readings.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use log::{debug, info, warn};
 
 use crate::config::Config;
+use crate::daemon::snapshot::Snapshot;
 use crate::host::health::{Health, PortMonitor, Transition};
-use crate::host::{self, Grant, Host};
+use crate::host::{self, Assessment, Grant, Host};
 use crate::kubelet::api;
-use crate::kubelet::service::Settings;
+use crate::kubelet::service::{Served, Settings};
 use crate::resource::{HEALTHY, UNHEALTHY};
 
 /// One reading and what the daemon made of it.
 pub struct Reading {
-    pub host: Host,
+    pub host: Arc<Host>,
+    /// Why device discovery failed, if it did.
+    pub error: Option<String>,
     pub grant: Grant,
     pub health: Health,
     /// The ListAndWatch list this reading makes.
@@ -23,15 +27,16 @@ pub struct Reading {
 }
 
 impl Reading {
-    /// Reads the host now through `settings`, feeding `monitor`.
+    /// Assesses the shared `snapshot` for this resource, feeding `monitor`.
     pub fn take(
+        snapshot: &Snapshot,
         settings: &Settings,
         cfg: &Config,
         monitor: &mut PortMonitor,
         at: Instant,
     ) -> Reading {
         let a = host::assess(
-            settings.scan(),
+            Arc::clone(&snapshot.host),
             &settings.selector,
             &settings.taken,
             cfg.health,
@@ -41,11 +46,25 @@ impl Reading {
         let list = settings.resource.device_list(&a);
         Reading {
             host: a.host,
+            error: snapshot.error.clone(),
             grant: a.grant,
             health: a.health,
             list,
             transitions: a.transitions,
         }
+    }
+
+    /// What the gRPC handlers answer from, for this reading.
+    pub fn served(&self) -> Arc<Served> {
+        Arc::new(Served {
+            assessment: Assessment {
+                host: Arc::clone(&self.host),
+                grant: self.grant.clone(),
+                health: self.health.clone(),
+                transitions: Vec::new(),
+            },
+            error: self.error.clone(),
+        })
     }
 
     /// Makes every device of this reading Unhealthy for a reason outside the host (a CDI spec

@@ -14,6 +14,8 @@
 //! dials us after our Register, so a server with no kubelet serves nobody, and it keeps gRPC's
 //! threads and timers running ([`crate::daemon::grpc`]).
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +26,7 @@ use crate::daemon::cdi_spec::{Outcome, SpecKeeper};
 use crate::daemon::grpc::Grpc;
 use crate::daemon::lifecycle::Error;
 use crate::daemon::reading::Reading;
+use crate::daemon::snapshot::HostReader;
 use crate::daemon::watch::Changes;
 use crate::host::health::{Mode, PortMonitor};
 use crate::kubelet::registration::{kubelet_id, KubeletId, Registrar};
@@ -109,11 +112,13 @@ pub struct Unit {
     pub last_restart: Option<Instant>,
     /// With `--cdi`: this resource's CDI spec, kept as it must be.
     cdi: Option<SpecKeeper>,
+    /// The host as read since the loop last woke, shared by every unit (main thread only).
+    reader: Rc<RefCell<HostReader>>,
 }
 
 impl Unit {
     /// A unit for `cfg` (one resource), serving as soon as its first tick runs.
-    pub fn new(cfg: Config) -> Result<Unit, Error> {
+    pub fn new(cfg: Config, reader: Rc<RefCell<HostReader>>) -> Result<Unit, Error> {
         let eventfd = |source| Error::Setup {
             what: "eventfd",
             source,
@@ -157,6 +162,7 @@ impl Unit {
             backoff: Backoff::new(BACKOFF_FIRST, BACKOFF_CAP),
             last_failure: None,
             last_restart: None,
+            reader,
         })
     }
 
@@ -357,7 +363,14 @@ impl Unit {
     /// resolve fails every pod. Until the spec is on disk as it must be, Allocate answers with
     /// device specs alone.
     fn read_host(&mut self) -> Reading {
-        let mut now = Reading::take(&self.settings, &self.cfg, &mut self.monitor, Instant::now());
+        let snapshot = self.reader.borrow_mut().get();
+        let mut now = Reading::take(
+            &snapshot,
+            &self.settings,
+            &self.cfg,
+            &mut self.monitor,
+            Instant::now(),
+        );
         if let Some(keeper) = &mut self.cdi {
             let devices = self.settings.resource.cdi_devices(&now.host, &now.grant);
             let text = cdi::render(&self.cfg.resource_name, &devices, &self.cfg.host_root);
@@ -370,6 +383,8 @@ impl Unit {
                 }
             }
         }
+        // Before the kubelet hears of it: Allocate must grant what the list says.
+        self.settings.publish(now.served());
         now
     }
 

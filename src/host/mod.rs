@@ -9,6 +9,7 @@
 //! - [`mock`]: trees laid out as the kernel does, for tests, the demo and the benchmark.
 
 use std::path::Path;
+use std::sync::Arc;
 
 pub mod health;
 pub mod mock;
@@ -88,10 +89,11 @@ pub fn hca_ids(hcas: &sysfs::Hcas) -> std::collections::HashMap<String, String> 
 }
 
 /// One reading of the host and what it means for a resource: what is granted, its health, and
-/// the ports whose reported state changed since the last reading.
+/// the ports whose reported state changed since the last reading. The reading itself is shared
+/// (one per change of the host, whatever the number of resources and front-ends).
 #[derive(Clone, Debug)]
 pub struct Assessment {
-    pub host: Host,
+    pub host: Arc<Host>,
     pub grant: Grant,
     pub health: health::Health,
     pub transitions: Vec<health::Transition>,
@@ -100,7 +102,7 @@ pub struct Assessment {
 /// Feeds `host`, read at `now`, to `monitor` and assesses what `selector` grants under `mode`.
 /// The daemon keeps one monitor for its lifetime; `list` and `diagnose` use a fresh one.
 pub fn assess(
-    host: Host,
+    host: Arc<Host>,
     selector: &Selector,
     taken: &[(String, Selector)],
     mode: health::Mode,

@@ -1,18 +1,16 @@
 //! The `v1beta1.DevicePlugin` service. Handlers run on grpcio's completion-queue threads, so each
-//! answers from memory or a short directory listing and never waits on anything.
+//! answers from memory (the daemon's latest assessment of the host, [`Settings::publish`]) and
+//! never reads the filesystem or waits on anything.
 
-use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
 
 use grpcio::{RpcContext, RpcStatus, RpcStatusCode, ServerStreamingSink, UnarySink};
-use log::{debug, info, warn};
+use log::{debug, warn};
 
 use crate::config::Config;
-use crate::host::health::{Mode, PortMonitor};
-use crate::host::nodes::{Inventory, Selection};
 use crate::host::select::Selector;
-use crate::host::{self, Assessment, Grant, Host};
+use crate::host::Assessment;
 use crate::kubelet::api;
 use crate::kubelet::stream::{self, Hub};
 use crate::resource::{cdi, Devices, RequestError};
@@ -20,11 +18,6 @@ use crate::resource::{cdi, Devices, RequestError};
 /// What the plugin serves; shared by every handler of one server.
 #[derive(Debug)]
 pub struct Settings {
-    /// Where device nodes are looked for (`/` on a host, the host's `/` mount in a pod).
-    pub host_root: PathBuf,
-    /// Where sysfs is seen, for the HCAs (`/sys`: a container's own sysfs shows the host's HCAs).
-    pub sysfs: PathBuf,
-    pub selection: Selection,
     /// Which HCAs are granted.
     pub selector: Selector,
     /// Per-HCA resources declared before this one, and what they select.
@@ -36,23 +29,24 @@ pub struct Settings {
     pub cdi: Option<CdiAnswer>,
     /// The CDI spec is on disk as it must be: CDI names resolve. Set by the daemon, which
     /// watches the spec; while it is not, Allocate answers with device specs alone.
-    cdi_ready: std::sync::atomic::AtomicBool,
-    /// The health rule and hold-down (for one-off assessments).
-    pub health: Mode,
-    pub hold_down: Duration,
-    /// The last discovery error, so a lasting one is logged at warn once, not on every scan.
-    last_error: Mutex<Option<String>>,
-    /// What sysfs could not tell at the last scan, so it is logged (at debug) once.
-    last_notes: Mutex<Vec<String>>,
+    cdi_ready: AtomicBool,
+    /// What the handlers answer from: the daemon's latest assessment, published after every
+    /// reading of the host (the same one the kubelet's list was made from).
+    current: Mutex<Option<Arc<Served>>>,
+}
+
+/// One assessment of the host as the handlers see it.
+#[derive(Debug)]
+pub struct Served {
+    pub assessment: Assessment,
+    /// Why device discovery failed, if it did: Allocate says so rather than "no driver".
+    pub error: Option<String>,
 }
 
 impl Settings {
     /// What one resource's server serves, from its configuration.
     pub fn from_config(cfg: &Config) -> Settings {
         Settings {
-            host_root: cfg.host_root.clone(),
-            sysfs: cfg.sysfs.clone(),
-            selection: cfg.selection(),
             selector: cfg.selector.clone(),
             taken: cfg.taken.clone(),
             resource: cfg.resource(),
@@ -60,90 +54,28 @@ impl Settings {
             cdi: cfg.cdi.then_some(CdiAnswer {
                 device_specs: !cfg.cdi_only,
             }),
-            cdi_ready: std::sync::atomic::AtomicBool::new(false),
-            health: cfg.health,
-            hold_down: cfg.hold_down,
-            last_error: Mutex::new(None),
-            last_notes: Mutex::new(Vec::new()),
+            cdi_ready: AtomicBool::new(false),
+            current: Mutex::new(None),
         }
     }
 
     /// Whether this resource's CDI spec is written (set by the daemon).
     pub fn set_cdi_ready(&self, ready: bool) {
-        self.cdi_ready
-            .store(ready, std::sync::atomic::Ordering::Release);
+        self.cdi_ready.store(ready, Ordering::Release);
     }
 
-    /// The device nodes granted now (what Allocate hands out), or why discovery failed (an
-    /// unreadable device directory, too many open files): a pod must not be told "no driver"
-    /// when the cause is something else.
-    pub fn granted(&self) -> Result<(Host, Grant), String> {
-        self.try_scan().map(|h| {
-            let g = host::grant_except(&h, &self.selector, &self.taken);
-            (h, g)
-        })
+    /// Makes `served` what the handlers answer from.
+    pub fn publish(&self, served: Arc<Served>) {
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(served);
     }
 
-    /// Reads the host now and assesses it with a fresh port monitor (no hold-down history):
-    /// what a one-off answer such as a preferred allocation needs.
-    pub fn assess_now(&self) -> Assessment {
-        let mut monitor = PortMonitor::new(self.hold_down);
-        host::assess(
-            self.scan(),
-            &self.selector,
-            &self.taken,
-            self.health,
-            &mut monitor,
-            Instant::now(),
-        )
-    }
-
-    /// Reads the host now. A device directory that cannot be listed counts as no devices (the
-    /// resource turns Unhealthy) and is logged, so the plugin keeps serving.
-    pub fn scan(&self) -> Host {
-        self.try_scan().unwrap_or_else(|_| Host {
-            nodes: Inventory::default(),
-            hcas: host::sysfs::read(&self.sysfs),
-        })
-    }
-
-    /// Reads the host now; a lasting error is logged at warn once, then at debug.
-    fn try_scan(&self) -> Result<Host, String> {
-        let result = host::scan(&self.host_root, &self.sysfs, self.selection);
-        if let Ok(h) = &result {
-            let mut last = self
-                .last_notes
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if *last != h.hcas.notes {
-                for note in &h.hcas.notes {
-                    debug!("sysfs: cannot read {note}; that much stays unknown");
-                }
-                last.clone_from(&h.hcas.notes);
-            }
-        }
-        let mut last = self
-            .last_error
+    /// The latest assessment, if the daemon has made one.
+    fn current(&self) -> Result<Arc<Served>, RequestError> {
+        self.current
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        match result {
-            Ok(h) => {
-                if last.take().is_some() {
-                    info!("device discovery works again");
-                }
-                Ok(h)
-            }
-            Err(e) => {
-                let text = e.to_string();
-                if last.as_deref() == Some(text.as_str()) {
-                    debug!("device discovery still failing: {text}");
-                } else {
-                    warn!("device discovery failed: {text}; advertising no device nodes");
-                    *last = Some(text.clone());
-                }
-                Err(text)
-            }
-        }
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| RequestError::Discovery("the host has not been read yet".into()))
     }
 }
 
@@ -279,7 +211,10 @@ impl api::DevicePlugin for Plugin {
         let result = match &self.settings.resource {
             // Shared devices need no reading of the host.
             Devices::Shared(r) => r.preferred(&req),
-            per_hca => per_hca.preferred(&req, &self.settings.assess_now()),
+            per_hca => self
+                .settings
+                .current()
+                .and_then(|now| per_hca.preferred(&req, &now.assessment)),
         }
         .map_err(status);
         reply(&ctx, sink, result, "GetPreferredAllocation");
@@ -291,21 +226,22 @@ impl api::DevicePlugin for Plugin {
         req: api::AllocateRequest,
         sink: UnarySink<api::AllocateResponse>,
     ) {
-        // Read live: a node added or removed since the last ListAndWatch message counts.
-        let result = match self.settings.granted() {
-            Ok((h, g)) => {
+        // The daemon's latest reading: it reads again within milliseconds of any change under
+        // /dev (inotify), so a node added or removed since the last list counts.
+        let now = self.settings.current().and_then(|now| match &now.error {
+            Some(why) => Err(RequestError::Discovery(why.clone())),
+            None => Ok(now),
+        });
+        let result = match now {
+            Ok(now) => {
+                let a = &now.assessment;
                 let result = self
                     .settings
                     .resource
-                    .allocate(&req, &h, &g)
+                    .allocate(&req, &a.host, &a.grant)
                     .map(|resp| match self.settings.cdi {
-                        // Without a written spec, CDI names would not resolve: device specs.
-                        Some(how)
-                            if self
-                                .settings
-                                .cdi_ready
-                                .load(std::sync::atomic::Ordering::Acquire) =>
-                        {
+                        // Without the spec on disk, CDI names would not resolve: device specs.
+                        Some(how) if self.settings.cdi_ready.load(Ordering::Acquire) => {
                             as_cdi(resp, &req, &self.settings.resource_name, how)
                         }
                         _ => resp,
@@ -322,7 +258,7 @@ impl api::DevicePlugin for Plugin {
                 }
                 result
             }
-            Err(why) => Err(status(RequestError::Discovery(why))),
+            Err(e) => Err(status(e)),
         };
         reply(&ctx, sink, result, "Allocate");
     }

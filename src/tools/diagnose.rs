@@ -400,13 +400,14 @@ pub fn run(cfg: &Config) -> Vec<Check> {
     }
     // Each resource (one without --resource) assesses the same reading its own way.
     let now = Instant::now();
+    let shared = std::sync::Arc::new(h.clone());
     let assessed: Vec<(Config, Assessment)> = cfg
         .units()
         .into_iter()
         .map(|u| {
             let mut monitor = PortMonitor::new(u.hold_down);
             let a = host::assess(
-                h.clone(),
+                std::sync::Arc::clone(&shared),
                 &u.selector,
                 &u.taken,
                 u.health,

@@ -16,7 +16,7 @@ use crate::tools::json::{array, opt, quote};
 /// One reading, as the daemon would assess it at start.
 struct Report<'a> {
     cfg: &'a Config,
-    host: Host,
+    host: std::sync::Arc<Host>,
     grant: Grant,
     health: Health,
     list: api::ListAndWatchResponse,
@@ -49,7 +49,7 @@ fn report_one(cfg: &Config, json: bool) -> Result<String, nodes::Error> {
     let h = host::scan(&cfg.host_root, &cfg.sysfs, cfg.selection())?;
     let mut monitor = PortMonitor::new(cfg.hold_down);
     let a = host::assess(
-        h,
+        std::sync::Arc::new(h),
         &cfg.selector,
         &cfg.taken,
         cfg.health,
