@@ -272,7 +272,9 @@ fn discovery_time(rows: &mut Vec<Row>) {
     let mut samples = Vec::new();
     for _ in 0..200 {
         let t = Instant::now();
-        let inv = nodes::scan(tmp.path(), &tmp.path().join("sys"), Selection::default()).unwrap();
+        let sys = tmp.path().join("sys");
+        let hcas = hostmodel::sysfs::read(&sys);
+        let inv = nodes::scan(tmp.path(), &sys, &hcas, Selection::default()).unwrap();
         samples.push(ms(t.elapsed()));
         assert_eq!(inv.nodes.len(), 1025);
     }

@@ -31,11 +31,10 @@ pub struct Host {
 /// Reads `root/dev` and `sysfs`. Only an unreadable device directory is an error; what sysfs
 /// cannot tell stays unknown (see [`Hcas::notes`]).
 pub fn scan(root: &Path, sysfs: &Path, which: nodes::Selection) -> Result<Host, nodes::Error> {
-    let nodes = nodes::scan(root, sysfs, which)?;
-    Ok(Host {
-        nodes,
-        hcas: sysfs::read(sysfs),
-    })
+    // sysfs first: the nodes take what it says of each of them from this one reading.
+    let hcas = sysfs::read(sysfs);
+    let nodes = nodes::scan(root, sysfs, &hcas, which)?;
+    Ok(Host { nodes, hcas })
 }
 
 /// A stable ID for an HCA, the same across plugin and kubelet restarts and driver reloads

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use log::debug;
 
-use crate::host::sysfs::{read_attr, DevNum};
+use crate::host::sysfs::{read_attr, DevNum, Hcas};
 
 /// The directory of verbs, CM and MAD nodes, relative to the host root.
 pub const INFINIBAND_DIR: &str = "dev/infiniband";
@@ -161,15 +161,23 @@ impl std::error::Error for Error {
     }
 }
 
-/// Lists the RDMA device nodes under `root` (`root/dev/...`), with NUMA nodes from `sysfs`
-/// (`sysfs/class/infiniband_verbs/...`). An absent `dev/infiniband` or `dev/knem` is not an
-/// error (no driver loaded yet); an unreadable one is.
-pub fn scan(root: &Path, sysfs: &Path, selection: Selection) -> Result<Inventory, Error> {
+/// Lists the RDMA device nodes under `root` (`root/dev/...`). What sysfs says of each
+/// `uverbs*`, `umad*` and `issm*` node (its HCA, NUMA node and device numbers) comes from
+/// `hcas`, already read from `sysfs` (one reading of each sysfs entry per scan); only `rdma_cm`'s
+/// and `knem`'s numbers are read here (`sysfs/class/misc`). An absent `dev/infiniband` or
+/// `dev/knem` is not an error (no driver loaded yet); an unreadable one is.
+pub fn scan(
+    root: &Path,
+    sysfs: &Path,
+    hcas: &Hcas,
+    selection: Selection,
+) -> Result<Inventory, Error> {
     let mut inv = Inventory::default();
-    scan_infiniband(root, sysfs, selection, &mut inv)?;
+    scan_infiniband(root, sysfs, hcas, selection, &mut inv)?;
     let knem = root.join(KNEM_NODE);
     let host_path = Path::new("/").join(KNEM_NODE);
-    match verify(&knem, None, &Kind::Knem.sysfs_dev(sysfs, "knem")) {
+    let want = Want::read(Kind::Knem.sysfs_dev(sysfs, "knem"));
+    match verify(&knem, None, &want) {
         Verified::Absent => {}
         Verified::Node => inv.nodes.push(DeviceNode {
             kind: Kind::Knem,
@@ -191,9 +199,11 @@ fn refuse(inv: &mut Inventory, host_path: &Path, why: String) {
 fn scan_infiniband(
     root: &Path,
     sysfs: &Path,
+    hcas: &Hcas,
     selection: Selection,
     inv: &mut Inventory,
 ) -> Result<(), Error> {
+    let described_by_sysfs = hcas.entries();
     let dir = root.join(INFINIBAND_DIR);
     let entries = match fs::read_dir(&dir) {
         Ok(entries) => entries,
@@ -226,7 +236,15 @@ fn scan_infiniband(
         // The entry's type comes with the listing (d_type): no stat per plain file, except to
         // follow a symlink or on filesystems that do not report types.
         let known = entry.file_type().ok();
-        match verify(&entry.path(), known, &kind.sysfs_dev(sysfs, name)) {
+        let described = described_by_sysfs.get(name).copied();
+        let want = match kind {
+            Kind::RdmaCm | Kind::Knem => Want::read(kind.sysfs_dev(sysfs, name)),
+            _ => Want::Known {
+                dev: described.and_then(|e| e.dev),
+                path: kind.sysfs_dev(sysfs, name),
+            },
+        };
+        match verify(&entry.path(), known, &want) {
             Verified::Absent => continue,
             Verified::Refused(why) => {
                 refuse(inv, &host_path, why);
@@ -234,15 +252,10 @@ fn scan_infiniband(
             }
             Verified::Node => {}
         }
-        let numa_node = match kind {
-            Kind::Uverbs => read_numa_node(sysfs, name),
-            _ => None,
-        };
-        let hca = match kind {
-            Kind::Uverbs => read_ibdev(sysfs, "class/infiniband_verbs", name),
-            Kind::Umad | Kind::Issm => read_ibdev(sysfs, "class/infiniband_mad", name),
-            _ => None,
-        };
+        let numa_node = described.and_then(|e| e.numa);
+        let hca = described
+            .and_then(|e| e.hca.clone())
+            .filter(|h| !h.is_empty());
         inv.nodes.push(DeviceNode {
             kind,
             host_path,
@@ -260,6 +273,32 @@ fn scan_infiniband(
     Ok(())
 }
 
+/// The device numbers sysfs gives a node: already read (with where from, for messages), or to
+/// be read from a `dev` attribute only if the node turns out to be a character device.
+enum Want {
+    Known { dev: Option<DevNum>, path: PathBuf },
+    Read(PathBuf),
+}
+
+impl Want {
+    fn read(path: PathBuf) -> Want {
+        Want::Read(path)
+    }
+
+    fn get(&self) -> (Option<DevNum>, &Path) {
+        match self {
+            Want::Known { dev, path } => (*dev, path),
+            Want::Read(path) => (
+                read_attr(path)
+                    .ok()
+                    .flatten()
+                    .and_then(|s| DevNum::parse(&s)),
+                path,
+            ),
+        }
+    }
+}
+
 enum Verified {
     Node,
     Absent,
@@ -274,7 +313,7 @@ enum Verified {
 /// be resolved in our mount namespace, not the host's), one hop, and what it names is checked
 /// against the link's own name. Anything else (a directory, which a runtime leaves at a hostPath
 /// of a missing file; a FIFO; a socket) is refused.
-fn verify(path: &Path, known: Option<fs::FileType>, sysfs_dev: &Path) -> Verified {
+fn verify(path: &Path, known: Option<fs::FileType>, sysfs_dev: &Want) -> Verified {
     // A plain file from d_type needs no stat; everything else does.
     if known.is_some_and(|t| t.is_file()) {
         return Verified::Node;
@@ -311,7 +350,7 @@ fn verify(path: &Path, known: Option<fs::FileType>, sysfs_dev: &Path) -> Verifie
     }
 }
 
-fn check_type(meta: &fs::Metadata, sysfs_dev: &Path) -> Verified {
+fn check_type(meta: &fs::Metadata, sysfs_dev: &Want) -> Verified {
     let ftype = meta.file_type();
     if ftype.is_file() {
         return Verified::Node;
@@ -323,10 +362,7 @@ fn check_type(meta: &fs::Metadata, sysfs_dev: &Path) -> Verified {
         major: libc::major(meta.rdev()),
         minor: libc::minor(meta.rdev()),
     };
-    let want = read_attr(sysfs_dev)
-        .ok()
-        .flatten()
-        .and_then(|s| DevNum::parse(&s));
+    let (want, sysfs_dev) = sysfs_dev.get();
     match want {
         Some(w) if w == have => Verified::Node,
         Some(w) => Verified::Refused(format!(
@@ -338,28 +374,6 @@ fn check_type(meta: &fs::Metadata, sysfs_dev: &Path) -> Verified {
             sysfs_dev.display()
         )),
     }
-}
-
-/// Reads `<sysfs>/class/infiniband_verbs/<uverbsN>/device/numa_node`; the kernel writes -1
-/// when the platform does not say.
-fn read_numa_node(sysfs: &Path, uverbs: &str) -> Option<i64> {
-    let path = sysfs
-        .join("class/infiniband_verbs")
-        .join(uverbs)
-        .join("device/numa_node");
-    let text = read_attr(&path).ok()??;
-    match text.trim().parse::<i64>() {
-        Ok(n) if n >= 0 => Some(n),
-        _ => None,
-    }
-}
-
-/// Reads `<sysfs>/<class>/<node>/ibdev`: the HCA a node belongs to (`uverbs3` may be
-/// `mlx5_0`'s: node numbers are not HCA numbers).
-fn read_ibdev(sysfs: &Path, class: &str, node: &str) -> Option<String> {
-    let text = read_attr(&sysfs.join(class).join(node).join("ibdev")).ok()??;
-    let name = text.trim();
-    (!name.is_empty()).then(|| name.to_string())
 }
 
 /// Orders `uverbs2` before `uverbs10`: digit runs compare by value, the rest byte-wise.
@@ -408,6 +422,12 @@ fn trim_zeros(digits: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Scans `root` as the daemon does: sysfs (`root/sys`) read first, then the nodes.
+    fn scan_tree(root: &Path, selection: Selection) -> Result<Inventory, Error> {
+        let sysfs = root.join("sys");
+        scan(root, &sysfs, &crate::host::sysfs::read(&sysfs), selection)
+    }
 
     /// A temp tree that removes itself; one per test so tests run in parallel.
     struct Tree(PathBuf);
@@ -576,7 +596,7 @@ mod tests {
             for f in case.files {
                 tree.file(f);
             }
-            let inv = scan(&tree.0, &tree.0.join("sys"), Selection { mad: case.mad }).unwrap();
+            let inv = scan_tree(&tree.0, Selection { mad: case.mad }).unwrap();
             assert_eq!(paths(&inv), case.want, "case: {}", case.name);
             assert_eq!(
                 inv.has_verbs(),
@@ -601,7 +621,7 @@ mod tests {
         link("/etc/passwd", "uverbs1"); // absolute: would resolve in our namespace
         link("uverbs3", "uverbs2"); // a link to a link
         link("../../etc", "rdma_cm");
-        let inv = scan(&tree.0, &tree.0.join("sys"), Selection::default()).unwrap();
+        let inv = scan_tree(&tree.0, Selection::default()).unwrap();
         assert_eq!(paths(&inv), ["/dev/infiniband/uverbs3"]);
         let refused: Vec<(&str, &str)> = inv
             .refused
@@ -645,7 +665,7 @@ mod tests {
         ] {
             tree.file(&format!("dev/infiniband/{name}"));
         }
-        let inv = scan(&tree.0, &tree.0.join("sys"), Selection { mad: true }).unwrap();
+        let inv = scan_tree(&tree.0, Selection { mad: true }).unwrap();
         assert_eq!(
             paths(&inv),
             [
@@ -688,7 +708,7 @@ mod tests {
         // SAFETY (test): mkfifo with a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
 
-        let inv = scan(&tree.0, &tree.0.join("sys"), Selection::default()).unwrap();
+        let inv = scan_tree(&tree.0, Selection::default()).unwrap();
         assert_eq!(
             paths(&inv),
             ["/dev/infiniband/uverbs0", "/dev/infiniband/rdma_cm"]
@@ -712,12 +732,7 @@ mod tests {
 
     #[test]
     fn root_absent_is_empty_not_error() {
-        let inv = scan(
-            Path::new("/nonexistent/rdma-root"),
-            Path::new("/nonexistent/sys"),
-            Selection::default(),
-        )
-        .unwrap();
+        let inv = scan_tree(Path::new("/nonexistent/rdma-root"), Selection::default()).unwrap();
         assert!(inv.nodes.is_empty());
     }
 
@@ -725,7 +740,7 @@ mod tests {
     fn file_where_directory_should_be_is_an_error() {
         let tree = Tree::new("file-dir");
         tree.file("dev/infiniband");
-        let err = scan(&tree.0, &tree.0.join("sys"), Selection::default()).unwrap_err();
+        let err = scan_tree(&tree.0, Selection::default()).unwrap_err();
         assert!(err.to_string().contains("dev/infiniband"), "{err}");
     }
 
@@ -736,7 +751,7 @@ mod tests {
         let tree = Tree::new("loop");
         tree.dir("dev");
         std::os::unix::fs::symlink("infiniband", tree.0.join(INFINIBAND_DIR)).unwrap();
-        let err = scan(&tree.0, &tree.0.join("sys"), Selection::default()).unwrap_err();
+        let err = scan_tree(&tree.0, Selection::default()).unwrap_err();
         assert!(err.to_string().contains("cannot list"), "{err}");
     }
 
@@ -747,7 +762,7 @@ mod tests {
         tree.file("dev/infiniband/uverbs1");
         tree.write("sys/class/infiniband_verbs/uverbs0/device/numa_node", "1\n");
         tree.write("sys/class/infiniband_verbs/uverbs1/device/numa_node", "0\n");
-        let inv = scan(&tree.0, &tree.0.join("sys"), Selection::default()).unwrap();
+        let inv = scan_tree(&tree.0, Selection::default()).unwrap();
         assert_eq!(inv.numa_nodes(), vec![0, 1]);
 
         // One HCA with an unknown node (-1) makes the whole answer unknown.
@@ -755,7 +770,7 @@ mod tests {
             "sys/class/infiniband_verbs/uverbs1/device/numa_node",
             "-1\n",
         );
-        let inv = scan(&tree.0, &tree.0.join("sys"), Selection::default()).unwrap();
+        let inv = scan_tree(&tree.0, Selection::default()).unwrap();
         assert_eq!(inv.numa_nodes(), Vec::<i64>::new());
     }
 

@@ -155,6 +155,9 @@ pub struct NodeEntry {
     /// The port (`umad*`/`issm*` only).
     pub port: Option<u32>,
     pub dev: Option<DevNum>,
+    /// The NUMA node of the PCI function behind it (`uverbs*` only; `device/numa_node`, -1 as
+    /// unknown), so a node keeps its NUMA node when `class/infiniband` does not list its HCA.
+    pub numa: Option<i64>,
 }
 
 /// The PCI function behind an HCA.
@@ -234,6 +237,16 @@ impl Hcas {
     /// True when sysfs describes at least one HCA with ports: port-state health needs it.
     pub fn described(&self) -> bool {
         self.list.iter().any(|h| !h.ports.is_empty())
+    }
+
+    /// Every `uverbs*`, `umad*` and `issm*` entry by name, whichever HCA it belongs to.
+    pub fn entries(&self) -> std::collections::HashMap<&str, &NodeEntry> {
+        self.list
+            .iter()
+            .flat_map(|h| h.verbs.iter().chain(&h.mad))
+            .chain(&self.orphans)
+            .map(|e| (e.name.as_str(), e))
+            .collect()
     }
 
     pub fn get(&self, name: &str) -> Option<&Hca> {
@@ -416,6 +429,13 @@ fn read_node_entry(dir: &Path, name: String, mad: bool, notes: &mut Vec<String>)
             None
         },
         dev: attr(&dir.join("dev"), notes).and_then(|s| DevNum::parse(&s)),
+        numa: if mad {
+            None
+        } else {
+            attr(&dir.join("device/numa_node"), notes)
+                .and_then(|s| s.trim().parse::<i64>().ok())
+                .filter(|n| *n >= 0)
+        },
         name,
     }
 }
