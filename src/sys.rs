@@ -271,6 +271,24 @@ pub fn socket_answers(path: &Path) -> io::Result<bool> {
     }
 }
 
+/// 64 random bits from the kernel (getrandom(2), which does not block once the pool is ready
+/// at boot).
+pub fn random_u64() -> io::Result<u64> {
+    let mut buf = [0u8; 8];
+    // SAFETY: `buf` is valid for 8 bytes of writes for the duration of the call.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), libc::GRND_NONBLOCK) };
+    if n == buf.len() as isize {
+        Ok(u64::from_ne_bytes(buf))
+    } else if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "short getrandom",
+        ))
+    }
+}
+
 /// Whether this process may write in `path` (`access(2)` with `W_OK`, which also refuses on a
 /// read-only mount, where root's permission bits say nothing).
 pub fn may_write(path: &Path) -> bool {

@@ -14,18 +14,22 @@ use common::*;
 const RDMA: &str = "jarvice.com/rdma";
 
 /// A host, a kubelet and the plugin with `--cdi` into `<tmp>/run/cdi`, registered and serving.
+/// Fields drop in order: the plugin first, so that it cannot restore a spec into a temp tree
+/// being removed.
 struct Cdi {
-    host: Host,
-    kubelet: FakeKubelet,
     plugin: Plugin,
+    kubelet: FakeKubelet,
     dir: PathBuf,
     spec: PathBuf,
+    host: Host,
 }
 
 impl Cdi {
     fn start(tag: &str, extra: &[&str]) -> Cdi {
         let host = Host::with_hcas(tag);
         let dir = host.tmp.path().join("run/cdi");
+        // The runtime's /var/run: the plugin makes only the cdi dir in it.
+        fs::create_dir(host.tmp.path().join("run")).unwrap();
         let arg = dir.display().to_string();
         let kubelet = FakeKubelet::start(&host.plugin_dir());
         let mut args = vec!["--cdi", "--cdi-dir", &arg];
@@ -99,6 +103,29 @@ fn a_spec_deleted_emptied_replaced_or_without_its_dir_is_restored_and_logged() {
     let theirs = t.dir.join("nvidia.com_gpu.json");
     fs::write(&theirs, b"{}").unwrap();
     assert_eq!(read(&theirs), "{}");
+    // One that defines our kind too makes both unresolvable in the runtime's CDI cache:
+    // diagnose says so.
+    let rival = t.dir.join("zz_rival.json");
+    fs::write(
+        &rival,
+        b"{\"cdiVersion\": \"0.6.0\", \"kind\": \"jarvice.com/rdma\", \"devices\": []}",
+    )
+    .unwrap();
+    let out = run(
+        &t.host,
+        &[
+            "diagnose",
+            "--cdi",
+            "--cdi-dir",
+            &t.dir.display().to_string(),
+        ],
+    );
+    assert!(
+        stdout(&out).contains("zz_rival.json also defines jarvice.com/rdma"),
+        "{}",
+        stdout(&out)
+    );
+    fs::remove_file(&rival).unwrap();
 
     // Healthy all along: a restored spec is no reason to fail pods.
     let list = t.kubelet.wait_list(RDMA, "Healthy", |l| {
@@ -223,4 +250,61 @@ fn allocate_carries_device_specs_with_the_cdi_names_unless_cdi_only() {
         let out = run(&t.host, bad);
         assert_eq!(out.status.code(), Some(2), "{bad:?}: {out:?}");
     }
+}
+
+#[test]
+fn a_spec_dir_deleted_on_the_host_but_still_mounted_here_ends_the_process() {
+    // As in a pod: /var/run/cdi is a bind mount (hostPath) of the host's directory, which the
+    // host deletes. The mount keeps the deleted directory; files made in it reach no runtime,
+    // and only a new container sees the host's new one. So the plugin exits (non-zero) and
+    // says why, and the kubelet restarts it with fresh mounts.
+    let usable = std::process::Command::new("unshare")
+        .args(["-m", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !usable || under_emulation() {
+        eprintln!("no mount namespace to be had here (or under an emulator): skipped");
+        return;
+    }
+    let host = Host::new("cdistale");
+    let _kubelet = FakeKubelet::start(&host.plugin_dir());
+    let on_host = host.tmp.path().join("host-cdi");
+    let in_pod = host.tmp.path().join("pod-cdi");
+    fs::create_dir(&on_host).unwrap();
+    fs::create_dir(&in_pod).unwrap();
+    let log = host.tmp.path().join("plugin-stale.log");
+    let mut args = vec![plugin_bin().display().to_string()];
+    args.extend(host.args());
+    args.extend([
+        "--cdi".into(),
+        "--cdi-dir".into(),
+        in_pod.display().to_string(),
+    ]);
+    // Mounted, then deleted on the "host" side before the plugin starts: the same state a
+    // running plugin finds after the host's `rm -rf`.
+    let script = format!(
+        "mount --bind {} {} && rmdir {} && exec \"$@\"",
+        on_host.display(),
+        in_pod.display(),
+        on_host.display()
+    );
+    let child = std::process::Command::new("unshare")
+        .args(["-m", "sh", "-c", &script, "sh"])
+        .args(&args)
+        .env("RUST_LOG", "debug")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut plugin = Plugin { child, log };
+    let status = plugin.wait_exit(WAIT).expect("exits");
+    assert_eq!(status.code(), Some(1), "{}", plugin.log_text());
+    assert!(
+        plugin
+            .log_text()
+            .contains("was deleted on the host and this container still has the old one mounted"),
+        "{}",
+        plugin.log_text()
+    );
 }

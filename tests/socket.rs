@@ -95,3 +95,42 @@ fn a_plugin_dir_made_again_is_registered_with_at_once() {
     assert_eq!(req.endpoint, "rdma.sock");
     kubelet.expect_list();
 }
+
+#[test]
+fn another_users_socket_we_cannot_connect_to_is_left_alone() {
+    // The DaemonSet drops every capability: root without CAP_DAC_OVERRIDE cannot connect to
+    // another user's 0700 socket (EACCES), which proves nothing about it being stale.
+    let drop_caps = ["--inh-caps=-all", "--bounding-set=-all", "--"];
+    let usable = std::process::Command::new("setpriv")
+        .args(drop_caps)
+        .arg("true")
+        .status()
+        .is_ok_and(|s| s.success());
+    if !usable {
+        eprintln!("setpriv cannot drop capabilities here: skipped");
+        return;
+    }
+    let host = Host::new("sockeacces");
+    let _kubelet = FakeKubelet::start(&host.plugin_dir());
+    let _theirs = UnixListener::bind(host.socket()).unwrap();
+    std::os::unix::fs::chown(host.socket(), Some(65534), Some(65534)).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(host.socket(), fs::Permissions::from_mode(0o700)).unwrap();
+
+    let log = host.tmp.path().join("plugin-nocaps.log");
+    let runner = std::env::var("JARVICE_TEST_RUNNER").unwrap_or_default();
+    let child = std::process::Command::new("setpriv")
+        .args(drop_caps)
+        .args(runner.split_whitespace())
+        .arg(plugin_bin())
+        .args(host.args())
+        .env("RUST_LOG", "debug")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start the plugin without capabilities");
+    let plugin = Plugin { child, log };
+    assert!(plugin.wait_log("someone else's, leaving it alone"));
+    still_theirs(&host);
+}

@@ -9,8 +9,8 @@
 //! restore after a quiet second is immediate; the next ones wait 100 ms, doubling to 10 s.
 
 use std::fs;
-use std::io::{self, Read};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::io;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -22,9 +22,10 @@ use crate::resource::cdi;
 const RESTORE_QUIET: Duration = Duration::from_secs(1);
 const RESTORE_GAP_FIRST: Duration = Duration::from_millis(100);
 const RESTORE_GAP_CAP: Duration = Duration::from_secs(10);
-/// A failed write is tried again after this, doubling to the cap (and at every reading).
+/// A failed write is tried again after this, doubling to the cap; nothing else (a reading, an
+/// event) tries it sooner.
 const RETRY_FIRST: Duration = Duration::from_secs(1);
-const RETRY_CAP: Duration = Duration::from_secs(30);
+const RETRY_CAP: Duration = Duration::from_secs(10);
 /// A restore is logged at warn at most this often; the ones between at debug, counted.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -61,6 +62,8 @@ pub struct SpecKeeper {
     gap: Duration,
     restores: u64,
     last_warned: Option<Instant>,
+    /// The text last asked for, and its device count.
+    wanted: Option<(String, usize)>,
 }
 
 impl SpecKeeper {
@@ -76,6 +79,7 @@ impl SpecKeeper {
             gap: Duration::ZERO,
             restores: 0,
             last_warned: None,
+            wanted: None,
         }
     }
 
@@ -89,15 +93,25 @@ impl SpecKeeper {
     }
 
     /// Makes the file say `text` (`devices` is for the log line). Writes only when the file
-    /// differs; a difference from what we wrote is someone else's doing, and restored.
+    /// differs; a difference from what we wrote is someone else's doing, and restored. Paced:
+    /// while a restore or a retry is due later, nothing is read or written.
     pub fn ensure(&mut self, text: &str, devices: usize, now: Instant) -> Outcome {
+        self.wanted = Some((text.to_string(), devices));
+        if self.due.is_some_and(|t| now < t) {
+            return match &self.failure {
+                Some(why) => Outcome::Failed(why.clone()),
+                None => Outcome::Deferred,
+            };
+        }
         let found = look(&self.path, text);
         if found == Found::Same {
             self.succeeded(text);
             return Outcome::Current;
         }
         let restoring = match (&self.ours, &found) {
-            (Some((was, _)), Found::Differs(what)) if was == text => Some(*what),
+            (Some((was, _)), Found::Differs(what)) if was == text && self.failure.is_none() => {
+                Some(*what)
+            }
             _ => None,
         };
         if restoring.is_some() {
@@ -128,19 +142,39 @@ impl SpecKeeper {
             }
             Err(e) => {
                 let why = format!("CDI spec {} cannot be written: {e}", self.path.display());
-                if self.failure.as_deref() != Some(why.as_str()) {
-                    warn!("{why}; no CDI names are handed out and the resource is Unhealthy until it can");
-                    self.failure = Some(why.clone());
+                if self.failure.is_none() {
                     self.retry = RETRY_FIRST;
+                }
+                if self.warn_now(now) {
+                    warn!("{why}; no CDI names are handed out and the resource is Unhealthy until it can");
                 } else {
                     debug!("{why}");
                 }
-                self.ours = None;
+                self.failure = Some(why.clone());
+                // Our last spec (if still there) stays ours: at exit it goes.
                 self.due = Some(now + self.retry);
                 self.retry = (self.retry * 2).min(RETRY_CAP);
                 Outcome::Failed(why)
             }
         }
+    }
+
+    /// The last text asked for, again (after a change in the CDI dir: no need to read the
+    /// host for it). `None` before the first [`SpecKeeper::ensure`].
+    pub fn recheck(&mut self, now: Instant) -> Option<Outcome> {
+        let (text, devices) = self.wanted.clone()?;
+        Some(self.ensure(&text, devices, now))
+    }
+
+    /// Whether a warning may be logged now: at most one a minute (restores and failures).
+    fn warn_now(&mut self, now: Instant) -> bool {
+        let due = self
+            .last_warned
+            .map_or(true, |t| now.duration_since(t) >= WARN_EVERY);
+        if due {
+            self.last_warned = Some(now);
+        }
+        due
     }
 
     fn succeeded(&mut self, text: &str) {
@@ -178,12 +212,8 @@ impl SpecKeeper {
             self.path.display(),
             self.restores
         );
-        if self
-            .last_warned
-            .map_or(true, |t| now.duration_since(t) >= WARN_EVERY)
-        {
+        if self.warn_now(now) {
             warn!("{line}");
-            self.last_warned = Some(now);
         } else {
             debug!("{line}");
         }
@@ -232,14 +262,8 @@ fn look(path: &Path, text: &str) -> Found {
     if meta.len() != text.len() as u64 {
         return Found::Differs("changed");
     }
-    let mut content = Vec::with_capacity(text.len() + 1);
-    let read = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .and_then(|f| f.take(text.len() as u64 + 1).read_to_end(&mut content));
-    match read {
-        Ok(_) if content == text.as_bytes() => Found::Same,
+    match cdi::read_bounded(path, text.len() as u64) {
+        Ok(content) if content == text.as_bytes() => Found::Same,
         Ok(_) => Found::Differs("changed"),
         Err(_) => Found::Differs("made unreadable"),
     }
@@ -302,7 +326,24 @@ mod tests {
         }
         assert_eq!(k.due(), Some(t3 + RETRY_FIRST));
         fs::remove_dir_all(&path).unwrap();
-        assert_eq!(k.ensure("{\"a\":1}\n", 1, t3), Outcome::Current);
+        // Failed writes are paced too: not tried again before the retry is due.
+        assert!(matches!(k.ensure("{\"a\":1}\n", 1, t3), Outcome::Failed(_)));
+        assert!(!path.exists());
+        assert_eq!(
+            k.ensure("{\"a\":1}\n", 1, t3 + RETRY_FIRST),
+            Outcome::Current
+        );
+
+        // A symlink planted under a temp name of the old, guessable kind leads nowhere.
+        let victim = dir.join("victim");
+        fs::write(&victim, b"secret").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join(".jarvice.com_rdma.json.tmp")).unwrap();
+        fs::remove_file(&path).unwrap();
+        assert_eq!(
+            k.ensure("{\"a\":1}\n", 1, t3 + Duration::from_secs(60)),
+            Outcome::Current
+        );
+        assert_eq!(fs::read(&victim).unwrap(), b"secret");
 
         // At exit only our file goes.
         k.remove();

@@ -51,6 +51,8 @@ pub enum Error {
     /// The resources as configured cannot be served (two per-HCA resources select one HCA).
     Config(String),
     Serve(server::Error),
+    /// A directory we serve in was deleted on the host while mounted here (a hostPath).
+    StaleMount(std::path::PathBuf),
 }
 
 impl Error {
@@ -70,6 +72,12 @@ impl fmt::Display for Error {
             Error::Limits(why) => write!(f, "refusing to start: {why}"),
             Error::Config(why) => write!(f, "refusing to start: {why}"),
             Error::Serve(e) => write!(f, "{e}"),
+            Error::StaleMount(path) => write!(
+                f,
+                "{} was deleted on the host and this container still has the old one mounted: \
+                 exiting, so that a restarted container mounts the new one",
+                path.display()
+            ),
         }
     }
 }
@@ -158,6 +166,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         cdi: cfg.cdi.then_some((cfg.cdi_dir.as_path(), specs)),
     };
     let mut watcher = Watcher::new(paths, !cfg.poll_only);
+    check_mounts(&watcher)?;
     let reader = Rc::new(RefCell::new(HostReader::new(&cfg)));
     let mut units = configs
         .into_iter()
@@ -214,6 +223,7 @@ fn drive(
         }
         if next_check.is_some_and(|t| t <= now) {
             let changes = watcher.refresh();
+            check_mounts(watcher)?;
             for u in units.iter_mut() {
                 u.self_check(changes, grpc)?;
             }
@@ -303,6 +313,7 @@ fn drive(
         }
         if ready.get(1 + 2 * units.len()) == Some(&true) {
             let changes = watcher.read();
+            check_mounts(watcher)?;
             for u in units.iter_mut() {
                 u.on_changes(changes, grpc)?;
             }
@@ -312,10 +323,20 @@ fn drive(
             // No inotify for some directory: look for it again, rescan, check the sockets
             // (and, at the next tick, whether kubelet.sock is there to register with).
             let changes = watcher.refresh();
+            check_mounts(watcher)?;
             for u in units.iter_mut() {
                 u.self_check(changes, grpc)?;
             }
         }
+    }
+}
+
+/// A deleted directory still mounted here cannot come back in this container: an error, so
+/// that the process exits and the kubelet starts a container with the host's new directory.
+fn check_mounts(watcher: &Watcher) -> Result<(), Error> {
+    match watcher.stale_mount() {
+        Some(p) => Err(Error::StaleMount(p.to_path_buf())),
+        None => Ok(()),
     }
 }
 

@@ -112,6 +112,8 @@ pub struct Unit {
     pub last_restart: Option<Instant>,
     /// With `--cdi`: this resource's CDI spec, kept as it must be.
     cdi: Option<SpecKeeper>,
+    /// The current reading is Unhealthy because the spec cannot be written.
+    cdi_failed: bool,
     /// The host as read since the loop last woke, shared by every unit (main thread only).
     reader: Rc<RefCell<HostReader>>,
 }
@@ -162,6 +164,7 @@ impl Unit {
             backoff: Backoff::new(BACKOFF_FIRST, BACKOFF_CAP),
             last_failure: None,
             last_restart: None,
+            cdi_failed: false,
             reader,
         })
     }
@@ -371,6 +374,7 @@ impl Unit {
             &mut self.monitor,
             Instant::now(),
         );
+        self.cdi_failed = false;
         if let Some(keeper) = &mut self.cdi {
             let devices = self.settings.resource.cdi_devices(&now.host, &now.grant);
             let text = cdi::render(&self.cfg.resource_name, &devices, &self.cfg.host_root);
@@ -379,6 +383,7 @@ impl Unit {
                 Outcome::Deferred => self.settings.set_cdi_ready(false),
                 Outcome::Failed(why) => {
                     self.settings.set_cdi_ready(false);
+                    self.cdi_failed = true;
                     now.fail(why);
                 }
             }
@@ -455,9 +460,10 @@ impl Unit {
             self.retry_at = None;
             self.backoff.reset();
         }
-        // Our own spec writes come back here too: reading finds the file current, writes nothing.
-        if changes.devices || changes.cdi {
+        if changes.devices {
             self.rescan();
+        } else if changes.cdi {
+            self.recheck_cdi();
         }
         Ok(())
     }
@@ -480,6 +486,24 @@ impl Unit {
             now.log_changes(&self.cfg, old);
         }
         self.state = Some(now);
+    }
+
+    /// Something in the CDI dir changed (our own writes come back here too): the spec is made
+    /// what the last reading said, without reading the host again. Only a change between
+    /// written and unwritable needs a new list for the kubelet, and a reading to make it.
+    fn recheck_cdi(&mut self) {
+        if self.serving.is_none() {
+            return;
+        }
+        let Some(outcome) = self.cdi.as_mut().and_then(|k| k.recheck(Instant::now())) else {
+            return;
+        };
+        let failed = matches!(outcome, Outcome::Failed(_));
+        self.settings
+            .set_cdi_ready(matches!(outcome, Outcome::Current));
+        if failed != self.cdi_failed {
+            self.rescan();
+        }
     }
 
     /// In `ports` mode, the next port-state reading: every interval, or sooner when a hold-down
@@ -561,10 +585,17 @@ impl Unit {
             self.stream_check_at = None;
             self.check_streams();
         }
-        let spec_due = self.cdi.as_ref().and_then(SpecKeeper::due);
-        if self.health_at.is_some_and(|t| t <= now) || spec_due.is_some_and(|t| t <= now) {
+        if self.health_at.is_some_and(|t| t <= now) {
             self.health_at = None;
             self.rescan();
+        }
+        if self
+            .cdi
+            .as_ref()
+            .and_then(SpecKeeper::due)
+            .is_some_and(|t| t <= now)
+        {
+            self.recheck_cdi();
         }
         self.maybe_register(grpc);
         Ok(())

@@ -102,6 +102,8 @@ struct Target {
     role: Role,
     path: PathBuf,
     wd: Option<libc::c_int>,
+    /// The inotify limit was reported for it (once, not at every batch).
+    warned: bool,
 }
 
 /// The inotify watches of the plugin dir, `<root>/dev`, `<root>/dev/infiniband`, the CDI dir,
@@ -113,6 +115,9 @@ pub struct Watcher {
     socket_names: Vec<String>,
     /// Our CDI specs' file names (with `--cdi`).
     spec_names: Vec<String>,
+    /// A directory we serve in that was deleted while still mounted here (see
+    /// [`Watcher::stale_mount`]).
+    stale: Option<PathBuf>,
 }
 
 /// Where the kubelet's and the runtime's directories are, and what of ours lives in them.
@@ -144,6 +149,7 @@ impl Watcher {
                 role,
                 path,
                 wd: None,
+                warned: false,
             })
         };
         add(Role::PluginDir, paths.plugin_dir.to_path_buf());
@@ -165,6 +171,7 @@ impl Watcher {
             targets,
             socket_names: paths.socket_names.to_vec(),
             spec_names,
+            stale: None,
         };
         // What exists now is scanned at start anyway; only the watches matter here.
         let _ = w.refresh();
@@ -205,6 +212,14 @@ impl Watcher {
         self.covered(Role::PluginDir)
     }
 
+    /// The plugin dir or the CDI dir, deleted on the host while this process still has it
+    /// mounted (a hostPath in a pod: the bind mount keeps the deleted directory, and the one the
+    /// host makes again is out of reach). Nothing written there reaches the kubelet or the
+    /// runtime again, and only a new container gets the new directory: the daemon exits.
+    pub fn stale_mount(&self) -> Option<&Path> {
+        self.stale.as_deref()
+    }
+
     /// Adds the watches that are missing (their directory may exist by now). A watch added now
     /// counts as a change: anything may have happened there before it existed.
     pub fn refresh(&mut self) -> Changes {
@@ -213,7 +228,14 @@ impl Watcher {
             return changes;
         };
         for t in self.targets.iter_mut().filter(|t| t.wd.is_none()) {
-            match inotify.add_watch(&t.path, t.role.mask() | libc::IN_ONLYDIR) {
+            if matches!(t.role, Role::PluginDir | Role::Cdi) && deleted_dir(&t.path) {
+                self.stale = Some(t.path.clone());
+                continue;
+            }
+            // IN_MASK_ADD: two roles on one directory (the CDI dir's parent may be the plugin
+            // dir's) share one watch, with both masks.
+            let mask = t.role.mask() | libc::IN_ONLYDIR | libc::IN_MASK_ADD;
+            match inotify.add_watch(&t.path, mask) {
                 Ok(wd) => {
                     debug!("watching {}", t.path.display());
                     t.wd = Some(wd);
@@ -225,10 +247,13 @@ impl Watcher {
                     }
                 }
                 Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                    warn!(
-                        "cannot watch {} ({e}; see fs.inotify.max_user_watches): polling it",
-                        t.path.display()
-                    );
+                    if !t.warned {
+                        warn!(
+                            "cannot watch {} ({e}; see fs.inotify.max_user_watches): polling it",
+                            t.path.display()
+                        );
+                        t.warned = true;
+                    }
                 }
                 Err(e) => debug!("cannot watch {} yet: {e}", t.path.display()),
             }
@@ -274,14 +299,18 @@ impl Watcher {
             changes.cdi = true;
             return;
         }
-        let Some(role) = self
+        let roles: Vec<Role> = self
             .targets
             .iter()
-            .find(|t| t.wd == Some(ev.wd))
+            .filter(|t| t.wd == Some(ev.wd))
             .map(|t| t.role)
-        else {
-            return;
-        };
+            .collect();
+        for role in roles {
+            self.classify_as(role, ev, changes);
+        }
+    }
+
+    fn classify_as(&mut self, role: Role, ev: &InotifyEvent, changes: &mut Changes) {
         let gone = ev.mask & (libc::IN_IGNORED | libc::IN_DELETE_SELF | libc::IN_MOVE_SELF) != 0;
         let name = ev.name();
         let created = ev.mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0;
@@ -289,6 +318,12 @@ impl Watcher {
         if gone {
             // A directory moved away keeps its watch (no IN_IGNORED): drop it ourselves.
             self.forget_role(role);
+            if matches!(role, Role::PluginDir | Role::Cdi) {
+                let path = self.target(role).map(|t| t.path.clone());
+                if let Some(p) = path.filter(|p| deleted_dir(p)) {
+                    self.stale = Some(p);
+                }
+            }
         }
         match role {
             Role::PluginDir => {
@@ -303,9 +338,12 @@ impl Watcher {
                     changes.socket_removed = true;
                 }
             }
-            // The plugin dir made again: `refresh` (after this batch) watches it and says so.
+            // The plugin dir gone, moved, or another put in its place: its watch (if any) is on
+            // a directory no longer at the path. `refresh` (after this batch) watches what is
+            // there now and says so.
             Role::PluginParent => {
-                if removed && Some(name) == self.child_name(Role::PluginDir) {
+                if gone || ((removed || created) && Some(name) == self.child_name(Role::PluginDir))
+                {
                     self.forget_role(Role::PluginDir);
                     changes.socket_removed = true;
                 }
@@ -317,7 +355,7 @@ impl Watcher {
                     || Path::new("dev").join(name) == Path::new(KNEM_NODE)
                 {
                     changes.devices = true;
-                    if removed && name == OsStr::new("infiniband") {
+                    if (removed || created) && name == OsStr::new("infiniband") {
                         self.forget_role(Role::Infiniband);
                     }
                 }
@@ -329,10 +367,8 @@ impl Watcher {
                 }
             }
             Role::CdiParent => {
-                if Some(name) == self.child_name(Role::Cdi) {
-                    if removed {
-                        self.forget_role(Role::Cdi);
-                    }
+                if gone || ((removed || created) && Some(name) == self.child_name(Role::Cdi)) {
+                    self.forget_role(Role::Cdi);
                     changes.cdi = true;
                 }
             }
@@ -345,11 +381,22 @@ impl Watcher {
         let Some(t) = self.targets.iter_mut().find(|t| t.role == role) else {
             return;
         };
-        if let (Some(wd), Some(inotify)) = (t.wd.take(), &self.inotify) {
+        let Some(wd) = t.wd.take() else {
+            return;
+        };
+        let shared = self.targets.iter().any(|t| t.wd == Some(wd));
+        if let (false, Some(inotify)) = (shared, &self.inotify) {
             // Usually already gone with the directory; EINVAL then is expected.
             let _ = inotify.rm_watch(wd);
         }
     }
+}
+
+/// A directory deleted while something (a bind mount) still holds it: the path still shows
+/// it, with no links.
+fn deleted_dir(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_dir() && m.nlink() == 0)
 }
 
 #[cfg(test)]
@@ -457,13 +504,32 @@ mod tests {
         fs::write(plugin_dir.join("kubelet.sock"), b"").unwrap();
         assert!(wait_changes(&mut w).kubelet_restarted);
 
-        // With the parent gone too, only polling can tell.
-        fs::remove_dir_all(base.join("kubelet")).unwrap();
+        // The parent moved away (with the plugin dir in it): no watch stays on the moved
+        // directories, and with the parent gone only polling can tell.
+        fs::rename(base.join("kubelet"), base.join("kubelet.old")).unwrap();
         wait_changes(&mut w);
         assert!(!w.watches_plugin_dir() && !w.complete());
+        fs::write(base.join("kubelet.old/plugins/kubelet.sock"), b"").unwrap();
+        assert!(
+            !wait_changes(&mut w).any(),
+            "the old directory is not watched"
+        );
         fs::create_dir_all(&plugin_dir).unwrap();
         assert!(w.refresh().plugin_dir_appeared);
         assert!(w.complete());
+        fs::write(plugin_dir.join("kubelet.sock"), b"").unwrap();
+        assert!(wait_changes(&mut w).kubelet_restarted);
+
+        // A CDI dir put in place of the old one (a rename over it): the new one is watched.
+        let fresh = base.join("run/cdi.new");
+        fs::create_dir_all(&fresh).unwrap();
+        fs::rename(&cdi_dir, base.join("run/cdi.old")).unwrap();
+        fs::rename(&fresh, &cdi_dir).unwrap();
+        assert!(wait_changes(&mut w).cdi);
+        fs::write(&spec, b"{}").unwrap();
+        assert!(wait_changes(&mut w).cdi, "the new CDI dir is watched");
+        fs::write(base.join("run/cdi.old/jarvice.com_rdma.json"), b"{}").unwrap();
+        assert!(!wait_changes(&mut w).any(), "the old one is not");
         fs::remove_dir_all(&base).unwrap();
     }
 }

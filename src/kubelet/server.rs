@@ -6,10 +6,12 @@
 //! unlinks whatever socket sits at its listening path when it binds and again when it shuts
 //! down (`tcp_server_posix.cc`: `grpc_unlink_if_unix_domain_socket` in `add_port` and
 //! `deactivated_all_ports`), which would delete another process's socket that took our path
-//! meanwhile. So gRPC listens on a private name in the same directory
-//! (`.<socket>.<pid>.<n>`), and we give the socket its public name with link(2), which never
-//! replaces a file, then drop the private name: gRPC's unlinks find nothing, and we remove the
-//! public name only while it is still the file we linked (device, inode and change time).
+//! meanwhile. So gRPC listens on a private name in the same directory (`.jrp.` and 64 random
+//! bits: in a DaemonSet every instance is PID 1, so a PID would not tell two pods apart), and we
+//! give the socket its public name with link(2), which never replaces a file, then drop the
+//! private name: gRPC's unlinks find nothing, and we remove the public name only while it is
+//! still the socket we bound (its device and inode, taken from the private name before the
+//! link: a bound socket keeps its inode alive, so the number cannot be reused meanwhile).
 
 use std::fmt;
 use std::io;
@@ -47,6 +49,12 @@ pub enum Error {
         path: PathBuf,
         source: io::Error,
     },
+    /// A socket at our path that we cannot tell to be stale (connecting failed otherwise than
+    /// "refused": EACCES from another user's socket, say): left alone.
+    Unclear {
+        path: PathBuf,
+        source: io::Error,
+    },
     /// Something other than a socket sits at our socket path.
     NotSocket {
         path: PathBuf,
@@ -76,6 +84,11 @@ impl fmt::Display for Error {
             Error::RemoveStale { path, source } => {
                 write!(f, "cannot remove stale socket {}: {source}", path.display())
             }
+            Error::Unclear { path, source } => write!(
+                f,
+                "{} is a socket we cannot connect to ({source}): someone else's, leaving it alone",
+                path.display()
+            ),
             Error::NotSocket { path } => write!(
                 f,
                 "{} exists and is not a socket: refusing to remove it",
@@ -101,15 +114,16 @@ pub struct Serving {
     socket: PathBuf,
     /// The socket file we bound, as it was once published.
     identity: Option<Identity>,
+    /// Set once we removed it ourselves (withdrawn before the server stops).
+    removed: std::cell::Cell<bool>,
 }
 
-/// What tells our socket file from another at the same path: device and inode, and the change
-/// time, because a file system reuses a deleted file's inode number (ext4 and xfs do at once).
+/// What tells our socket file from another at the same path: device and inode. File systems
+/// reuse a deleted file's inode number, but not while our bound socket holds the inode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Identity {
     dev: u64,
     ino: u64,
-    ctime: (i64, i64),
 }
 
 /// The identity of the socket at `path` (`None`: absent, or not a socket).
@@ -119,56 +133,65 @@ pub fn socket_identity(path: &Path) -> Option<Identity> {
     m.file_type().is_socket().then(|| Identity {
         dev: m.dev(),
         ino: m.ino(),
-        ctime: (m.ctime(), m.ctime_nsec()),
     })
 }
 
-/// The longest private name: `.jrp.` and a pid (at most 7 digits, `pid_max` 4194304), `.` and
-/// a counter below 10,000.
-pub const PRIVATE_NAME_MAX: usize = 5 + 7 + 1 + 4;
+/// The private name's length: `.jrp.` and 16 hex digits.
+pub const PRIVATE_NAME_MAX: usize = 5 + 16;
 
-/// The private name gRPC listens on, next to `socket`: hidden and unique to this process and
-/// server while it exists (a few microseconds), so no other process has a file there (the
-/// kubelet removes leftovers at its start).
+/// The private name gRPC listens on, next to `socket`: hidden, and unique to this server while
+/// it exists (a few microseconds) across every process and container on the node (64 random
+/// bits), so gRPC's unlink at bind meets nobody's socket (the kubelet removes leftovers at its
+/// start).
 fn private_path(socket: &Path) -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
-    socket.with_file_name(format!(
-        ".jrp.{}.{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed) % 10_000
-    ))
+    // getrandom(2); should it fail, the time and a counter still differ between instances.
+    let bits = sys::random_u64().unwrap_or_else(|_| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        t ^ N.fetch_add(1, Ordering::Relaxed).rotate_left(48)
+    });
+    socket.with_file_name(format!(".jrp.{bits:016x}"))
 }
 
 /// Gives the socket bound at `private` the name `socket`: link(2) fails with `EEXIST` rather
 /// than replace whatever someone put there since [`claim`]. The private name goes either way.
 fn publish(private: &Path, socket: &Path) -> Result<Identity, Error> {
-    let linked = std::fs::hard_link(private, socket);
+    // Ours, taken where nobody else can have put a file: after the link the public name may
+    // already be someone else's again.
+    let bound = socket_identity(private).ok_or_else(|| Error::Publish {
+        path: private.to_path_buf(),
+        source: io::Error::new(
+            io::ErrorKind::NotFound,
+            "our socket vanished right after bind",
+        ),
+    });
+    let linked = bound.and_then(|id| {
+        std::fs::hard_link(private, socket).map_err(|source| Error::Publish {
+            path: socket.to_path_buf(),
+            source,
+        })?;
+        Ok(id)
+    });
     if let Err(e) = std::fs::remove_file(private) {
         debug!("cannot remove {}: {e}", private.display());
     }
     match linked {
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            // Someone took the path between claim and now: theirs, not ours to remove.
-            Err(if sys::socket_answers(socket).unwrap_or(false) {
+        // Someone took the path between claim and now: theirs, not ours to remove.
+        Err(Error::Publish { source, .. }) if source.kind() == io::ErrorKind::AlreadyExists => {
+            Err(if matches!(sys::socket_answers(socket), Ok(true)) {
                 Error::InUse {
                     path: socket.to_path_buf(),
                 }
             } else {
                 Error::Publish {
                     path: socket.to_path_buf(),
-                    source: e,
+                    source,
                 }
             })
         }
-        Err(source) => Err(Error::Publish {
-            path: socket.to_path_buf(),
-            source,
-        }),
-        // Read after the private name is gone: unlinking it changed the change time.
-        Ok(()) => socket_identity(socket).ok_or_else(|| Error::Publish {
-            path: socket.to_path_buf(),
-            source: io::Error::new(io::ErrorKind::NotFound, "vanished right after link"),
-        }),
+        other => other,
     }
 }
 
@@ -210,6 +233,7 @@ impl Serving {
             hub,
             socket: socket.to_path_buf(),
             identity: None,
+            removed: std::cell::Cell::new(false),
         };
         // Which file is ours: we remove only that one, never a file another process put at
         // the same path after ours was deleted. On failure, dropping `serving` stops gRPC.
@@ -258,6 +282,9 @@ impl Serving {
     /// Removes our socket file, and only ours (the kubelet may have replaced it with nothing,
     /// or someone with a file of their own). The server keeps running for the calls under way.
     pub fn remove_socket(&self) {
+        if self.removed.get() {
+            return;
+        }
         if !self.owns_socket() {
             debug!(
                 "{} is no longer our socket: leaving it alone",
@@ -266,7 +293,7 @@ impl Serving {
             return;
         }
         match std::fs::remove_file(&self.socket) {
-            Ok(()) => {}
+            Ok(()) => self.removed.set(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => warn!("cannot remove {}: {e}", self.socket.display()),
         }
@@ -298,10 +325,22 @@ pub fn claim(socket: &Path) -> Result<(), Error> {
             path: socket.to_path_buf(),
         });
     }
-    if sys::socket_answers(socket).unwrap_or(false) {
-        return Err(Error::InUse {
-            path: socket.to_path_buf(),
-        });
+    // Stale only when the kernel says nobody listens (ECONNREFUSED): any other failure (EACCES
+    // from another user's socket, with every capability dropped) is no proof, and the file is
+    // not ours to remove.
+    match sys::socket_answers(socket) {
+        Ok(true) => {
+            return Err(Error::InUse {
+                path: socket.to_path_buf(),
+            })
+        }
+        Ok(false) => {}
+        Err(source) => {
+            return Err(Error::Unclear {
+                path: socket.to_path_buf(),
+                source,
+            })
+        }
     }
     info!("removing stale socket {}", socket.display());
     match std::fs::remove_file(socket) {

@@ -125,33 +125,72 @@ pub fn file_id(path: &Path) -> Option<(u64, u64)> {
 }
 
 /// Writes `text` to `path` atomically: a temp file in the same directory, fsynced, renamed.
-/// World-readable (0644, its directory 0755 when we make it): runtimes read specs as whatever
-/// user they run. Returns the new file's device and inode.
+/// World-readable (0644): runtimes read specs as whatever user they run. The directory is made
+/// (0755) when missing, not its parents (those are the runtime's: `/var/run`). The temp file has
+/// a name nobody can guess and is created exclusively without following a symlink, so nothing
+/// planted in the directory makes us write elsewhere. Returns the new file's device and inode.
 pub fn write_atomic(path: &Path, text: &str) -> io::Result<(u64, u64)> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    if !dir.is_dir() {
-        fs::create_dir_all(dir)?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
+    match fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(io::Error::other(format!(
+                "{} is not a directory",
+                dir.display()
+            )))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::create_dir(dir)?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
+        }
+        Err(e) => return Err(e),
     }
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name()
-            .map_or("spec".into(), |n| n.to_string_lossy())
-    ));
-    {
+    let name = path
+        .file_name()
+        .map_or("spec".into(), |n| n.to_string_lossy());
+    let bits = crate::sys::random_u64().unwrap_or_else(|_| u64::from(std::process::id()));
+    let tmp = dir.join(format!(".{name}.{bits:016x}.tmp"));
+    let written = (|| {
         let mut f = fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)?;
         f.write_all(text.as_bytes())?;
         // The umask (077) took bits off the mode above; put them back.
         f.set_permissions(fs::Permissions::from_mode(0o644))?;
         f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
-    fs::rename(&tmp, path)?;
     file_id(path).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "spec vanished"))
+}
+
+/// Reads the file at `path` if it is a regular file of at most `max` bytes, without following
+/// a symlink or blocking on a FIFO (a spec path is in a directory others write to).
+pub fn read_bounded(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let m = f.metadata()?;
+    if !m.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    if m.len() > max {
+        return Err(io::Error::other(format!(
+            "{} bytes, more than a spec of ours can be",
+            m.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(m.len() as usize);
+    f.take(max).read_to_end(&mut out)?;
+    Ok(out)
 }
 
 use std::os::unix::fs::PermissionsExt;

@@ -321,7 +321,8 @@ fn cdi(u: &Config, a: &Assessment) -> Vec<Check> {
     let path = cdi::spec_path(dir, &u.resource_name);
     let devices = u.resource().cdi_devices(&a.host, &a.grant);
     let want = cdi::render(&u.resource_name, &devices, &u.host_root);
-    out.push(match fs::read(&path) {
+    // Bounded and without following links: the spec dir is one others write to.
+    out.push(match cdi::read_bounded(&path, 4 * want.len() as u64 + 4096) {
         Ok(text) if text == want.as_bytes() => Check::ok(
             "cdi",
             format!(
@@ -344,6 +345,14 @@ fn cdi(u: &Config, a: &Assessment) -> Vec<Check> {
             "the plugin writes it while it serves (with --cdi) and restores it when it goes: is the plugin running? Pods given its CDI names fail with `unresolvable CDI devices` until it is there",
         ),
     });
+    for other in rivals(dir, &path, &u.resource_name) {
+        out.push(Check::bad(
+            "cdi",
+            Status::Fail,
+            format!("{} also defines {}", other.display(), u.resource_name),
+            "remove it: the runtime's CDI cache drops device names two specs define, and pods given them fail to start",
+        ));
+    }
     out.push(if u.cdi_only {
         Check::bad(
             "cdi",
@@ -360,6 +369,39 @@ fn cdi(u: &Config, a: &Assessment) -> Vec<Check> {
             ),
         )
     });
+    out
+}
+
+/// The other specs in `dir` that declare `kind` (JSON or YAML, read bounded).
+fn rivals(dir: &Path, ours: &Path, kind: &str) -> Vec<std::path::PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let wanted = [
+        format!("\"kind\":\"{kind}\""),
+        format!("kind:{kind}"),
+        format!("kind:\"{kind}\""),
+        format!("kind:'{kind}'"),
+    ];
+    let mut out: Vec<std::path::PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p != ours)
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|x| x == "json" || x == "yaml" || x == "yml")
+        })
+        .filter(|p| {
+            cdi::read_bounded(p, 1 << 20).is_ok_and(|text| {
+                let flat: String = String::from_utf8_lossy(&text)
+                    .chars()
+                    .filter(|c| !c.is_whitespace())
+                    .collect();
+                wanted.iter().any(|w| flat.contains(w.as_str()))
+            })
+        })
+        .collect();
+    out.sort();
     out
 }
 
