@@ -47,6 +47,14 @@ impl Cdi {
         }
     }
 
+    /// `diagnose --cdi` with this spec dir (and `extra` flags): its text.
+    fn diagnose(&self, extra: &[&str]) -> String {
+        let dir = self.dir.display().to_string();
+        let mut args = vec!["diagnose", "--cdi", "--cdi-dir", &dir];
+        args.extend(extra);
+        stdout(&run(&self.host, &args))
+    }
+
     fn allocate(&self) -> rdma_plugin::kubelet::api::ContainerAllocateResponse {
         plugin_client(&self.host.socket())
             .allocate_opt(&alloc_request(&[&["rdma-0"]]), opt())
@@ -111,19 +119,11 @@ fn a_spec_deleted_emptied_replaced_or_without_its_dir_is_restored_and_logged() {
         b"{\"cdiVersion\": \"0.6.0\", \"kind\": \"jarvice.com/rdma\", \"devices\": []}",
     )
     .unwrap();
-    let out = run(
-        &t.host,
-        &[
-            "diagnose",
-            "--cdi",
-            "--cdi-dir",
-            &t.dir.display().to_string(),
-        ],
-    );
+    let out = t.diagnose(&[]);
     assert!(
-        stdout(&out).contains("zz_rival.json also defines jarvice.com/rdma"),
+        out.contains("zz_rival.json also defines jarvice.com/rdma"),
         "{}",
-        stdout(&out)
+        out
     );
     fs::remove_file(&rival).unwrap();
 
@@ -156,19 +156,11 @@ fn an_unwritable_spec_makes_the_resource_unhealthy_until_it_can_be_written() {
     let c = t.allocate();
     assert!(c.cdi_devices.is_empty(), "{c:?}");
     assert_eq!(c.devices.len(), 4);
-    let out = run(
-        &t.host,
-        &[
-            "diagnose",
-            "--cdi",
-            "--cdi-dir",
-            &t.dir.display().to_string(),
-        ],
-    );
+    let out = t.diagnose(&[]);
     assert!(
-        stdout(&out).contains("fail cdi: ") && stdout(&out).contains("jarvice.com_rdma.json"),
+        out.contains("fail cdi: ") && out.contains("jarvice.com_rdma.json"),
         "{}",
-        stdout(&out)
+        out
     );
 
     fs::remove_dir_all(&t.spec).unwrap();
@@ -209,16 +201,7 @@ fn allocate_carries_device_specs_with_the_cdi_names_unless_cdi_only() {
     assert_eq!(c.cdi_devices[0].name, "jarvice.com/rdma=rdma-0");
     // uverbs0..2 and rdma_cm: a runtime without CDI still gives the container its devices.
     assert_eq!(spec_paths(&c).len(), 4, "{c:?}");
-    let out = run(
-        &t.host,
-        &[
-            "diagnose",
-            "--cdi",
-            "--cdi-dir",
-            &t.dir.display().to_string(),
-        ],
-    );
-    let text = stdout(&out);
+    let text = t.diagnose(&[]);
     assert!(
         text.contains("ok   cdi: ") && text.contains("is current: 1 device(s)"),
         "{text}"
@@ -230,17 +213,8 @@ fn allocate_carries_device_specs_with_the_cdi_names_unless_cdi_only() {
     let c = t.allocate();
     assert_eq!(c.cdi_devices[0].name, "jarvice.com/rdma=rdma-0");
     assert!(c.devices.is_empty(), "{c:?}");
-    let out = run(
-        &t.host,
-        &[
-            "diagnose",
-            "--cdi",
-            "--cdi-only",
-            "--cdi-dir",
-            &t.dir.display().to_string(),
-        ],
-    );
-    assert!(stdout(&out).contains("warn cdi: jarvice.com/rdma: --cdi-only"));
+    let out = t.diagnose(&["--cdi-only"]);
+    assert!(out.contains("warn cdi: jarvice.com/rdma: --cdi-only"));
 
     for bad in [
         &["--cdi-only"][..],

@@ -202,20 +202,8 @@ fn preferred_allocation_keeps_numa_and_pcie_together_and_honours_must_include() 
     let all = ids(&list);
     let id = |n: usize| id_of(&hcas[n]);
     let client = plugin_client(&host.plugin_dir().join("ib.sock"));
-    let pick = |must: &[String], size: i32| {
-        let mut c = api::ContainerPreferredAllocationRequest::new();
-        c.available_deviceIDs = all.iter().rev().cloned().collect();
-        c.must_include_deviceIDs = must.to_vec();
-        c.allocation_size = size;
-        let mut req = api::PreferredAllocationRequest::new();
-        req.container_requests.push(c);
-        client
-            .get_preferred_allocation_opt(&req, opt())
-            .unwrap()
-            .container_responses[0]
-            .deviceIDs
-            .clone()
-    };
+    let available: Vec<String> = all.iter().rev().cloned().collect();
+    let pick = |must: &[String], size: i32| preferred(&client, &available, must, size);
     assert_eq!(pick(&[], 2), [id(0), id(1)], "same NUMA node, same switch");
     assert_eq!(
         pick(&[], 3),

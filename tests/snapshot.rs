@@ -8,7 +8,6 @@ use std::fs;
 
 use common::*;
 use rdma_plugin::host::mock::{self, MockHca};
-use rdma_plugin::kubelet::api;
 
 const IB: &str = "jarvice.com/ib";
 const RDMA: &str = "jarvice.com/rdma";
@@ -81,19 +80,8 @@ fn preferred_allocation_answers_from_the_reading_the_kubelet_was_sent() {
         l.devices.len() == 2 && l.devices.iter().all(|d| d.health == "Healthy")
     });
     let client = plugin_client(&host.plugin_dir().join("ib.sock"));
-    let pick_one = || {
-        let mut c = api::ContainerPreferredAllocationRequest::new();
-        c.available_deviceIDs = list.devices.iter().map(|d| d.ID.clone()).collect();
-        c.allocation_size = 1;
-        let mut req = api::PreferredAllocationRequest::new();
-        req.container_requests.push(c);
-        client
-            .get_preferred_allocation_opt(&req, opt())
-            .unwrap()
-            .container_responses[0]
-            .deviceIDs
-            .clone()
-    };
+    let all: Vec<String> = list.devices.iter().map(|d| d.ID.clone()).collect();
+    let pick_one = || preferred(&client, &all, &[], 1);
     let first = pick_one();
     let hcas = [MockHca::connectx(0), MockHca::connectx(1)];
     let (down, other) = if first == [id_of(&hcas[0])] {

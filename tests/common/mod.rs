@@ -844,6 +844,27 @@ pub fn alloc_request(containers: &[&[&str]]) -> api::AllocateRequest {
     req
 }
 
+/// One container's GetPreferredAllocation over `client`: `size` of `available`, with `must`.
+pub fn preferred(
+    client: &api::DevicePluginClient,
+    available: &[String],
+    must: &[String],
+    size: i32,
+) -> Vec<String> {
+    let mut c = api::ContainerPreferredAllocationRequest::new();
+    c.available_deviceIDs = available.to_vec();
+    c.must_include_deviceIDs = must.to_vec();
+    c.allocation_size = size;
+    let mut req = api::PreferredAllocationRequest::new();
+    req.container_requests.push(c);
+    client
+        .get_preferred_allocation_opt(&req, opt())
+        .unwrap()
+        .container_responses[0]
+        .deviceIDs
+        .clone()
+}
+
 /// The host paths of one container's device specs.
 pub fn spec_paths(c: &api::ContainerAllocateResponse) -> Vec<String> {
     c.devices.iter().map(|d| d.host_path.clone()).collect()
