@@ -426,7 +426,7 @@ fn several_resources(rows: &mut Vec<Row>) {
         lat.push(ms(t.elapsed()));
     }
     rows.push(Row {
-        what: "Allocate of one per-HCA device (16 HCAs in sysfs, read live)".into(),
+        what: "Allocate of one per-HCA device (16 HCAs, from the daemon's reading)".into(),
         value: summary(lat),
         target: "",
     });
@@ -457,7 +457,7 @@ fn preferred_sixteen(rows: &mut Vec<Row>) {
         lat.push(ms(t.elapsed()));
     }
     rows.push(Row {
-        what: "GetPreferredAllocation, 4 of 16 per-HCA devices (sysfs read, NUMA/PCIe choice)"
+        what: "GetPreferredAllocation, 4 of 16 per-HCA devices (from the daemon's reading, NUMA/PCIe choice)"
             .into(),
         value: summary(lat),
         target: "",

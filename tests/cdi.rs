@@ -254,8 +254,8 @@ fn a_spec_dir_deleted_on_the_host_but_still_mounted_here_ends_the_process() {
         "--cdi-dir".into(),
         in_pod.display().to_string(),
     ]);
-    // Mounted, then deleted on the "host" side before the plugin starts: the same state a
-    // running plugin finds after the host's `rm -rf`.
+    // Mounted, then deleted on the "host" side before the plugin starts (a pod started after
+    // the host deleted the directory; tests/socket.rs has a running plugin's case).
     let script = format!(
         "mount --bind {} {} && rmdir {} && exec \"$@\"",
         on_host.display(),

@@ -134,3 +134,54 @@ fn another_users_socket_we_cannot_connect_to_is_left_alone() {
     assert!(plugin.wait_log("someone else's, leaving it alone"));
     still_theirs(&host);
 }
+
+#[test]
+fn a_plugin_dir_deleted_on_the_host_under_a_running_plugin_ends_it() {
+    // As in a pod: the plugin dir is a bind mount (hostPath) of the host's. A kubelet
+    // reinstall stops the kubelet and deletes the directory: the mount keeps the deleted one,
+    // with no event for it, and the new kubelet's directory is out of reach. The plugin looks
+    // again shortly after the kubelet's socket goes, finds the directory deleted, and exits
+    // so that a new container mounts the new one.
+    let usable = std::process::Command::new("unshare")
+        .args(["-m", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !usable || under_emulation() {
+        eprintln!("no mount namespace to be had here (or under an emulator): skipped");
+        return;
+    }
+    let host = Host::new("dirstale");
+    let in_pod = host.tmp.path().join("pod-plugins");
+    fs::create_dir(&in_pod).unwrap();
+    let kubelet = FakeKubelet::start(&host.plugin_dir());
+    let log = host.tmp.path().join("plugin-dirstale.log");
+    let script = format!(
+        "mount --bind {} {} && exec \"$@\"",
+        host.plugin_dir().display(),
+        in_pod.display()
+    );
+    let root = host.root().display().to_string();
+    let sys = host.sys().display().to_string();
+    let child = std::process::Command::new("unshare")
+        .args(["-m", "sh", "-c", &script, "sh"])
+        .arg(plugin_bin())
+        .args(["--plugin-dir", &in_pod.display().to_string()])
+        .args(["--host-root", &root, "--sysfs", &sys])
+        .env("RUST_LOG", "debug")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut plugin = Plugin { child, log };
+    kubelet.expect_registered();
+    kubelet.stop();
+    assert!(plugin.wait_log("Not serving jarvice.com/rdma"));
+    fs::remove_dir_all(host.plugin_dir()).unwrap();
+    fs::create_dir(host.plugin_dir()).unwrap();
+    let status = plugin.wait_exit(WAIT).expect("exits");
+    assert_eq!(status.code(), Some(1), "{}", plugin.log_text());
+    assert!(plugin
+        .log_text()
+        .contains("was deleted on the host and this container still has the old one mounted"));
+}

@@ -96,6 +96,10 @@ impl SpecKeeper {
     /// differs; a difference from what we wrote is someone else's doing, and restored. Paced:
     /// while a restore or a retry is due later, nothing is read or written.
     pub fn ensure(&mut self, text: &str, devices: usize, now: Instant) -> Outcome {
+        if self.wanted.is_none() {
+            // Our first look: what an instance killed mid-write left behind goes.
+            cdi::remove_temp_files(&self.path);
+        }
         self.wanted = Some((text.to_string(), devices));
         if self.due.is_some_and(|t| now < t) {
             return match &self.failure {

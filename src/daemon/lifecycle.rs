@@ -224,6 +224,8 @@ fn drive(
         if next_check.is_some_and(|t| t <= now) {
             let changes = watcher.refresh();
             check_mounts(watcher)?;
+            // A watch added now may see a directory changed since the last reading.
+            reader.borrow_mut().invalidate();
             for u in units.iter_mut() {
                 u.self_check(changes, grpc)?;
             }
@@ -255,9 +257,15 @@ fn drive(
             .iter()
             .filter_map(Unit::deadline)
             .chain(
-                [hup_at, next_check, poll_at, grpc.deadline()]
-                    .into_iter()
-                    .flatten(),
+                [
+                    hup_at,
+                    next_check,
+                    poll_at,
+                    grpc.deadline(),
+                    watcher.recheck_at(),
+                ]
+                .into_iter()
+                .flatten(),
             )
             .min();
         // signalfd, then two per unit (Register outcome, stream ended), then inotify.
@@ -314,16 +322,22 @@ fn drive(
         if ready.get(1 + 2 * units.len()) == Some(&true) {
             let changes = watcher.read();
             check_mounts(watcher)?;
+            // Events drained now may be newer than a reading a restart above just took.
+            reader.borrow_mut().invalidate();
             for u in units.iter_mut() {
                 u.on_changes(changes, grpc)?;
             }
         }
+        watcher.recheck(Instant::now());
+        check_mounts(watcher)?;
         if poll_at.is_some_and(|t| t <= Instant::now()) {
             poll_at = None;
             // No inotify for some directory: look for it again, rescan, check the sockets
             // (and, at the next tick, whether kubelet.sock is there to register with).
             let changes = watcher.refresh();
             check_mounts(watcher)?;
+            // A watch added now may see a directory changed since the last reading.
+            reader.borrow_mut().invalidate();
             for u in units.iter_mut() {
                 u.self_check(changes, grpc)?;
             }

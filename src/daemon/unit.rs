@@ -375,14 +375,17 @@ impl Unit {
             Instant::now(),
         );
         self.cdi_failed = false;
+        // No CDI names from here until this reading's spec is on disk and published: Allocate
+        // must not pair a new assessment with an old spec (device specs alone are always safe).
+        self.settings.set_cdi_ready(false);
+        let mut ready = false;
         if let Some(keeper) = &mut self.cdi {
             let devices = self.settings.resource.cdi_devices(&now.host, &now.grant);
             let text = cdi::render(&self.cfg.resource_name, &devices, &self.cfg.host_root);
             match keeper.ensure(&text, devices.len(), Instant::now()) {
-                Outcome::Current => self.settings.set_cdi_ready(true),
-                Outcome::Deferred => self.settings.set_cdi_ready(false),
+                Outcome::Current => ready = true,
+                Outcome::Deferred => {}
                 Outcome::Failed(why) => {
-                    self.settings.set_cdi_ready(false);
                     self.cdi_failed = true;
                     now.fail(why);
                 }
@@ -390,6 +393,7 @@ impl Unit {
         }
         // Before the kubelet hears of it: Allocate must grant what the list says.
         self.settings.publish(now.served());
+        self.settings.set_cdi_ready(ready);
         now
     }
 

@@ -118,6 +118,10 @@ pub struct Watcher {
     /// A directory we serve in that was deleted while still mounted here (see
     /// [`Watcher::stale_mount`]).
     stale: Option<PathBuf>,
+    /// When to look again whether the plugin dir or the CDI dir was deleted: a host's `rm -rf`
+    /// of a directory another mount holds gives no event for the directory itself, only for
+    /// the files in it, so a few looks follow each such event (no timer otherwise).
+    rechecks: Vec<std::time::Instant>,
 }
 
 /// Where the kubelet's and the runtime's directories are, and what of ours lives in them.
@@ -172,6 +176,7 @@ impl Watcher {
             socket_names: paths.socket_names.to_vec(),
             spec_names,
             stale: None,
+            rechecks: Vec::new(),
         };
         // What exists now is scanned at start anyway; only the watches matter here.
         let _ = w.refresh();
@@ -224,6 +229,7 @@ impl Watcher {
     /// counts as a change: anything may have happened there before it existed.
     pub fn refresh(&mut self) -> Changes {
         let mut changes = Changes::default();
+        self.look_for_stale_mounts();
         let Some(inotify) = &self.inotify else {
             return changes;
         };
@@ -261,6 +267,32 @@ impl Watcher {
         changes
     }
 
+    /// Whether the plugin dir or the CDI dir is a deleted directory still mounted here.
+    fn look_for_stale_mounts(&mut self) {
+        if self.stale.is_some() {
+            return;
+        }
+        self.stale = self
+            .targets
+            .iter()
+            .filter(|t| matches!(t.role, Role::PluginDir | Role::Cdi))
+            .find(|t| deleted_dir(&t.path))
+            .map(|t| t.path.clone());
+    }
+
+    /// When the next look for a stale mount is due, if one is.
+    pub fn recheck_at(&self) -> Option<std::time::Instant> {
+        self.rechecks.iter().min().copied()
+    }
+
+    /// Looks for stale mounts if a look is due at `now`.
+    pub fn recheck(&mut self, now: std::time::Instant) {
+        if self.rechecks.iter().any(|t| *t <= now) {
+            self.rechecks.retain(|t| *t > now);
+            self.look_for_stale_mounts();
+        }
+    }
+
     /// Reads and classifies every queued event.
     pub fn read(&mut self) -> Changes {
         let events = match self.inotify.as_ref().map(Inotify::read_events) {
@@ -277,8 +309,19 @@ impl Watcher {
             }
         };
         let mut changes = Changes::default();
+        let mut ours = false;
         for ev in &events {
-            self.classify(ev, &mut changes);
+            ours |= self.classify(ev, &mut changes);
+        }
+        if ours {
+            // Something in the plugin dir or the CDI dir: look now, and again shortly (a
+            // removal of the directory itself comes after its files, with no event of its own
+            // while a mount holds it).
+            let now = std::time::Instant::now();
+            self.rechecks = [1, 10]
+                .iter()
+                .map(|s| now + std::time::Duration::from_secs(*s))
+                .collect();
         }
         changes.merge(self.refresh());
         changes
@@ -289,7 +332,8 @@ impl Watcher {
         self.target(role).and_then(|t| t.path.file_name())
     }
 
-    fn classify(&mut self, ev: &InotifyEvent, changes: &mut Changes) {
+    /// Classifies one event; true when it came from the plugin dir or the CDI dir.
+    fn classify(&mut self, ev: &InotifyEvent, changes: &mut Changes) -> bool {
         if ev.mask & libc::IN_Q_OVERFLOW != 0 {
             // Events were lost: assume the worst of each kind.
             debug!("inotify queue overflowed");
@@ -297,7 +341,7 @@ impl Watcher {
             changes.socket_removed = true;
             changes.kubelet_restarted = true;
             changes.cdi = true;
-            return;
+            return true;
         }
         let roles: Vec<Role> = self
             .targets
@@ -305,9 +349,13 @@ impl Watcher {
             .filter(|t| t.wd == Some(ev.wd))
             .map(|t| t.role)
             .collect();
+        let ours = roles
+            .iter()
+            .any(|r| matches!(r, Role::PluginDir | Role::Cdi));
         for role in roles {
             self.classify_as(role, ev, changes);
         }
+        ours
     }
 
     fn classify_as(&mut self, role: Role, ev: &InotifyEvent, changes: &mut Changes) {

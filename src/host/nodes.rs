@@ -237,12 +237,14 @@ fn scan_infiniband(
         // follow a symlink or on filesystems that do not report types.
         let known = entry.file_type().ok();
         let described = described_by_sysfs.get(name).copied();
-        let want = match kind {
-            Kind::RdmaCm | Kind::Knem => Want::read(kind.sysfs_dev(sysfs, name)),
-            _ => Want::Known {
-                dev: described.and_then(|e| e.dev),
+        // A node the sysfs reading does not name (rdma_cm; or one that appeared between that
+        // reading and this listing, a hot-plug) has its numbers read now.
+        let want = match described {
+            Some(e) => Want::Known {
+                dev: e.dev,
                 path: kind.sysfs_dev(sysfs, name),
             },
+            None => Want::read(kind.sysfs_dev(sysfs, name)),
         };
         match verify(&entry.path(), known, &want) {
             Verified::Absent => continue,
@@ -727,6 +729,19 @@ mod tests {
         assert_eq!(
             why("/dev/infiniband/uverbs5"),
             "neither a character device nor a file"
+        );
+
+        // A node hot-plugged after the sysfs reading (the kernel adds sysfs first, then the
+        // node): its numbers are read when it is listed, not refused for want of an entry.
+        let sysfs = tree.0.join("sys");
+        let before = crate::host::sysfs::read(&sysfs);
+        assert!(mknod("dev/infiniband/uverbs1", 231, 193));
+        tree.write("sys/class/infiniband_verbs/uverbs1/dev", "231:193\n");
+        let inv = scan(&tree.0, &sysfs, &before, Selection::default()).unwrap();
+        assert!(
+            paths(&inv).contains(&"/dev/infiniband/uverbs1".to_string()),
+            "{:?}",
+            inv.refused
         );
     }
 

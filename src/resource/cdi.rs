@@ -145,11 +145,13 @@ pub fn write_atomic(path: &Path, text: &str) -> io::Result<(u64, u64)> {
         }
         Err(e) => return Err(e),
     }
-    let name = path
-        .file_name()
-        .map_or("spec".into(), |n| n.to_string_lossy());
-    let bits = crate::sys::random_u64().unwrap_or_else(|_| u64::from(std::process::id()));
-    let tmp = dir.join(format!(".{name}.{bits:016x}.tmp"));
+    let bits = crate::sys::random_u64().unwrap_or_else(|_| {
+        // getrandom may refuse this early at boot: the time still differs between attempts.
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    let tmp = temp_name(path, bits);
     let written = (|| {
         let mut f = fs::OpenOptions::new()
             .write(true)
@@ -168,6 +170,36 @@ pub fn write_atomic(path: &Path, text: &str) -> io::Result<(u64, u64)> {
         return Err(e);
     }
     file_id(path).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "spec vanished"))
+}
+
+/// The temp file a write of `path` goes through.
+fn temp_name(path: &Path, bits: u64) -> PathBuf {
+    let name = path
+        .file_name()
+        .map_or("spec".into(), |n| n.to_string_lossy());
+    path.with_file_name(format!(".{name}.{bits:016x}.tmp"))
+}
+
+/// Removes temp files a write of `path` left behind (a process killed mid-write): regular
+/// files named as [`write_atomic`] names them, nothing else.
+pub fn remove_temp_files(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let prefix = format!(".{}.", name.to_string_lossy());
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.filter_map(Result::ok) {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let ours = n.strip_prefix(&prefix).and_then(|r| r.strip_suffix(".tmp"));
+        let is_file = e.file_type().is_ok_and(|t| t.is_file());
+        if ours.is_some_and(|hex| hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+            && is_file
+        {
+            let _ = fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Reads the file at `path` if it is a regular file of at most `max` bytes, without following

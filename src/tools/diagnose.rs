@@ -348,9 +348,9 @@ fn cdi(u: &Config, a: &Assessment) -> Vec<Check> {
     for other in rivals(dir, &path, &u.resource_name) {
         out.push(Check::bad(
             "cdi",
-            Status::Fail,
+            Status::Warn,
             format!("{} also defines {}", other.display(), u.resource_name),
-            "remove it: the runtime's CDI cache drops device names two specs define, and pods given them fail to start",
+            "remove it: the runtime's CDI cache drops a device name two specs define, and pods given it fail to start",
         ));
     }
     out.push(if u.cdi_only {
@@ -377,12 +377,17 @@ fn rivals(dir: &Path, ours: &Path, kind: &str) -> Vec<std::path::PathBuf> {
     let Ok(entries) = fs::read_dir(dir) else {
         return Vec::new();
     };
-    let wanted = [
-        format!("\"kind\":\"{kind}\""),
-        format!("kind:{kind}"),
-        format!("kind:\"{kind}\""),
-        format!("kind:'{kind}'"),
-    ];
+    let json = format!("\"kind\":\"{kind}\"");
+    let declares = |text: &str| {
+        let flat: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+        flat.contains(&json)
+            || text.lines().any(|l| {
+                l.trim_start()
+                    .strip_prefix("kind:")
+                    .map(|v| v.trim().trim_matches(|c| c == '"' || c == '\''))
+                    == Some(kind)
+            })
+    };
     let mut out: Vec<std::path::PathBuf> = entries
         .filter_map(Result::ok)
         .map(|e| e.path())
@@ -392,13 +397,7 @@ fn rivals(dir: &Path, ours: &Path, kind: &str) -> Vec<std::path::PathBuf> {
                 .is_some_and(|x| x == "json" || x == "yaml" || x == "yml")
         })
         .filter(|p| {
-            cdi::read_bounded(p, 1 << 20).is_ok_and(|text| {
-                let flat: String = String::from_utf8_lossy(&text)
-                    .chars()
-                    .filter(|c| !c.is_whitespace())
-                    .collect();
-                wanted.iter().any(|w| flat.contains(w.as_str()))
-            })
+            cdi::read_bounded(p, 1 << 20).is_ok_and(|t| declares(&String::from_utf8_lossy(&t)))
         })
         .collect();
     out.sort();
