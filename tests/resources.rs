@@ -399,12 +399,17 @@ fn cdi_specs_are_written_kept_current_and_removed_and_allocate_names_them() {
         .contains("uverbs0")));
     assert!(!fs::read_to_string(&rdma_spec).unwrap().contains("uverbs0"));
 
+    // The specs stay at exit: the kubelet restarts a running pod's container with the CDI
+    // names of its first Allocate, whether the plugin runs or not.
+    let kept = fs::read_to_string(&ib_spec).unwrap();
     plugin.signal(libc::SIGTERM);
     assert!(plugin.wait_exit(WAIT).expect("exits").success());
-    assert!(
-        !ib_spec.exists() && !rdma_spec.exists(),
-        "specs removed at exit"
+    assert_eq!(
+        fs::read_to_string(&ib_spec).unwrap(),
+        kept,
+        "specs kept at exit"
     );
+    assert!(rdma_spec.exists());
     drop(kubelet);
 
     // --cdi-device-specs (the default now) is still accepted: deploy files of 2.0 pass it.

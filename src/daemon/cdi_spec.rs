@@ -26,6 +26,10 @@ const RESTORE_GAP_CAP: Duration = Duration::from_secs(10);
 /// event) tries it sooner.
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_CAP: Duration = Duration::from_secs(10);
+/// A deleted spec is restored this long after the deletion is seen, not at once: an `rm -rf` of
+/// the directory lists, deletes the files, then removes the directory, and a spec put back in
+/// between would make that last step fail (`Directory not empty`).
+const DELETE_GRACE: Duration = Duration::from_millis(50);
 /// A restore is logged at warn at most this often; the ones between at debug, counted.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -50,9 +54,10 @@ enum Found {
 /// One resource's spec file and what we know of it.
 pub struct SpecKeeper {
     path: PathBuf,
-    /// The text last written or found current, and the file's device and inode (at exit we
-    /// remove only that file).
-    ours: Option<(String, (u64, u64))>,
+    /// The text last written or found current.
+    ours: Option<String>,
+    /// When a deletion of the spec was first seen (the restore waits [`DELETE_GRACE`]).
+    deleted_at: Option<Instant>,
     /// Why the last write failed (logged once).
     failure: Option<String>,
     retry: Duration,
@@ -72,6 +77,7 @@ impl SpecKeeper {
         SpecKeeper {
             path: cdi::spec_path(dir, kind),
             ours: None,
+            deleted_at: None,
             failure: None,
             retry: RETRY_FIRST,
             due: None,
@@ -113,11 +119,18 @@ impl SpecKeeper {
             return Outcome::Current;
         }
         let restoring = match (&self.ours, &found) {
-            (Some((was, _)), Found::Differs(what)) if was == text && self.failure.is_none() => {
+            (Some(was), Found::Differs(what)) if was == text && self.failure.is_none() => {
                 Some(*what)
             }
             _ => None,
         };
+        if restoring == Some("deleted") {
+            let seen = *self.deleted_at.get_or_insert(now);
+            if now < seen + DELETE_GRACE {
+                self.due = Some(seen + DELETE_GRACE);
+                return Outcome::Deferred;
+            }
+        }
         if restoring.is_some() {
             if let Some(not_before) = self.last_restore.map(|t| t + self.gap) {
                 if now < not_before {
@@ -140,7 +153,8 @@ impl SpecKeeper {
                         self.path.display()
                     ),
                 }
-                self.ours = Some((text.to_string(), id));
+                debug!("{} is file {id:?}", self.path.display());
+                self.ours = Some(text.to_string());
                 self.succeeded(text);
                 Outcome::Current
             }
@@ -155,7 +169,6 @@ impl SpecKeeper {
                     debug!("{why}");
                 }
                 self.failure = Some(why.clone());
-                // Our last spec (if still there) stays ours: at exit it goes.
                 self.due = Some(now + self.retry);
                 self.retry = (self.retry * 2).min(RETRY_CAP);
                 Outcome::Failed(why)
@@ -185,16 +198,11 @@ impl SpecKeeper {
         if self.failure.take().is_some() {
             info!("CDI spec {} is written again", self.path.display());
         }
-        // Same text under another inode (someone wrote what we would): ours now.
-        if self.ours.as_ref().map_or(true, |(t, _)| t != text) {
-            if let Some(id) = cdi::file_id(&self.path) {
-                self.ours = Some((text.to_string(), id));
-            }
-        } else if let Some((_, id)) = &mut self.ours {
-            if let Some(now) = cdi::file_id(&self.path) {
-                *id = now;
-            }
+        // Also when someone else wrote what we would: ours now.
+        if self.ours.as_deref() != Some(text) {
+            self.ours = Some(text.to_string());
         }
+        self.deleted_at = None;
         self.due = None;
         self.retry = RETRY_FIRST;
     }
@@ -223,23 +231,10 @@ impl SpecKeeper {
         }
     }
 
-    /// Removes the spec at exit, if the file there is still the one we wrote: no runtime should
-    /// resolve names we no longer serve, and a newer instance's file is not ours.
-    pub fn remove(&mut self) {
-        let Some((_, ours)) = self.ours.take() else {
-            return;
-        };
-        if cdi::file_id(&self.path) != Some(ours) {
-            debug!(
-                "{} is no longer our CDI spec: leaving it alone",
-                self.path.display()
-            );
-            return;
-        }
-        match fs::remove_file(&self.path) {
-            Ok(()) => info!("removed CDI spec {}", self.path.display()),
-            Err(e) => warn!("cannot remove CDI spec {}: {e}", self.path.display()),
-        }
+    /// True when the spec on disk was last found saying `text` and nothing is pending: a
+    /// reading that renders the same text changes nothing CDI names resolve to.
+    pub fn holds(&self, text: &str) -> bool {
+        self.ours.as_deref() == Some(text) && self.failure.is_none() && self.due.is_none()
     }
 }
 
@@ -303,21 +298,26 @@ mod tests {
             spoil(&path);
             assert_eq!(look(&path, "{\"a\":1}\n"), Found::Differs(what));
         }
-        // The first restore is at once; a second within a second waits 100 ms.
-        assert_eq!(k.ensure("{\"a\":1}\n", 1, t0), Outcome::Current);
-        assert_eq!(fs::read_to_string(&path).unwrap(), "{\"a\":1}\n");
+        // A changed spec is restored at once; a deleted one after a grace (an `rm -rf` of the
+        // directory must be able to finish); a second restore within a second waits 100 ms.
+        let a = "{\"a\":1}\n";
+        assert_eq!(k.ensure(a, 1, t0), Outcome::Current);
+        assert_eq!(fs::read_to_string(&path).unwrap(), a);
+        assert!(k.holds(a) && !k.holds("{}"));
         fs::remove_file(&path).unwrap();
         let t1 = t0 + Duration::from_millis(10);
-        assert_eq!(k.ensure("{\"a\":1}\n", 1, t1), Outcome::Current);
+        assert_eq!(k.ensure(a, 1, t1), Outcome::Deferred);
+        assert_eq!(k.due(), Some(t1 + DELETE_GRACE));
+        assert!(!k.holds(a));
+        let t1 = t1 + DELETE_GRACE;
+        assert_eq!(k.ensure(a, 1, t1), Outcome::Current);
         fs::remove_file(&path).unwrap();
         let t2 = t1 + Duration::from_millis(10);
-        assert_eq!(k.ensure("{\"a\":1}\n", 1, t2), Outcome::Deferred);
+        assert_eq!(k.ensure(a, 1, t2), Outcome::Deferred);
+        assert_eq!(k.ensure(a, 1, t2 + DELETE_GRACE), Outcome::Deferred);
         assert_eq!(k.due(), Some(t1 + RESTORE_GAP_FIRST));
         assert!(!path.exists());
-        assert_eq!(
-            k.ensure("{\"a\":1}\n", 1, t1 + RESTORE_GAP_FIRST),
-            Outcome::Current
-        );
+        assert_eq!(k.ensure(a, 1, t1 + RESTORE_GAP_FIRST), Outcome::Current);
         assert!(path.exists() && k.due().is_none());
 
         // A directory in the way: a failure with its reason, retried later; gone, restored.
@@ -343,15 +343,10 @@ mod tests {
         fs::write(&victim, b"secret").unwrap();
         std::os::unix::fs::symlink(&victim, dir.join(".jarvice.com_rdma.json.tmp")).unwrap();
         fs::remove_file(&path).unwrap();
-        assert_eq!(
-            k.ensure("{\"a\":1}\n", 1, t3 + Duration::from_secs(60)),
-            Outcome::Current
-        );
+        let t4 = t3 + Duration::from_secs(60);
+        assert_eq!(k.ensure(a, 1, t4), Outcome::Deferred);
+        assert_eq!(k.ensure(a, 1, t4 + DELETE_GRACE), Outcome::Current);
         assert_eq!(fs::read(&victim).unwrap(), b"secret");
-
-        // At exit only our file goes.
-        k.remove();
-        assert!(!path.exists());
         fs::remove_dir_all(&dir).unwrap();
     }
 }

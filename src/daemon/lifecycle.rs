@@ -7,7 +7,8 @@
 //! cannot watch everything, a poll tick. With no kubelet there is none of them but inotify's
 //! and signals: the process sleeps in `poll(2)` with no thread of gRPC's left. Nothing here
 //! exits the process except a termination signal, a second instance already serving one of our
-//! sockets, or a setup failure.
+//! sockets, a plugin or CDI dir deleted on the host while mounted here (only a new container
+//! sees the new one), or a setup failure.
 
 use std::cell::RefCell;
 use std::fmt;
@@ -38,7 +39,7 @@ const SIGNALS: [libc::c_int; 4] = [
 /// SIGHUP restarts at most this often; the ones in between are merged into the next.
 const HUP_SPACING: Duration = Duration::from_millis(100);
 /// After a termination signal, the process ends within this even if gRPC hangs in shutdown
-/// (a SIGALRM handler exits; every socket and CDI spec is removed before any server stops).
+/// (a SIGALRM handler exits; every socket is removed before any server stops).
 const EXIT_WATCHDOG_SECS: libc::c_uint = sys::EXIT_WATCHDOG_SECS;
 
 #[derive(Debug)]
@@ -166,7 +167,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         cdi: cfg.cdi.then_some((cfg.cdi_dir.as_path(), specs)),
     };
     let mut watcher = Watcher::new(paths, !cfg.poll_only);
-    check_mounts(&watcher)?;
+    check_mounts(&mut watcher)?;
     let reader = Rc::new(RefCell::new(HostReader::new(&cfg)));
     let mut units = configs
         .into_iter()
@@ -175,14 +176,15 @@ pub fn run(cfg: Config) -> Result<(), Error> {
 
     let result = drive(&cfg, &mut units, &mut grpc, &mut watcher, &signals, &reader);
     if result.is_err() {
-        // Whatever stopped us, no socket or CDI spec of ours stays behind.
+        // Whatever stopped us, no socket of ours stays behind (the CDI specs do: see
+        // `Unit::withdraw`).
         stop_all(&mut units);
     }
     result
 }
 
-/// Socket and CDI spec of every unit first, then every server: a server that hangs in its
-/// shutdown cannot leave another unit's files behind when the watchdog ends the process.
+/// Every unit's socket first, then every server: a server that hangs in its shutdown cannot
+/// leave another unit's socket behind when the watchdog ends the process.
 fn stop_all(units: &mut [Unit]) {
     for u in units.iter_mut() {
         u.withdraw();
@@ -347,8 +349,13 @@ fn drive(
 
 /// A deleted directory still mounted here cannot come back in this container: an error, so
 /// that the process exits and the kubelet starts a container with the host's new directory.
-fn check_mounts(watcher: &Watcher) -> Result<(), Error> {
-    match watcher.stale_mount() {
+fn check_mounts(watcher: &mut Watcher) -> Result<(), Error> {
+    if watcher.stale_mount().is_none() {
+        return Ok(());
+    }
+    // A second look before giving up the process: one odd stat must not crash-loop a pod.
+    std::thread::sleep(Duration::from_millis(100));
+    match watcher.confirm_stale() {
         Some(p) => Err(Error::StaleMount(p.to_path_buf())),
         None => Ok(()),
     }

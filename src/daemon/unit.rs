@@ -375,13 +375,16 @@ impl Unit {
             Instant::now(),
         );
         self.cdi_failed = false;
-        // No CDI names from here until this reading's spec is on disk and published: Allocate
-        // must not pair a new assessment with an old spec (device specs alone are always safe).
-        self.settings.set_cdi_ready(false);
         let mut ready = false;
         if let Some(keeper) = &mut self.cdi {
             let devices = self.settings.resource.cdi_devices(&now.host, &now.grant);
-            let text = cdi::render(&self.cfg.resource_name, &devices, &self.cfg.host_root);
+            let text = cdi::render(&self.cfg.resource_name, &devices);
+            // A new text: no CDI names until its spec is on disk and the assessment published
+            // (Allocate must not pair a new assessment with an old spec; device specs alone are
+            // always safe). The same text changes nothing, and names keep flowing.
+            if !keeper.holds(&text) {
+                self.settings.set_cdi_ready(false);
+            }
             match keeper.ensure(&text, devices.len(), Instant::now()) {
                 Outcome::Current => ready = true,
                 Outcome::Deferred => {}
@@ -397,16 +400,15 @@ impl Unit {
         now
     }
 
-    /// The first half of stopping: our socket and CDI spec go, so nobody is sent to a server
-    /// that is stopping (done for every unit before any server is asked to stop, which may
-    /// hang).
+    /// The first half of stopping: our socket goes, so nobody is sent to a server that is
+    /// stopping (done for every unit before any server is asked to stop, which may hang). The
+    /// CDI spec stays: the kubelet restarts a running pod's container from its checkpoint, with
+    /// the CDI names of the first Allocate and no new one, so the names must still resolve
+    /// while the plugin is down (a rolling update, a crash). It names host paths that stay
+    /// valid; the next instance rewrites it, a reboot clears `/var/run`.
     pub fn withdraw(&mut self) {
         if let Some(s) = &self.serving {
             s.remove_socket();
-        }
-        if let Some(keeper) = &mut self.cdi {
-            self.settings.set_cdi_ready(false);
-            keeper.remove();
         }
     }
 

@@ -267,6 +267,14 @@ impl Watcher {
         changes
     }
 
+    /// Looks again at a stale mount found before: still deleted, or a false alarm (cleared).
+    pub fn confirm_stale(&mut self) -> Option<&Path> {
+        if !self.stale.as_deref().is_some_and(deleted_dir) {
+            self.stale = None;
+        }
+        self.stale.as_deref()
+    }
+
     /// Whether the plugin dir or the CDI dir is a deleted directory still mounted here.
     fn look_for_stale_mounts(&mut self) {
         if self.stale.is_some() {

@@ -336,6 +336,7 @@ mod tests {
                 host_path: PathBuf::from(format!("/dev/infiniband/uverbs{i}")),
                 numa_node: None,
                 hca: Some(name.clone()),
+                dev: None,
             });
             h.hcas.list.push(Hca {
                 name,

@@ -86,6 +86,9 @@ pub struct DeviceNode {
     /// The HCA sysfs attributes a `uverbs*`, `umad*` or `issm*` node to (its `ibdev`);
     /// `None` for `rdma_cm`, `knem`, and nodes sysfs does not describe.
     pub hca: Option<String>,
+    /// A character device's numbers, as verified against sysfs (what a CDI spec tells the
+    /// runtime to create: never read again after the check); `None` for a plain file.
+    pub dev: Option<DevNum>,
 }
 
 /// Everything discovery found, sorted: by kind, then in natural order within a kind.
@@ -179,7 +182,8 @@ pub fn scan(
     let want = Want::read(Kind::Knem.sysfs_dev(sysfs, "knem"));
     match verify(&knem, None, &want) {
         Verified::Absent => {}
-        Verified::Node => inv.nodes.push(DeviceNode {
+        Verified::Node(dev) => inv.nodes.push(DeviceNode {
+            dev,
             kind: Kind::Knem,
             host_path,
             numa_node: None,
@@ -239,21 +243,21 @@ fn scan_infiniband(
         let described = described_by_sysfs.get(name).copied();
         // A node the sysfs reading does not name (rdma_cm; or one that appeared between that
         // reading and this listing, a hot-plug) has its numbers read now.
-        let want = match described {
-            Some(e) => Want::Known {
-                dev: e.dev,
+        let want = match described.and_then(|e| e.dev) {
+            Some(dev) => Want::Known {
+                dev: Some(dev),
                 path: kind.sysfs_dev(sysfs, name),
             },
             None => Want::read(kind.sysfs_dev(sysfs, name)),
         };
-        match verify(&entry.path(), known, &want) {
+        let dev = match verify(&entry.path(), known, &want) {
             Verified::Absent => continue,
             Verified::Refused(why) => {
                 refuse(inv, &host_path, why);
                 continue;
             }
-            Verified::Node => {}
-        }
+            Verified::Node(dev) => dev,
+        };
         let numa_node = described.and_then(|e| e.numa);
         let hca = described
             .and_then(|e| e.hca.clone())
@@ -263,6 +267,7 @@ fn scan_infiniband(
             host_path,
             numa_node,
             hca,
+            dev,
         });
     }
     inv.nodes.sort_by(|a, b| {
@@ -302,7 +307,8 @@ impl Want {
 }
 
 enum Verified {
-    Node,
+    /// To be granted; a character device's verified numbers.
+    Node(Option<DevNum>),
     Absent,
     Refused(String),
 }
@@ -318,7 +324,7 @@ enum Verified {
 fn verify(path: &Path, known: Option<fs::FileType>, sysfs_dev: &Want) -> Verified {
     // A plain file from d_type needs no stat; everything else does.
     if known.is_some_and(|t| t.is_file()) {
-        return Verified::Node;
+        return Verified::Node(None);
     }
     let meta = match fs::symlink_metadata(path) {
         Ok(m) => m,
@@ -355,7 +361,7 @@ fn verify(path: &Path, known: Option<fs::FileType>, sysfs_dev: &Want) -> Verifie
 fn check_type(meta: &fs::Metadata, sysfs_dev: &Want) -> Verified {
     let ftype = meta.file_type();
     if ftype.is_file() {
-        return Verified::Node;
+        return Verified::Node(None);
     }
     if !ftype.is_char_device() {
         return Verified::Refused("neither a character device nor a file".into());
@@ -366,7 +372,7 @@ fn check_type(meta: &fs::Metadata, sysfs_dev: &Want) -> Verified {
     };
     let (want, sysfs_dev) = sysfs_dev.get();
     match want {
-        Some(w) if w == have => Verified::Node,
+        Some(w) if w == have => Verified::Node(Some(have)),
         Some(w) => Verified::Refused(format!(
             "a character device {have}, but sysfs says {w} ({})",
             sysfs_dev.display()

@@ -12,7 +12,7 @@
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::host::nodes::DeviceNode;
@@ -43,9 +43,9 @@ pub fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b':' | b'-'))
 }
 
-/// The spec as JSON. `host_root` is where the nodes are seen (to read a character device's
-/// numbers); the paths written are host paths, as the runtime resolves them.
-pub fn render(kind: &str, devices: &[CdiDevice<'_>], host_root: &Path) -> String {
+/// The spec as JSON: host paths, as the runtime resolves them, and for a character device the
+/// numbers the scan verified against sysfs.
+pub fn render(kind: &str, devices: &[CdiDevice<'_>]) -> String {
     let mut out = String::new();
     let _ = write!(
         out,
@@ -73,16 +73,14 @@ pub fn render(kind: &str, devices: &[CdiDevice<'_>], host_root: &Path) -> String
             }
             let path = n.host_path.to_string_lossy();
             let _ = write!(out, "{{\"path\":{}", quote(&path));
-            let seen = host_root.join(n.host_path.strip_prefix("/").unwrap_or(&n.host_path));
-            if let Ok(m) = fs::metadata(&seen) {
-                if m.file_type().is_char_device() {
-                    let _ = write!(
-                        out,
-                        ",\"type\":\"c\",\"major\":{},\"minor\":{}",
-                        libc::major(m.rdev()),
-                        libc::minor(m.rdev())
-                    );
-                }
+            // The numbers verified against sysfs at the scan, never a second look at the
+            // path (which could be swapped in between): the runtime creates what this says.
+            if let Some(d) = n.dev {
+                let _ = write!(
+                    out,
+                    ",\"type\":\"c\",\"major\":{},\"minor\":{}",
+                    d.major, d.minor
+                );
             }
             out.push_str(",\"permissions\":\"rw\"}");
         }
@@ -243,6 +241,7 @@ mod tests {
             host_path: "/dev/infiniband/uverbs0".into(),
             numa_node: None,
             hca: None,
+            dev: None,
         };
         let d = CdiDevice {
             name: "rdma-0".into(),
@@ -250,7 +249,7 @@ mod tests {
             env: vec![("JARVICE_RDMA_HCAS".into(), "mlx5_0".into())],
         };
         assert_eq!(
-            render("jarvice.com/rdma", &[d], Path::new("/nonexistent")),
+            render("jarvice.com/rdma", &[d]),
             "{\"cdiVersion\":\"0.6.0\",\"kind\":\"jarvice.com/rdma\",\"devices\":[{\"name\":\"rdma-0\",\"containerEdits\":{\"env\":[\"JARVICE_RDMA_HCAS=mlx5_0\"],\"deviceNodes\":[{\"path\":\"/dev/infiniband/uverbs0\",\"permissions\":\"rw\"}]}}]}\n"
         );
         assert_eq!(

@@ -430,6 +430,7 @@ mod tests {
                     host_path: PathBuf::from(p),
                     numa_node,
                     hca: None,
+                    dev: None,
                 })
                 .collect(),
             refused: Vec::new(),
