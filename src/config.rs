@@ -364,7 +364,7 @@ fn options() -> Options {
     o.optflag(
         "",
         "cdi",
-        "write a CDI spec per resource into --cdi-dir and answer Allocate with CDI device names (containerd 2.0+, CRI-O; Kubernetes 1.31+) [default: off]",
+        "keep a CDI spec per resource in --cdi-dir and answer Allocate with CDI device names and device specs (containerd 2.0+, CRI-O; Kubernetes 1.31+) [default: off]",
     );
     o.optopt(
         "",
