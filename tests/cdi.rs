@@ -232,11 +232,7 @@ fn a_spec_dir_deleted_on_the_host_but_still_mounted_here_ends_the_process() {
     // host deletes. The mount keeps the deleted directory; files made in it reach no runtime,
     // and only a new container sees the host's new one. So the plugin exits (non-zero) and
     // says why, and the kubelet restarts it with fresh mounts.
-    let usable = std::process::Command::new("unshare")
-        .args(["-m", "true"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !usable || under_emulation() {
+    if !mount_namespaces() {
         eprintln!("no mount namespace to be had here (or under an emulator): skipped");
         return;
     }

@@ -142,11 +142,7 @@ fn a_plugin_dir_deleted_on_the_host_under_a_running_plugin_ends_it() {
     // with no event for it, and the new kubelet's directory is out of reach. The plugin looks
     // again shortly after the kubelet's socket goes, finds the directory deleted, and exits
     // so that a new container mounts the new one.
-    let usable = std::process::Command::new("unshare")
-        .args(["-m", "true"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !usable || under_emulation() {
+    if !mount_namespaces() {
         eprintln!("no mount namespace to be had here (or under an emulator): skipped");
         return;
     }

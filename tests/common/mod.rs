@@ -228,6 +228,16 @@ pub fn under_emulation() -> bool {
     std::env::var("JARVICE_TEST_RUNNER").is_ok_and(|r| !r.trim().is_empty())
 }
 
+/// Whether the tests may run the plugin in a mount namespace of its own (`unshare -m`, to bind
+/// a hostPath-like mount): root with CAP_SYS_ADMIN, and not under an emulator.
+pub fn mount_namespaces() -> bool {
+    !under_emulation()
+        && Command::new("unshare")
+            .args(["-m", "true"])
+            .status()
+            .is_ok_and(|s| s.success())
+}
+
 /// A command that runs the plugin binary. A binary for another architecture (ppc64le tests on
 /// x86_64) goes through `$JARVICE_TEST_RUNNER` (e.g. `qemu-ppc64le -L /usr/powerpc64le-linux-gnu`),
 /// since the kernel cannot exec it directly without binfmt_misc.
