@@ -33,6 +33,16 @@ pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 5_000;
 pub const DEFAULT_HOLD_DOWN_MS: u64 = 5_000;
 /// Where container runtimes look for CDI specs written at run time.
 pub const DEFAULT_CDI_DIR: &str = "/var/run/cdi";
+/// The DRA driver name (`--driver-name`): `spec.driver` of our ResourceSlices, the name we
+/// register with the kubelet, the directory of our `dra.sock`.
+pub const DEFAULT_DRIVER_NAME: &str = "rdma.jarvice.com";
+/// Where the kubelet looks for plugin registration sockets (`pkg/kubelet/pluginmanager`).
+pub const DEFAULT_REGISTRY_DIR: &str = "/var/lib/kubelet/plugins_registry";
+/// Where kubelet plugins keep their service sockets, by convention (`<dir>/<driver>/dra.sock`).
+pub const DEFAULT_PLUGINS_DIR: &str = "/var/lib/kubelet/plugins";
+/// The service-account files every pod gets (in-cluster config).
+pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+pub const DEFAULT_CA_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -87,6 +97,60 @@ pub struct Config {
     /// Shared device IDs are this and an index: `rdma-` for the drop-in's (whatever its
     /// resource name), `<name>-` for a `--resource` spec's, so IDs are unique in the process.
     pub id_prefix: String,
+    /// Which kubelet API serves the resources (`--frontend`).
+    pub frontend: Frontend,
+    /// The DRA front-end's settings (used with `--frontend dra` and by `list`/`diagnose`).
+    pub dra: DraConfig,
+}
+
+/// The kubelet API the resources are served through.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Frontend {
+    /// The device-plugin API v1beta1 (the drop-in).
+    #[default]
+    DevicePlugin,
+    /// Dynamic Resource Allocation (`resource.k8s.io/v1`, kubelet DRA plugin API v1).
+    Dra,
+}
+
+/// Where the DRA front-end finds the kubelet and the API server. `None`: in-cluster (the
+/// service env, `NODE_NAME`), resolved when the front-end starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DraConfig {
+    pub driver: String,
+    pub node_name: Option<String>,
+    pub kube_api: Option<String>,
+    pub token_file: PathBuf,
+    pub ca_file: PathBuf,
+    pub registry_dir: PathBuf,
+    pub plugins_dir: PathBuf,
+}
+
+impl Default for DraConfig {
+    fn default() -> DraConfig {
+        DraConfig {
+            driver: DEFAULT_DRIVER_NAME.to_string(),
+            node_name: None,
+            kube_api: None,
+            token_file: PathBuf::from(DEFAULT_TOKEN_FILE),
+            ca_file: PathBuf::from(DEFAULT_CA_FILE),
+            registry_dir: PathBuf::from(DEFAULT_REGISTRY_DIR),
+            plugins_dir: PathBuf::from(DEFAULT_PLUGINS_DIR),
+        }
+    }
+}
+
+impl DraConfig {
+    /// `<registry-dir>/<driver>-reg.sock`: where the kubelet finds us.
+    pub fn registration_socket(&self) -> PathBuf {
+        self.registry_dir.join(format!("{}-reg.sock", self.driver))
+    }
+
+    /// `<plugins-dir>/<driver>/dra.sock`: where the kubelet calls us (the path we register,
+    /// the same inside our pod and on the host).
+    pub fn service_socket(&self) -> PathBuf {
+        self.plugins_dir.join(&self.driver).join("dra.sock")
+    }
 }
 
 /// One `--resource NAME[,key=value...]`.
@@ -125,6 +189,8 @@ impl Default for Config {
             cdi: false,
             cdi_dir: PathBuf::from(DEFAULT_CDI_DIR),
             cdi_only: false,
+            frontend: Frontend::DevicePlugin,
+            dra: DraConfig::default(),
         }
     }
 }
@@ -382,6 +448,54 @@ fn options() -> Options {
         "cdi-device-specs",
         "accepted for compatibility: device specs come with --cdi unless --cdi-only [default: on]",
     );
+    o.optopt(
+        "",
+        "frontend",
+        "the kubelet API to serve through: device-plugin (v1beta1, the drop-in) or dra (resource.k8s.io/v1 ResourceSlices and claims) [default: device-plugin]",
+        "API",
+    );
+    o.optopt(
+        "",
+        "driver-name",
+        &format!("with --frontend dra: the DRA driver name (slices, registration, socket dir) [default: {DEFAULT_DRIVER_NAME}]"),
+        "NAME",
+    );
+    o.optopt(
+        "",
+        "node-name",
+        "with --frontend dra: this node's name (the slice's pool and nodeName) [default: $NODE_NAME]",
+        "NAME",
+    );
+    o.optopt(
+        "",
+        "kube-api",
+        "with --frontend dra: the API server's URL [default: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT]",
+        "URL",
+    );
+    o.optopt(
+        "",
+        "kube-token-file",
+        &format!("with --frontend dra: bearer token, re-read every minute and on a 401 [default: {DEFAULT_TOKEN_FILE}]"),
+        "FILE",
+    );
+    o.optopt(
+        "",
+        "kube-ca-file",
+        &format!("with --frontend dra: the only CA trusted for the API server [default: {DEFAULT_CA_FILE}]"),
+        "FILE",
+    );
+    o.optopt(
+        "",
+        "kubelet-registry-dir",
+        &format!("with --frontend dra: the kubelet's plugin registration directory [default: {DEFAULT_REGISTRY_DIR}]"),
+        "DIR",
+    );
+    o.optopt(
+        "",
+        "kubelet-plugins-dir",
+        &format!("with --frontend dra: where dra.sock goes, in DIR/<driver>/ [default: {DEFAULT_PLUGINS_DIR}]"),
+        "DIR",
+    );
     o.optflag(
         "",
         "json",
@@ -528,7 +642,13 @@ fn config_from(m: &getopts::Matches) -> Result<Config, UsageError> {
         c.cdi_dir = absolute_dir("--cdi-dir", &dir)?;
     }
     c.cdi_only = m.opt_present("cdi-only");
-    let cdi_flags = ["cdi-dir", "cdi-only", "cdi-device-specs"];
+    dra_from(m, &mut c)?;
+    // DRA writes a CDI spec per claim into --cdi-dir whatever --cdi says.
+    let cdi_flags: &[&str] = if c.frontend == Frontend::Dra {
+        &["cdi-only", "cdi-device-specs"]
+    } else {
+        &["cdi-dir", "cdi-only", "cdi-device-specs"]
+    };
     if let Some(flag) = cdi_flags.iter().find(|f| !c.cdi && m.opt_present(f)) {
         return Err(UsageError(format!("--{flag} goes with --cdi")));
     }
@@ -569,7 +689,102 @@ fn config_from(m: &getopts::Matches) -> Result<Config, UsageError> {
         check_socket_path(&unit.socket_path())?;
     }
     check_socket_path(&c.socket_path())?;
+    if c.frontend == Frontend::Dra {
+        check_socket_path(&c.dra.registration_socket())?;
+        check_socket_path(&c.dra.service_socket())?;
+    }
     Ok(c)
+}
+
+/// The DRA flags; each but `--frontend` needs `--frontend dra` (`list` and `diagnose` take them
+/// with it too).
+fn dra_from(m: &getopts::Matches, c: &mut Config) -> Result<(), UsageError> {
+    if let Some(v) = m.opt_str("frontend") {
+        c.frontend = match v.as_str() {
+            "device-plugin" => Frontend::DevicePlugin,
+            "dra" if cfg!(feature = "dra") => Frontend::Dra,
+            "dra" => {
+                return Err(UsageError(
+                    "--frontend dra: this binary was built without the `dra` feature".into(),
+                ))
+            }
+            _ => {
+                return Err(UsageError(format!(
+                    "--frontend must be device-plugin or dra, not {v:?}"
+                )))
+            }
+        };
+    }
+    let flags = [
+        "driver-name",
+        "node-name",
+        "kube-api",
+        "kube-token-file",
+        "kube-ca-file",
+        "kubelet-registry-dir",
+        "kubelet-plugins-dir",
+    ];
+    if let Some(flag) = flags
+        .iter()
+        .find(|f| c.frontend != Frontend::Dra && m.opt_present(f))
+    {
+        return Err(UsageError(format!("--{flag} goes with --frontend dra")));
+    }
+    let d = &mut c.dra;
+    if let Some(v) = m.opt_str("driver-name") {
+        if !is_dns_subdomain(&v, 63) {
+            return Err(UsageError(format!(
+                "--driver-name must be a DNS subdomain of at most 63 characters (rdma.example.com), not {v:?}"
+            )));
+        }
+        d.driver = v;
+    }
+    if let Some(v) = m.opt_str("node-name") {
+        if !is_dns_subdomain(&v, 253) {
+            return Err(UsageError(format!(
+                "--node-name must be a Kubernetes node name (a DNS subdomain), not {v:?}"
+            )));
+        }
+        d.node_name = Some(v);
+    }
+    if let Some(v) = m.opt_str("kube-api") {
+        if !(v.starts_with("https://") || v.starts_with("http://")) || v.len() > 2048 {
+            return Err(UsageError(format!(
+                "--kube-api must be an http:// or https:// URL, not {v:?}"
+            )));
+        }
+        d.kube_api = Some(v.trim_end_matches('/').to_string());
+    }
+    if let Some(v) = m.opt_str("kube-token-file") {
+        d.token_file = absolute_dir("--kube-token-file", &v)?;
+    }
+    if let Some(v) = m.opt_str("kube-ca-file") {
+        d.ca_file = absolute_dir("--kube-ca-file", &v)?;
+    }
+    if let Some(v) = m.opt_str("kubelet-registry-dir") {
+        d.registry_dir = absolute_dir("--kubelet-registry-dir", &v)?;
+    }
+    if let Some(v) = m.opt_str("kubelet-plugins-dir") {
+        d.plugins_dir = absolute_dir("--kubelet-plugins-dir", &v)?;
+    }
+    Ok(())
+}
+
+/// A DNS subdomain (RFC 1123) of at most `max` characters: dot-separated labels of lowercase
+/// letters, digits and `-`, each starting and ending with a letter or digit.
+pub fn is_dns_subdomain(s: &str, max: usize) -> bool {
+    !s.is_empty() && s.len() <= max && s.split('.').all(|l| is_dns_label(l, 63))
+}
+
+/// A DNS label (RFC 1123) of at most `max` characters.
+pub fn is_dns_label(s: &str, max: usize) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= max
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
 }
 
 fn absolute_dir(flag: &str, value: &str) -> Result<PathBuf, UsageError> {

@@ -11,6 +11,8 @@
 
 pub mod config;
 pub mod daemon;
+#[cfg(feature = "dra")]
+pub mod dra;
 pub mod host;
 pub mod kubelet;
 pub mod limits;

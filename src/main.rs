@@ -17,9 +17,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_target(false)
-        .init();
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    logger.format_target(false);
+    // The HTTP and TLS crates' debug lines are per request: with RUST_LOG=debug they would
+    // drown ours. Naming them in RUST_LOG still turns them on.
+    let spec = std::env::var("RUST_LOG").unwrap_or_default();
+    for noisy in ["ureq", "ureq_proto", "rustls"] {
+        if !spec.contains(noisy) {
+            logger.filter_module(noisy, log::LevelFilter::Info);
+        }
+    }
+    logger.init();
     match command {
         Command::Help(text) => {
             println!("{text}");
@@ -29,13 +38,18 @@ fn main() -> ExitCode {
             println!("jarvice-rdma-plugin {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::Serve(cfg) => match lifecycle::run(cfg) {
+        Command::Serve(cfg) => match serve(cfg) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 error!("{e}");
                 ExitCode::from(e.exit_code())
             }
         },
+        #[cfg(feature = "dra")]
+        Command::List { config, .. } if config.frontend == config::Frontend::Dra => {
+            print!("{}", rdma_plugin::dra::list::report(&config));
+            ExitCode::SUCCESS
+        }
         Command::List { config, json } => {
             outcome(list::report(&config, json).map(|r| print!("{r}")))
         }
@@ -52,6 +66,13 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+        #[cfg(feature = "dra")]
+        Command::Probe(cfg) if cfg.frontend == config::Frontend::Dra => {
+            outcome(rdma_plugin::dra::probe::probe(&cfg.dra).map(|seen| {
+                print!("{seen}");
+                println!("ok: the DRA driver answers as the kubelet expects");
+            }))
+        }
         // Every resource's socket (the DaemonSet's probes pass the same flags as the daemon).
         Command::Probe(cfg) => outcome(cfg.units().iter().try_for_each(|u| {
             probe::probe(&u.socket_path()).map(|seen| {
@@ -62,6 +83,18 @@ fn main() -> ExitCode {
                 );
             })
         })),
+    }
+}
+
+/// The front-end `--frontend` names.
+fn serve(cfg: config::Config) -> Result<(), lifecycle::Error> {
+    match cfg.frontend {
+        config::Frontend::DevicePlugin => lifecycle::run(cfg),
+        #[cfg(feature = "dra")]
+        config::Frontend::Dra => rdma_plugin::dra::daemon::run(cfg),
+        // `config::parse` refuses `--frontend dra` without the feature.
+        #[cfg(not(feature = "dra"))]
+        config::Frontend::Dra => lifecycle::run(cfg),
     }
 }
 

@@ -187,7 +187,7 @@ impl SpecKeeper {
     fn warn_now(&mut self, now: Instant) -> bool {
         let due = self
             .last_warned
-            .map_or(true, |t| now.duration_since(t) >= WARN_EVERY);
+            .is_none_or(|t| now.duration_since(t) >= WARN_EVERY);
         if due {
             self.last_warned = Some(now);
         }

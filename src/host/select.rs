@@ -216,7 +216,7 @@ impl Selector {
             let hit = ids.is_some_and(|(v, d)| {
                 self.pci_ids
                     .iter()
-                    .any(|p| p.vendor == v && p.device.map_or(true, |pd| pd == d))
+                    .any(|p| p.vendor == v && p.device.is_none_or(|pd| pd == d))
             });
             if !hit {
                 let have = ids.map_or("unknown".to_string(), |(v, d)| format!("{v:04x}:{d:04x}"));

@@ -106,7 +106,7 @@ impl Port {
     /// Whether the port counts for a selection of link layer `link` (any, when `None`): with
     /// `--link-layer`, only the ports of that layer do (a VPI HCA has both kinds).
     pub fn counts_for(&self, link: Option<&LinkLayer>) -> bool {
-        link.map_or(true, |l| self.link_layer.as_ref() == Some(l))
+        link.is_none_or(|l| self.link_layer.as_ref() == Some(l))
     }
 
     /// `port 1 ACTIVE (LinkUp) InfiniBand`, for logs and reports.

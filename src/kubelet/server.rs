@@ -1,4 +1,5 @@
-//! One serving generation: a grpcio server on `<plugin-dir>/<socket-name>` with its [`Hub`].
+//! One serving generation: a grpcio server ([`Listener`]) on `<plugin-dir>/<socket-name>` with
+//! its [`Hub`].
 //! Stopping it ends its streams, shuts the server down completely and removes the socket, so a
 //! restart never leaks a server (the original's bug 5).
 //!
@@ -107,10 +108,17 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
-/// A running server; dropping it stops it.
+/// A running device-plugin server; dropping it stops it.
 pub struct Serving {
-    server: Option<Server>,
+    listener: Listener,
     hub: Arc<Hub>,
+}
+
+/// A grpcio server listening on one socket path, which it owns only while the file there is
+/// the socket it bound. Dropping it stops it. The device plugin has one; the DRA front-end one
+/// for its registration socket and one for `dra.sock`.
+pub struct Listener {
+    server: Option<Server>,
     socket: PathBuf,
     /// The socket file we bound, as it was once published.
     identity: Option<Identity>,
@@ -142,7 +150,7 @@ pub const PRIVATE_NAME_MAX: usize = 5 + 16;
 /// The private name gRPC listens on, next to `socket`: hidden, and unique to this server while
 /// it exists (a few microseconds) across every process and container on the node (64 random
 /// bits), so gRPC's unlink at bind meets nobody's socket (the kubelet removes leftovers at its
-/// start).
+/// start; its plugin watcher ignores names starting with `.`).
 fn private_path(socket: &Path) -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
     // getrandom(2); should it fail, the time and a counter still differ between instances.
@@ -208,15 +216,59 @@ impl Serving {
         let hub = Hub::new(list, Arc::clone(client_left));
         let service =
             api::create_device_plugin(Plugin::new(Arc::clone(settings), Arc::clone(&hub)));
+        let listener = Listener::start(env, vec![service], socket)?;
+        info!("serving the device plugin on {}", socket.display());
+        Ok(Serving { listener, hub })
+    }
+
+    /// True while the file at our socket path is the socket this server bound.
+    pub fn owns_socket(&self) -> bool {
+        self.listener.owns_socket()
+    }
+
+    /// Where this generation's device list is published.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Ends the streams, shuts the server down (cancelling calls still running after a short
+    /// grace) and removes the socket file.
+    pub fn stop(mut self) {
+        let hub = Arc::clone(&self.hub);
+        self.listener.shutdown(|| hub.stop());
+    }
+
+    /// Removes our socket file, and only ours (the kubelet may have replaced it with nothing,
+    /// or someone with a file of their own). The server keeps running for the calls under way.
+    pub fn remove_socket(&self) {
+        self.listener.remove_socket();
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let hub = Arc::clone(&self.hub);
+        self.listener.shutdown(|| hub.stop());
+    }
+}
+
+impl Listener {
+    /// Serves `services` at `socket`, which [`claim`] must have made free: gRPC binds a private
+    /// name and the socket gets its public name with link(2), never replacing a file.
+    pub fn start(
+        env: &Arc<Environment>,
+        services: Vec<grpcio::Service>,
+        socket: &Path,
+    ) -> Result<Listener, Error> {
         let args = ChannelBuilder::new(Arc::clone(env))
             .max_receive_message_len(MAX_REQUEST_BYTES)
             .max_concurrent_stream(MAX_CONCURRENT_CALLS)
             .build_args();
-        let mut server = ServerBuilder::new(Arc::clone(env))
-            .channel_args(args)
-            .register_service(service)
-            .build()
-            .map_err(|source| Error::Build { source })?;
+        let mut builder = ServerBuilder::new(Arc::clone(env)).channel_args(args);
+        for s in services {
+            builder = builder.register_service(s);
+        }
+        let mut server = builder.build().map_err(|source| Error::Build { source })?;
         let private = private_path(socket);
         server
             .add_listening_port(
@@ -228,18 +280,21 @@ impl Serving {
                 source,
             })?;
         server.start();
-        let mut serving = Serving {
+        let mut listener = Listener {
             server: Some(server),
-            hub,
             socket: socket.to_path_buf(),
             identity: None,
             removed: std::cell::Cell::new(false),
         };
         // Which file is ours: we remove only that one, never a file another process put at
-        // the same path after ours was deleted. On failure, dropping `serving` stops gRPC.
-        serving.identity = Some(publish(&private, socket)?);
-        info!("serving the device plugin on {}", socket.display());
-        Ok(serving)
+        // the same path after ours was deleted. On failure, dropping `listener` stops gRPC.
+        listener.identity = Some(publish(&private, socket)?);
+        Ok(listener)
+    }
+
+    /// Where it listens.
+    pub fn socket(&self) -> &Path {
+        &self.socket
     }
 
     /// True while the file at our socket path is the socket this server bound.
@@ -247,18 +302,9 @@ impl Serving {
         self.identity.is_some() && socket_identity(&self.socket) == self.identity
     }
 
-    /// Where this generation's device list is published.
-    pub fn hub(&self) -> &Arc<Hub> {
-        &self.hub
-    }
-
-    /// Ends the streams, shuts the server down (cancelling calls still running after a short
-    /// grace) and removes the socket file.
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
+    /// Ends the server: the socket goes, then `first` runs (ending streams), then gRPC's
+    /// shutdown (cancelling calls still running after a short grace).
+    pub fn shutdown(&mut self, first: impl FnOnce()) {
         let Some(mut server) = self.server.take() else {
             return;
         };
@@ -266,7 +312,7 @@ impl Serving {
         // finds it gone, and nobody dials a server that is stopping. gRPC's own unlink at
         // shutdown is of the private name, long gone.
         self.remove_socket();
-        self.hub.stop();
+        first();
         // gRPC short of threads may never finish this: a SIGTERM meanwhile must still end us.
         sys::stoppable(|| {
             let done = server.shutdown();
@@ -279,8 +325,7 @@ impl Serving {
         info!("stopped serving on {}", self.socket.display());
     }
 
-    /// Removes our socket file, and only ours (the kubelet may have replaced it with nothing,
-    /// or someone with a file of their own). The server keeps running for the calls under way.
+    /// Removes our socket file, and only ours. The server keeps running for the calls under way.
     pub fn remove_socket(&self) {
         if self.removed.get() {
             return;
@@ -300,9 +345,9 @@ impl Serving {
     }
 }
 
-impl Drop for Serving {
+impl Drop for Listener {
     fn drop(&mut self) {
-        self.shutdown();
+        self.shutdown(|| {});
     }
 }
 

@@ -1,6 +1,7 @@
-//! ListAndWatch: a [`Hub`] holds the current device list; each open stream gets its own thread
-//! that sends the full list first and then again on every change. grpcio's completion-queue
-//! threads never block on us: they only hand the sink over and later wake the stream thread.
+//! Server streams of whole lists (ListAndWatch; DRA's NodeWatchResources too): a [`Hub`] holds
+//! the current list; each open stream gets its own thread that sends the full list first and
+//! then again on every change. grpcio's completion-queue threads never block on us: they only
+//! hand the sink over and later wake the stream thread.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -18,25 +19,36 @@ use crate::workers;
 /// Streams served at once (each owns a thread); more are refused with `RESOURCE_EXHAUSTED`.
 pub const MAX_STREAMS: usize = 64;
 
-struct State {
+struct State<M> {
     version: u64,
-    list: ListAndWatchResponse,
+    list: M,
     stopped: bool,
     streams: Vec<Weak<Signal>>,
 }
 
-/// The latest device list of one serving generation, and the streams that watch it.
-pub struct Hub {
-    state: Mutex<State>,
+/// The latest list of one serving generation, and the streams that watch it.
+pub struct Hub<M = ListAndWatchResponse> {
+    /// The stream's name in log lines (`ListAndWatch`).
+    name: &'static str,
+    state: Mutex<State<M>>,
     /// Bumped whenever a client ends its stream, so the main loop can tell a kubelet that
     /// dropped ListAndWatch (and must be registered with again).
     client_left: Arc<EventFd>,
 }
 
-impl Hub {
-    /// A hub serving `list`; `client_left` is bumped whenever a client ends its stream.
+impl Hub<ListAndWatchResponse> {
+    /// A ListAndWatch hub serving `list`; `client_left` is bumped whenever a client ends its
+    /// stream.
     pub fn new(list: ListAndWatchResponse, client_left: Arc<EventFd>) -> Arc<Hub> {
+        Hub::named("ListAndWatch", list, client_left)
+    }
+}
+
+impl<M: Clone> Hub<M> {
+    /// A hub of `name`d streams serving `list`.
+    pub fn named(name: &'static str, list: M, client_left: Arc<EventFd>) -> Arc<Hub<M>> {
         Arc::new(Hub {
+            name,
             state: Mutex::new(State {
                 version: 0,
                 list,
@@ -47,7 +59,7 @@ impl Hub {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State<M>> {
         // Every update leaves State consistent, so a poisoned lock is still usable.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -55,7 +67,7 @@ impl Hub {
     /// Replaces the list and wakes every stream, which sends it even when it equals the last
     /// one: the caller publishes when the device nodes changed, and the kubelet takes every
     /// message as the whole list, so a repeat is harmless and tells it the news promptly.
-    pub fn publish(&self, list: ListAndWatchResponse) {
+    pub fn publish(&self, list: M) {
         let mut st = self.lock();
         st.list = list;
         st.version += 1;
@@ -83,7 +95,7 @@ impl Hub {
     }
 
     /// The list if it is newer than `seen`; `Err(())` once stopped.
-    fn next(&self, seen: Option<u64>) -> Result<Option<(u64, ListAndWatchResponse)>, ()> {
+    fn next(&self, seen: Option<u64>) -> Result<Option<(u64, M)>, ()> {
         let st = self.lock();
         if st.stopped {
             return Err(());
@@ -95,7 +107,7 @@ impl Hub {
     }
 }
 
-fn wake_all(st: &mut State) {
+fn wake_all<M>(st: &mut State<M>) {
     st.streams.retain(|w| match w.upgrade() {
         Some(s) => {
             s.raise();
@@ -105,10 +117,15 @@ fn wake_all(st: &mut State) {
     });
 }
 
-/// Hands one ListAndWatch call to a stream thread of its own. Returns at once.
-pub fn spawn(hub: Arc<Hub>, sink: ServerStreamingSink<ListAndWatchResponse>, peer: String) {
+/// Hands one stream call to a thread of its own. Returns at once.
+pub fn spawn<M: Clone + Send + 'static>(
+    hub: Arc<Hub<M>>,
+    sink: ServerStreamingSink<M>,
+    peer: String,
+) {
     let signal = Signal::new();
     hub.subscribe(&signal);
+    let hub_name = hub.name;
     let started = workers::run(move || {
         let end = feed(&hub, sink, &signal, &peer);
         // Unsubscribe before telling anyone, so open_streams() no longer counts us.
@@ -120,7 +137,7 @@ pub fn spawn(hub: Arc<Hub>, sink: ServerStreamingSink<ListAndWatchResponse>, pee
     if let Err(e) = started {
         // The sink was moved into the job and is dropped with it, which cancels the call: the
         // kubelet sees the stream end and opens a new one.
-        warn!("cannot start a ListAndWatch thread: {e}");
+        warn!("cannot start a {} thread: {e}", hub_name);
     }
 }
 
@@ -130,27 +147,28 @@ enum End {
     ServerStopped,
 }
 
-fn feed(
-    hub: &Hub,
-    mut sink: ServerStreamingSink<ListAndWatchResponse>,
+fn feed<M: Clone>(
+    hub: &Hub<M>,
+    mut sink: ServerStreamingSink<M>,
     signal: &Arc<Signal>,
     peer: &str,
 ) -> End {
     debug!(
-        "ListAndWatch opened by {peer} ({} open)",
+        "{} opened by {peer} ({} open)",
+        hub.name,
         hub.open_streams()
     );
     let waker = signal.waker();
     let mut cx = Context::from_waker(&waker);
     let end = pump(hub, &mut sink, signal, &mut cx);
     match &end {
-        End::ClientGone(e) => debug!("ListAndWatch of {peer} ended: {e}"),
+        End::ClientGone(e) => debug!("{} of {peer} ended: {e}", hub.name),
         End::ServerStopped => {
             // Start sending an OK status but never wait for it: the server is shutting down,
             // and dropping the sink right after cancels whatever is still pending. Either
             // way the kubelet sees the stream end.
             let _ = Pin::new(&mut sink).poll_close(&mut cx);
-            debug!("ListAndWatch of {peer} closed: server stopping");
+            debug!("{} of {peer} closed: server stopping", hub.name);
         }
     }
     end
@@ -159,9 +177,9 @@ fn feed(
 /// Sends lists until the client goes away or the hub stops. Every `Pending` from the sink has
 /// registered `cx`'s waker, which raises `signal`; so has every publish: the thread sleeps on
 /// `signal` and never polls on a timer.
-fn pump(
-    hub: &Hub,
-    sink: &mut ServerStreamingSink<ListAndWatchResponse>,
+fn pump<M: Clone>(
+    hub: &Hub<M>,
+    sink: &mut ServerStreamingSink<M>,
     signal: &Signal,
     cx: &mut Context<'_>,
 ) -> End {

@@ -50,7 +50,7 @@ pub struct Check {
 }
 
 impl Check {
-    fn ok(name: &'static str, message: String) -> Check {
+    pub(crate) fn ok(name: &'static str, message: String) -> Check {
         Check {
             name,
             status: Status::Ok,
@@ -58,7 +58,7 @@ impl Check {
             fix: None,
         }
     }
-    fn bad(name: &'static str, status: Status, message: String, fix: &str) -> Check {
+    pub(crate) fn bad(name: &'static str, status: Status, message: String, fix: &str) -> Check {
         Check {
             name,
             status,
@@ -527,6 +527,11 @@ pub fn run(cfg: &Config) -> Vec<Check> {
         for (u, a) in &assessed {
             checks.extend(cdi(u, a));
         }
+    }
+    #[cfg(feature = "dra")]
+    if cfg.frontend == crate::config::Frontend::Dra {
+        checks.extend(crate::dra::diagnose::checks(cfg));
+        return checks;
     }
     checks.push(kubelet(cfg));
     for (u, _) in &assessed {

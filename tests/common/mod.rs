@@ -4,6 +4,10 @@
 //! Also used by the demo (`examples/demo.rs`) and the benchmark (`bench/`).
 #![allow(dead_code)]
 
+#[cfg(feature = "dra")]
+pub mod dra_kubelet;
+pub mod fake_api;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;

@@ -1,0 +1,389 @@
+//! NodePrepareResources and NodeUnprepareResources: a claim's devices become one CDI spec file
+//! of its own (`<cdi-dir>/<driver>-claim-<uid>.json`, written atomically), whose device names
+//! carry the claim UID (`k8s.rdma.jarvice.com/claim=<uid>-mlx5-0`) so a runtime's cache never
+//! serves another claim's entry. The files are also the record of what is prepared: a restart
+//! reads them back, so it neither forgets a claim (unprepare still removes it) nor prepares one
+//! twice (a repeat is answered from the file, without the API server).
+//!
+//! The kubelet is trusted for what it checked (the claim is reserved for a pod here); the API
+//! server for the allocation. Everything else is checked: the UID, our driver and pool, devices
+//! we published, a bound on results, and the device nodes are the ones the scan verified.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+
+use k8s_openapi::api::resource::v1::ResourceClaim;
+use log::{debug, info, warn};
+use serde_json::json;
+
+use crate::config::{is_dns_label, is_dns_subdomain};
+use crate::dra::devices::Inventory;
+use crate::dra::kube::{self, Kube};
+use crate::host::nodes::DeviceNode;
+use crate::resource::cdi;
+use crate::resource::per_hca::HCAS_ENV;
+
+/// Results of our driver one claim may name: more than a node could ever publish is an attack.
+pub const MAX_RESULTS: usize = 128;
+/// Claims one call may name (the kubelet sends a pod's claims: a handful).
+pub const MAX_CLAIMS: usize = 256;
+/// The largest spec file we read back.
+const MAX_SPEC: u64 = 1 << 20;
+
+/// One device of a prepared claim, as the kubelet gets it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Prepared {
+    pub request: String,
+    pub pool: String,
+    pub device: String,
+    pub cdi_id: String,
+}
+
+/// The claims prepared on this node.
+pub struct Claims {
+    dir: PathBuf,
+    driver: String,
+    node: String,
+    /// CDI kind of the per-claim specs: `k8s.<driver>/claim`.
+    kind: String,
+    /// Claim UID -> its devices, as in its spec file. Held while a spec is written, so two
+    /// prepares cannot both take one device.
+    prepared: Mutex<BTreeMap<String, Vec<Prepared>>>,
+}
+
+/// The kubelet's claim reference.
+#[derive(Clone, Debug)]
+pub struct ClaimRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+impl Claims {
+    /// The record of `dir`: every spec file of ours there (a previous instance's included).
+    pub fn load(dir: &Path, driver: &str, node: &str) -> Claims {
+        let c = Claims {
+            dir: dir.to_path_buf(),
+            driver: driver.to_string(),
+            node: node.to_string(),
+            kind: format!("k8s.{driver}/claim"),
+            prepared: Mutex::new(BTreeMap::new()),
+        };
+        let prefix = c.file_prefix();
+        let mut found = BTreeMap::new();
+        if let Ok(entries) = fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(uid) = name
+                    .strip_prefix(&prefix)
+                    .and_then(|r| r.strip_suffix(".json"))
+                else {
+                    continue;
+                };
+                if !valid_uid(uid) {
+                    continue;
+                }
+                match c.read_record(uid) {
+                    Some(devices) => {
+                        found.insert(uid.to_string(), devices);
+                    }
+                    None => warn!(
+                        "{}: not a claim spec of ours; left alone",
+                        e.path().display()
+                    ),
+                }
+            }
+        }
+        if !found.is_empty() {
+            info!("{} claim(s) prepared before this start", found.len());
+        }
+        *c.lock() = found;
+        c
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Vec<Prepared>>> {
+        self.prepared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn file_prefix(&self) -> String {
+        format!("{}-claim-", self.driver)
+    }
+
+    /// Where the spec of claim `uid` lives (a checked UID only).
+    pub fn spec_path(&self, uid: &str) -> PathBuf {
+        self.dir.join(format!("{}{uid}.json", self.file_prefix()))
+    }
+
+    /// UIDs of the claims prepared now.
+    pub fn prepared_uids(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    /// Prepares one claim: its devices, or why not (the kubelet retries at the pod's next sync).
+    pub fn prepare(
+        &self,
+        kube: &Kube,
+        inv: &Inventory,
+        claim: &ClaimRef,
+    ) -> Result<Vec<Prepared>, String> {
+        check_ref(claim)?;
+        if let Some(done) = self.lock().get(&claim.uid) {
+            debug!("claim {}/{} already prepared", claim.namespace, claim.name);
+            return Ok(done.clone());
+        }
+        let path = format!(
+            "/apis/resource.k8s.io/v1/namespaces/{}/resourceclaims/{}",
+            kube::escape(&claim.namespace),
+            kube::escape(&claim.name)
+        );
+        let rc: ResourceClaim = kube.get(&path).map_err(|e| match e.code() {
+            Some(404) => format!(
+                "claim {}/{} does not exist (deleted?)",
+                claim.namespace, claim.name
+            ),
+            _ => format!("cannot fetch claim {}/{}: {e}", claim.namespace, claim.name),
+        })?;
+        let uid = rc.metadata.uid.as_deref().unwrap_or("");
+        if uid != claim.uid {
+            return Err(format!(
+                "claim {}/{} has UID {uid:?}, not {:?}: it was deleted and made again",
+                claim.namespace, claim.name, claim.uid
+            ));
+        }
+        let results = rc
+            .status
+            .as_ref()
+            .and_then(|s| s.allocation.as_ref())
+            .and_then(|a| a.devices.as_ref())
+            .and_then(|d| d.results.as_ref())
+            .ok_or_else(|| format!("claim {}/{} is not allocated", claim.namespace, claim.name))?;
+        let ours: Vec<_> = results.iter().filter(|r| r.driver == self.driver).collect();
+        if ours.len() > MAX_RESULTS {
+            return Err(format!(
+                "claim {}/{} names {} devices of {}: more than any node publishes ({MAX_RESULTS})",
+                claim.namespace,
+                claim.name,
+                ours.len(),
+                self.driver
+            ));
+        }
+        if ours.is_empty() {
+            return Err(format!(
+                "claim {}/{} has no device of driver {}",
+                claim.namespace, claim.name, self.driver
+            ));
+        }
+        let mut devices = Vec::new();
+        let mut edits = Vec::new();
+        let mut hcas: Vec<String> = Vec::new();
+        for r in &ours {
+            if r.pool != self.node {
+                return Err(format!(
+                    "claim {}/{}: device {:?} is in pool {:?}, not this node's ({})",
+                    claim.namespace, claim.name, r.device, r.pool, self.node
+                ));
+            }
+            let Some(d) = inv.get(&r.device) else {
+                return Err(format!(
+                    "claim {}/{}: device {:?} is not one this node publishes",
+                    claim.namespace, claim.name, r.device
+                ));
+            };
+            if !d.healthy {
+                warn!(
+                    "claim {}/{}: preparing {} although it is Unhealthy ({})",
+                    claim.namespace, claim.name, d.name, d.reason
+                );
+            }
+            let cdi_name = format!("{}-{}", claim.uid, d.name);
+            if !edits.iter().any(|(n, _): &(String, _)| *n == cdi_name) {
+                edits.push((cdi_name.clone(), d.nodes.clone()));
+            }
+            for h in &d.hcas {
+                if !hcas.contains(h) {
+                    hcas.push(h.clone());
+                }
+            }
+            devices.push(Prepared {
+                request: r.request.clone(),
+                pool: r.pool.clone(),
+                device: d.name.clone(),
+                cdi_id: cdi::qualified(&self.kind, &cdi_name),
+            });
+        }
+        let mut prepared = self.lock();
+        // Another claim holding one of these devices: the allocation is stale or forged.
+        for (other, theirs) in prepared.iter() {
+            if other == &claim.uid {
+                continue;
+            }
+            if let Some(d) = devices
+                .iter()
+                .find(|d| theirs.iter().any(|t| t.device == d.device))
+            {
+                return Err(format!(
+                    "claim {}/{}: device {} is prepared for claim {other} still",
+                    claim.namespace, claim.name, d.device
+                ));
+            }
+        }
+        let text = self.render(claim, &devices, &edits, &hcas);
+        cdi::write_atomic(&self.spec_path(&claim.uid), &text).map_err(|e| {
+            format!(
+                "cannot write the CDI spec {}: {e}",
+                self.spec_path(&claim.uid).display()
+            )
+        })?;
+        info!(
+            "prepared claim {}/{} ({}): {}",
+            claim.namespace,
+            claim.name,
+            claim.uid,
+            devices
+                .iter()
+                .map(|d| d.device.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        prepared.insert(claim.uid.clone(), devices.clone());
+        Ok(devices)
+    }
+
+    /// Unprepares one claim: its spec goes. A claim we never prepared succeeds.
+    pub fn unprepare(&self, claim: &ClaimRef) -> Result<(), String> {
+        if !valid_uid(&claim.uid) {
+            // Nothing of ours can carry it: nothing to undo.
+            return Ok(());
+        }
+        let mut prepared = self.lock();
+        let path = self.spec_path(&claim.uid);
+        match fs::remove_file(&path) {
+            Ok(()) => info!(
+                "unprepared claim {}/{} ({})",
+                claim.namespace, claim.name, claim.uid
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot remove {}: {e}", path.display())),
+        }
+        prepared.remove(&claim.uid);
+        Ok(())
+    }
+
+    fn render(
+        &self,
+        claim: &ClaimRef,
+        devices: &[Prepared],
+        edits: &[(String, Vec<DeviceNode>)],
+        hcas: &[String],
+    ) -> String {
+        let record: Vec<serde_json::Value> = devices
+            .iter()
+            .map(|d| json!([d.request, d.device]))
+            .collect();
+        let cdi_devices: Vec<serde_json::Value> = edits
+            .iter()
+            .map(|(name, nodes)| {
+                json!({
+                    "name": name,
+                    "containerEdits": {"deviceNodes": nodes.iter().map(node_json).collect::<Vec<_>>()},
+                })
+            })
+            .collect();
+        let mut spec = json!({
+            "cdiVersion": cdi::CDI_VERSION,
+            "kind": self.kind,
+            "annotations": {
+                format!("{}/claim", self.driver): format!("{}/{}", claim.namespace, claim.name),
+                format!("{}/devices", self.driver): serde_json::Value::Array(record).to_string(),
+            },
+            "devices": cdi_devices,
+        });
+        // One env for the claim (per-device envs would replace each other in the container).
+        if !hcas.is_empty() {
+            spec["containerEdits"] = json!({"env": [format!("{HCAS_ENV}={}", hcas.join(","))]});
+        }
+        let mut text = spec.to_string();
+        text.push('\n');
+        text
+    }
+
+    /// The devices a spec file records, if it is one of ours.
+    fn read_record(&self, uid: &str) -> Option<Vec<Prepared>> {
+        let bytes = cdi::read_bounded(&self.spec_path(uid), MAX_SPEC).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        if v.get("kind")?.as_str()? != self.kind {
+            return None;
+        }
+        let record = v
+            .get("annotations")?
+            .get(format!("{}/devices", self.driver))?
+            .as_str()?;
+        let pairs: Vec<(String, String)> = serde_json::from_str(record).ok()?;
+        Some(
+            pairs
+                .into_iter()
+                .map(|(request, device)| Prepared {
+                    cdi_id: cdi::qualified(&self.kind, &format!("{uid}-{device}")),
+                    request,
+                    pool: self.node.clone(),
+                    device,
+                })
+                .collect(),
+        )
+    }
+}
+
+/// A CDI device node: the host path, and the numbers the scan verified for a character device.
+fn node_json(n: &DeviceNode) -> serde_json::Value {
+    let mut v = json!({"path": n.host_path.to_string_lossy(), "permissions": "rw"});
+    if let Some(d) = n.dev {
+        v["type"] = json!("c");
+        v["major"] = json!(d.major);
+        v["minor"] = json!(d.minor);
+    }
+    v
+}
+
+/// A Kubernetes UID as the API server makes them (a UUID, lowercase): it names a file, so
+/// nothing else is taken.
+pub fn valid_uid(uid: &str) -> bool {
+    let b = uid.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_digit() || (b'a'..=b'f').contains(c),
+        })
+}
+
+/// The kubelet's reference must name a claim the API server could hold.
+fn check_ref(c: &ClaimRef) -> Result<(), String> {
+    if !valid_uid(&c.uid) {
+        return Err(format!("claim UID {:?} is not a UID", c.uid));
+    }
+    if !is_dns_label(&c.namespace, 63) {
+        return Err(format!(
+            "claim namespace {:?} is not a namespace name",
+            c.namespace
+        ));
+    }
+    if !is_dns_subdomain(&c.name, 253) {
+        return Err(format!("claim name {:?} is not an object name", c.name));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uids() {
+        assert!(valid_uid("0b1e6a4c-7d2f-4a51-9c1e-2f3a4b5c6d7e"));
+        assert!(!valid_uid("0B1E6A4C-7D2F-4A51-9C1E-2F3A4B5C6D7E"));
+        assert!(!valid_uid("../../etc/passwd-0000-0000-0000000000"));
+        assert!(!valid_uid("0b1e6a4c-7d2f-4a51-9c1e-2f3a4b5c6d7"));
+        assert!(!valid_uid(""));
+    }
+}

@@ -1,0 +1,413 @@
+//! The DRA front-end's loop, on the main thread: read the host, turn it into devices, publish
+//! them (the ResourceSlice, the health streams, what prepare grants), serve the kubelet's
+//! calls, and act on signals, kubelet registrations and deadlines. gRPC stays up the whole time
+//! (the kubelet dials `dra.sock` whenever a pod needs a claim prepared).
+//!
+//! The host is read every `--health-interval` (port states give no events) and the devices'
+//! health follows the same rules and hold-down as the device plugin's.
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+
+use crate::config::Config;
+use crate::daemon::grpc::Grpc;
+use crate::daemon::lifecycle::{check_overlaps, Error};
+use crate::daemon::snapshot::HostReader;
+use crate::dra::claims::Claims;
+use crate::dra::devices::{self, Inventory};
+use crate::dra::kube::Kube;
+use crate::dra::proto::{self, dra, dra_health, pluginregistration};
+use crate::dra::publish::{self, Publisher};
+use crate::dra::service::{Plugin, Registration, Shared};
+use crate::host::{self, health::PortMonitor};
+use crate::kubelet::server::{self, Listener};
+use crate::limits;
+use crate::sys::{self, EventFd, SignalFd};
+
+/// The kubelet marks a device Unknown after 30 s without news: the whole list goes out again
+/// this often.
+pub const HEALTH_RESEND: Duration = Duration::from_secs(10);
+/// A socket of ours that went (deleted by hand) is made again this soon, at the latest.
+const SOCKET_CHECK: Duration = Duration::from_secs(1);
+const SIGNALS: [libc::c_int; 4] = [
+    sys::STOP_SIGNALS[0],
+    sys::STOP_SIGNALS[1],
+    sys::STOP_SIGNALS[2],
+    libc::SIGHUP,
+];
+
+/// This node's name: `--node-name`, else `NODE_NAME` (the downward API's `spec.nodeName`).
+pub fn node_name(cfg: &Config) -> Result<String, Error> {
+    let name = match &cfg.dra.node_name {
+        Some(n) => n.clone(),
+        None => std::env::var("NODE_NAME").map_err(|_| {
+            Error::Config(
+                "--frontend dra needs this node's name: set NODE_NAME (downward API spec.nodeName) or --node-name".into(),
+            )
+        })?,
+    };
+    if !crate::config::is_dns_subdomain(&name, 253) {
+        return Err(Error::Config(format!(
+            "node name {name:?} is not a Kubernetes node name"
+        )));
+    }
+    Ok(name)
+}
+
+/// A device plugin of ours serving one of the resource names here: the scheduler would never
+/// use DRA for that name on this node, so the two must not run together.
+pub fn device_plugin_rival(cfg: &Config) -> Option<String> {
+    cfg.units().iter().find_map(|u| {
+        matches!(sys::socket_answers(&u.socket_path()), Ok(true)).then(|| {
+            format!(
+                "{} is served on this node by a device plugin ({} answers): the scheduler uses DRA for an extended resource only where no device plugin advertises it, so a node runs one front-end per name; stop the device plugin first",
+                u.resource_name,
+                u.socket_path().display()
+            )
+        })
+    })
+}
+
+/// The devices of one reading of the host.
+pub(crate) struct Reader {
+    units: Vec<Config>,
+    monitors: Vec<PortMonitor>,
+    host: HostReader,
+}
+
+impl Reader {
+    pub(crate) fn new(cfg: &Config) -> Reader {
+        let units = cfg.units();
+        Reader {
+            monitors: units
+                .iter()
+                .map(|u| PortMonitor::new(u.hold_down))
+                .collect(),
+            host: HostReader::new(cfg),
+            units,
+        }
+    }
+
+    pub(crate) fn read(&mut self) -> Inventory {
+        self.host.invalidate();
+        let snap = self.host.get();
+        let now = Instant::now();
+        let assessments: Vec<host::Assessment> = self
+            .units
+            .iter()
+            .zip(self.monitors.iter_mut())
+            .map(|(u, m)| {
+                let a = host::assess(
+                    Arc::clone(&snap.host),
+                    &u.selector,
+                    &u.taken,
+                    u.health,
+                    m,
+                    now,
+                );
+                for t in &a.transitions {
+                    info!("{} port {}: {}", t.hca, t.port, t.state);
+                }
+                a
+            })
+            .collect();
+        let pairs: Vec<(&Config, &host::Assessment)> =
+            self.units.iter().zip(assessments.iter()).collect();
+        devices::inventory(&pairs)
+    }
+}
+
+/// Runs the DRA front-end until SIGTERM, SIGINT or SIGQUIT.
+pub fn run(cfg: Config) -> Result<(), Error> {
+    sys::set_umask(0o077);
+    sys::limit_malloc_arenas();
+    limits::raise_open_files().map_err(Error::Limits)?;
+    check_overlaps(&cfg.units())?;
+    let node = node_name(&cfg)?;
+    if let Some(why) = device_plugin_rival(&cfg) {
+        return Err(Error::Config(why));
+    }
+    sys::block_signals(&SIGNALS).map_err(|source| Error::Setup {
+        what: "signal mask",
+        source,
+    })?;
+    let signals = SignalFd::new(&SIGNALS).map_err(|source| Error::Setup {
+        what: "signalfd",
+        source,
+    })?;
+    let kube = Kube::new(&cfg.dra).map_err(|e| Error::Config(e.to_string()))?;
+    limits::warn_memlock();
+    let driver = cfg.dra.driver.clone();
+    let endpoint = cfg.dra.service_socket();
+    let reg_socket = cfg.dra.registration_socket();
+    let registered = Arc::new(EventFd::new().map_err(|source| Error::Setup {
+        what: "eventfd",
+        source,
+    })?);
+    let stream_left = Arc::new(EventFd::new().map_err(|source| Error::Setup {
+        what: "eventfd",
+        source,
+    })?);
+    // Made now (the leaf only: its parent is the runtime's), so that `diagnose` and the
+    // first prepare find it.
+    if !cfg.cdi_dir.is_dir() {
+        if let Err(e) = std::fs::create_dir(&cfg.cdi_dir) {
+            warn!("cannot create the CDI dir {}: {e}", cfg.cdi_dir.display());
+        }
+    }
+    let claims = Claims::load(&cfg.cdi_dir, &driver, &node);
+    let shared = Arc::new(Shared::new(
+        &driver,
+        &node,
+        endpoint.display().to_string(),
+        kube.clone(),
+        claims,
+        Arc::clone(&registered),
+        Arc::clone(&stream_left),
+    ));
+    info!(
+        "DRA driver {driver} on node {node}: API server {}, kubelet registration {}, service {}",
+        kube.base(),
+        reg_socket.display(),
+        endpoint.display()
+    );
+    let mut reader = Reader::new(&cfg);
+    let mut inv = Arc::new(reader.read());
+    log_inventory(&inv);
+    shared.set_inventory(Arc::clone(&inv));
+    shared.publish_health(&inv);
+    let publisher =
+        publish::spawn(Publisher::new(kube, &driver, &node)).map_err(|source| Error::Setup {
+            what: "the ResourceSlice publisher thread",
+            source,
+        })?;
+    publisher.want(Arc::clone(&inv));
+
+    let mut grpc = Grpc::new().map_err(|source| Error::Setup {
+        what: "eventfd",
+        source,
+    })?;
+    let mut sockets = Sockets {
+        service: None,
+        registration: None,
+        retry_at: None,
+    };
+    let result = (|| -> Result<(), Error> {
+        let mut next_read = Instant::now() + cfg.health_interval;
+        let mut next_health = Instant::now() + HEALTH_RESEND;
+        loop {
+            let now = Instant::now();
+            sockets.ensure(&mut grpc, &shared, &endpoint, &reg_socket, now)?;
+            if now >= next_read {
+                let fresh = Arc::new(reader.read());
+                if fresh != inv {
+                    log_changes(&inv, &fresh);
+                    inv = fresh;
+                    shared.set_inventory(Arc::clone(&inv));
+                    shared.publish_health(&inv);
+                    publisher.want(Arc::clone(&inv));
+                    next_health = now + HEALTH_RESEND;
+                }
+                next_read = now + cfg.health_interval;
+            }
+            if now >= next_health {
+                shared.publish_health(&inv);
+                next_health = now + HEALTH_RESEND;
+            }
+            let deadline = [
+                Some(next_read),
+                Some(next_health),
+                Some(now + SOCKET_CHECK),
+                sockets.retry_at,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let fds = [
+                signals.as_raw_fd(),
+                registered.as_raw_fd(),
+                stream_left.as_raw_fd(),
+            ];
+            let timeout = deadline.map(|t| t.saturating_duration_since(Instant::now()));
+            let ready = sys::poll_readable(&fds, timeout).map_err(|source| Error::Setup {
+                what: "poll",
+                source,
+            })?;
+            if ready[0] {
+                while let Ok(Some(sig)) = signals.read() {
+                    if sig == libc::SIGHUP {
+                        // Read the host now and look at the slice again.
+                        info!("SIGHUP: reading the host and checking the ResourceSlice now");
+                        next_read = Instant::now();
+                        publisher.registered();
+                        continue;
+                    }
+                    sys::arm_exit_watchdog(sys::EXIT_WATCHDOG_SECS);
+                    info!("signal {sig} received: stopping");
+                    return Ok(());
+                }
+            }
+            if ready[1] {
+                registered.drain();
+                publisher.registered();
+            }
+            if ready[2] {
+                stream_left.drain();
+                debug!("a health stream ended");
+            }
+        }
+    })();
+    // The registration socket first: the kubelet stops calling a driver it deregistered. The
+    // claims' CDI specs stay (running pods' containers restart with them); the slice too (the
+    // kubelet wipes it 30 s after we are gone, and a rolling update comes back before that).
+    sockets.registration.take();
+    shared.health.stop();
+    sockets.service.take();
+    drop(publisher);
+    result
+}
+
+/// Our two sockets, served and made again when they go.
+struct Sockets {
+    service: Option<Listener>,
+    registration: Option<Listener>,
+    retry_at: Option<Instant>,
+}
+
+impl Sockets {
+    fn ensure(
+        &mut self,
+        grpc: &mut Grpc,
+        shared: &Arc<Shared>,
+        endpoint: &Path,
+        reg_socket: &Path,
+        now: Instant,
+    ) -> Result<(), Error> {
+        if self.retry_at.is_some_and(|t| t > now) {
+            return Ok(());
+        }
+        self.retry_at = None;
+        if self.service.as_ref().is_some_and(|l| !l.owns_socket()) {
+            warn!(
+                "{} is gone or replaced: serving it again",
+                endpoint.display()
+            );
+            self.service = None;
+            // The kubelet must learn the new socket: register again.
+            self.registration = None;
+        }
+        if self.registration.as_ref().is_some_and(|l| !l.owns_socket()) {
+            warn!(
+                "{} is gone or replaced: registering again",
+                reg_socket.display()
+            );
+            self.registration = None;
+        }
+        let env = grpc.env();
+        if self.service.is_none() {
+            match serve(&env, shared, endpoint, true) {
+                Ok(l) => self.service = Some(l),
+                Err(e) => return self.failed(e, now),
+            }
+        }
+        if self.registration.is_none() {
+            match serve(&env, shared, reg_socket, false) {
+                Ok(l) => {
+                    info!("registration socket {} is up", reg_socket.display());
+                    self.registration = Some(l);
+                }
+                Err(e) => return self.failed(e, now),
+            }
+        }
+        Ok(())
+    }
+
+    fn failed(&mut self, e: server::Error, now: Instant) -> Result<(), Error> {
+        if let server::Error::InUse { .. } = e {
+            return Err(Error::Serve(e));
+        }
+        warn!("{e}; trying again in 5 s");
+        self.retry_at = Some(now + Duration::from_secs(5));
+        Ok(())
+    }
+}
+
+/// Serves the DRA services (`service`) or the registration service at `socket`.
+fn serve(
+    env: &Arc<grpcio::Environment>,
+    shared: &Arc<Shared>,
+    socket: &Path,
+    service: bool,
+) -> Result<Listener, server::Error> {
+    if let Some(dir) = socket.parent() {
+        // Our own directory under the kubelet's plugins dir; the registry dir is the kubelet's.
+        if service && !dir.exists() {
+            if let Err(e) = std::fs::create_dir_all(dir) {
+                warn!("cannot create {}: {e}", dir.display());
+            }
+        }
+    }
+    server::claim(socket)?;
+    let services = if service {
+        let plugin = Plugin {
+            shared: Arc::clone(shared),
+        };
+        vec![
+            dra::create_dra_plugin(plugin.clone()),
+            dra_health::create_dra_resource_health(plugin.clone()),
+            proto::create_health_v1(plugin),
+        ]
+    } else {
+        vec![pluginregistration::create_registration(Registration {
+            shared: Arc::clone(shared),
+        })]
+    };
+    let l = Listener::start(env, services, socket)?;
+    if service {
+        info!("serving DRA on {}", socket.display());
+    }
+    Ok(l)
+}
+
+fn log_inventory(inv: &Inventory) {
+    for d in &inv.devices {
+        info!(
+            "device {} ({}, {}): {} node(s), {}{}",
+            d.name,
+            d.resource,
+            d.hcas.join(","),
+            d.nodes.len(),
+            if d.healthy { "Healthy" } else { "Unhealthy: " },
+            if d.healthy { "" } else { d.reason.as_str() }
+        );
+    }
+    for r in &inv.refused {
+        warn!("not published: {r}");
+    }
+}
+
+fn log_changes(old: &Inventory, new: &Inventory) {
+    for d in &new.devices {
+        match old.get(&d.name) {
+            Some(o) if o.healthy == d.healthy && o.nodes == d.nodes => {}
+            Some(o) if o.healthy && !d.healthy => {
+                warn!(
+                    "device {} is Unhealthy: {} (tainted NoSchedule)",
+                    d.name, d.reason
+                )
+            }
+            Some(o) if !o.healthy && d.healthy => info!("device {} is Healthy again", d.name),
+            Some(_) => info!("device {}: its device nodes changed", d.name),
+            None => info!("device {} appeared", d.name),
+        }
+    }
+    for o in &old.devices {
+        if new.get(&o.name).is_none() {
+            info!("device {} is gone", o.name);
+        }
+    }
+}

@@ -1,0 +1,792 @@
+//! The DRA front-end (`--frontend dra`) through the real binary: a fake kubelet that registers
+//! it and calls it over real gRPC on real unix sockets (`common/dra_kubelet.rs`), and a fake
+//! API server on 127.0.0.1 that stores slices and claims as kube-apiserver does
+//! (`common/fake_api.rs`). Rules from DRA-CONTRACT.md, each cited where tested.
+#![cfg(feature = "dra")]
+
+mod common;
+
+use std::fs;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::dra_kubelet::{healths, DraKubelet};
+use common::fake_api::{FakeApi, Fault};
+use common::*;
+use serde_json::{json, Value};
+
+const DRIVER: &str = "rdma.jarvice.com";
+const NODE: &str = "node-1";
+const UID: &str = "0b1e6a4c-7d2f-4a51-9c1e-2f3a4b5c6d7e";
+const UID2: &str = "5d0c2a9e-1b3f-4c6d-8e7f-9a0b1c2d3e4f";
+
+/// A node with three HCAs, an API server, a DRA kubelet and the plugin serving them.
+struct Dra {
+    plugin: Plugin,
+    kubelet: DraKubelet,
+    api: FakeApi,
+    node_uid: String,
+    host: Host,
+}
+
+impl Dra {
+    fn start(tag: &str, extra: &[&str]) -> Dra {
+        Dra::start_tls(tag, false, extra)
+    }
+
+    fn start_tls(tag: &str, tls: bool, extra: &[&str]) -> Dra {
+        let host = Host::with_hcas(tag);
+        let api = FakeApi::start(tls, host.tmp.path());
+        let node_uid = api.add_node(NODE);
+        let kubelet = DraKubelet::start(&host.tmp.path().join("registry"));
+        let plugin = start_plugin(&host, &api, extra);
+        Dra {
+            plugin,
+            kubelet,
+            api,
+            node_uid,
+            host,
+        }
+    }
+
+    fn cdi_dir(&self) -> PathBuf {
+        self.host.tmp.path().join("cdi")
+    }
+
+    fn spec_file(&self, uid: &str) -> PathBuf {
+        self.cdi_dir().join(format!("{DRIVER}-claim-{uid}.json"))
+    }
+
+    /// The one slice of our node, once it satisfies `want`.
+    fn slice_where(&self, want: impl Fn(&Value) -> bool) -> Value {
+        self.api
+            .wait_for(WAIT, |api| {
+                api.slices()
+                    .into_iter()
+                    .find(|s| s["spec"]["nodeName"] == NODE && want(s))
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "no slice as wanted; slices: {:#?}\n{}",
+                    self.api.slices(),
+                    self.plugin.log_text()
+                )
+            })
+    }
+
+    /// Stores a claim allocated `devices` (request, device) of our driver in our pool.
+    fn allocate(&self, name: &str, uid: &str, devices: &[(&str, &str)]) {
+        let results: Vec<Value> = devices
+            .iter()
+            .map(
+                |(req, dev)| json!({"request": req, "driver": DRIVER, "pool": NODE, "device": dev}),
+            )
+            .collect();
+        self.api.put_claim(claim(name, uid, results));
+    }
+}
+
+fn claim(name: &str, uid: &str, results: Vec<Value>) -> Value {
+    json!({
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceClaim",
+        "metadata": {"namespace": "default", "name": name, "uid": uid},
+        "spec": {"devices": {"requests": [{"name": "rdma", "exactly": {"deviceClassName": "rdma.jarvice.com"}}]}},
+        "status": {"allocation": {"devices": {"results": results}}},
+    })
+}
+
+fn start_plugin(host: &Host, api: &FakeApi, extra: &[&str]) -> Plugin {
+    let tmp = host.tmp.path();
+    let mut args: Vec<String> = vec![
+        "--frontend".into(),
+        "dra".into(),
+        "--node-name".into(),
+        NODE.into(),
+        "--kube-api".into(),
+        api.url(),
+        "--kube-token-file".into(),
+        api.token_file().display().to_string(),
+        "--kubelet-registry-dir".into(),
+        tmp.join("registry").display().to_string(),
+        "--kubelet-plugins-dir".into(),
+        tmp.join("kplugins").display().to_string(),
+        "--cdi-dir".into(),
+        tmp.join("cdi").display().to_string(),
+        "--health-interval".into(),
+        "0.1".into(),
+        "--hold-down".into(),
+        "0".into(),
+    ];
+    if let Some(ca) = api.ca_file() {
+        args.push("--kube-ca-file".into());
+        args.push(ca.display().to_string());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Plugin::start(host, &args)
+}
+
+const PER_HCA: &[&str] = &["--resource", "jarvice.com/rdma-hca,mode=per-hca"];
+
+fn device<'a>(slice: &'a Value, name: &str) -> &'a Value {
+    slice["spec"]["devices"]
+        .as_array()
+        .and_then(|d| d.iter().find(|x| x["name"] == name))
+        .unwrap_or_else(|| panic!("no device {name} in {slice:#}"))
+}
+
+/// §1: GetInfo says DRAPlugin, our name, the absolute dra.sock, v1.DRAPlugin first; §4: one
+/// slice, pool = node, nodeName set, owned by the Node, devices named as DNS labels with the
+/// standard attributes (NUMA left out where sysfs says -1... here 0 and 1).
+#[test]
+fn registers_and_publishes_a_slice_per_node() {
+    let d = Dra::start("dra-publish", PER_HCA);
+    let r = d.kubelet.expect_registration(1);
+    assert_eq!(r.info.type_, "DRAPlugin");
+    assert_eq!(r.info.name, DRIVER);
+    assert_eq!(
+        PathBuf::from(&r.info.endpoint),
+        d.host
+            .tmp
+            .path()
+            .join("kplugins")
+            .join(DRIVER)
+            .join("dra.sock")
+    );
+    assert_eq!(r.chosen, "v1.DRAPlugin");
+    assert_eq!(
+        r.socket,
+        d.host
+            .tmp
+            .path()
+            .join("registry")
+            .join(format!("{DRIVER}-reg.sock"))
+    );
+
+    let s = d.slice_where(|s| {
+        s["spec"]["devices"]
+            .as_array()
+            .is_some_and(|d| d.len() == 3)
+    });
+    assert_eq!(s["spec"]["driver"], DRIVER);
+    assert_eq!(s["spec"]["pool"]["name"], NODE);
+    assert_eq!(s["spec"]["pool"]["resourceSliceCount"], 1);
+    assert!(s["spec"]["pool"]["generation"].as_i64().unwrap() >= 1);
+    let owner = &s["metadata"]["ownerReferences"][0];
+    assert_eq!(owner["kind"], "Node");
+    assert_eq!(owner["uid"], d.node_uid.as_str());
+    assert!(s["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .starts_with(&format!("{NODE}-{DRIVER}-")));
+    let m0 = device(&s, "mlx5-0");
+    let a = &m0["attributes"];
+    assert_eq!(
+        a["resource.kubernetes.io/pciBusID"]["string"], "0000:10:00.0",
+        "{m0:#}"
+    );
+    assert_eq!(a["resource.kubernetes.io/pcieRoot"]["string"], "pci0000:0f");
+    assert!(a["resource.kubernetes.io/pcieRoot"]["string"]
+        .as_str()
+        .unwrap()
+        .starts_with("pci0000:"));
+    assert_eq!(a["resource.kubernetes.io/numaNode"]["int"], 0);
+    assert_eq!(a["hca"]["string"], "mlx5_0");
+    assert_eq!(a["mode"]["string"], "per-hca");
+    assert_eq!(a["resource"]["string"], "jarvice.com/rdma-hca");
+    assert_eq!(a["linkLayer"]["string"], "InfiniBand");
+    assert_eq!(
+        device(&s, "mlx5-1")["attributes"]["resource.kubernetes.io/numaNode"]["int"],
+        1
+    );
+    assert_eq!(
+        device(&s, "mlx5-2")["attributes"]["linkLayer"]["string"],
+        "Ethernet"
+    );
+    assert!(
+        m0.get("taints").is_none_or(Value::is_null),
+        "healthy: no taint: {m0:#}"
+    );
+    assert_eq!(d.api.slices().len(), 1, "one slice per node and driver");
+}
+
+/// The default resource through DRA: `shares` devices, each granting every HCA, so
+/// `jarvice.com/rdma: 1` (KEP-5004: one unit = one device) still means every HCA of the node.
+#[test]
+fn shared_mode_publishes_shares_that_grant_every_hca() {
+    let d = Dra::start("dra-shared", &["--shares", "3"]);
+    let s = d.slice_where(|s| {
+        s["spec"]["devices"]
+            .as_array()
+            .is_some_and(|d| d.len() == 3)
+    });
+    let names: Vec<&str> = s["spec"]["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["rdma-0", "rdma-1", "rdma-2"]);
+    assert_eq!(device(&s, "rdma-1")["attributes"]["hcaCount"]["int"], 3);
+    assert_eq!(
+        device(&s, "rdma-1")["attributes"]["resource"]["string"],
+        "jarvice.com/rdma"
+    );
+
+    d.allocate("job", UID, &[("container-0-request-0", "rdma-1")]);
+    d.kubelet.expect_registration(1);
+    let resp = d.kubelet.prepare(&[("default", "job", UID)]).unwrap();
+    let one = &resp.claims[UID];
+    assert_eq!(one.error, "");
+    assert_eq!(
+        one.devices[0].cdi_device_ids[0],
+        format!("k8s.{DRIVER}/claim={UID}-rdma-1")
+    );
+    let spec: Value = serde_json::from_slice(&fs::read(d.spec_file(UID)).unwrap()).unwrap();
+    let paths: Vec<&str> = spec["devices"][0]["containerEdits"]["deviceNodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["path"].as_str().unwrap())
+        .collect();
+    for node in ["uverbs0", "uverbs1", "uverbs2", "rdma_cm"] {
+        assert!(
+            paths.contains(&format!("/dev/infiniband/{node}").as_str()),
+            "{paths:?}"
+        );
+    }
+}
+
+/// §2, §5, §7: prepare fetches the claim, takes our driver's results, writes one CDI spec for
+/// the claim (UID in the device names) and answers the CDI IDs; twice gives the same answer
+/// (from the record, without the API server); unprepare removes it; an unknown claim's
+/// unprepare succeeds.
+#[test]
+fn prepare_writes_a_cdi_spec_per_claim_and_unprepare_removes_it() {
+    let d = Dra::start("dra-prepare", PER_HCA);
+    d.slice_where(|_| true);
+    d.allocate("job", UID, &[("hcas", "mlx5-0"), ("hcas", "mlx5-2")]);
+    let resp = d.kubelet.prepare(&[("default", "job", UID)]).unwrap();
+    let one = &resp.claims[UID];
+    assert_eq!(one.error, "", "{}", d.plugin.log_text());
+    let ids: Vec<&str> = one
+        .devices
+        .iter()
+        .map(|x| x.cdi_device_ids[0].as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            format!("k8s.{DRIVER}/claim={UID}-mlx5-0"),
+            format!("k8s.{DRIVER}/claim={UID}-mlx5-2")
+        ]
+    );
+    assert_eq!(one.devices[0].pool_name, NODE);
+    assert_eq!(one.devices[0].device_name, "mlx5-0");
+    assert_eq!(one.devices[0].request_names, ["hcas"]);
+
+    let spec: Value = serde_json::from_slice(&fs::read(d.spec_file(UID)).unwrap()).unwrap();
+    assert_eq!(spec["kind"], format!("k8s.{DRIVER}/claim"));
+    assert!(
+        spec["cdiVersion"].as_str().unwrap() >= "0.5.0",
+        "a name starting with a digit needs 0.5.0"
+    );
+    let dev0 = &spec["devices"][0];
+    assert_eq!(dev0["name"], format!("{UID}-mlx5-0"));
+    let nodes: Vec<&str> = dev0["containerEdits"]["deviceNodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["path"].as_str().unwrap())
+        .collect();
+    // mlx5_0's verbs node is uverbs1 (the mock's names are out of order on purpose).
+    assert_eq!(
+        nodes,
+        ["/dev/infiniband/uverbs1", "/dev/infiniband/rdma_cm"]
+    );
+    assert_eq!(
+        spec["containerEdits"]["env"][0],
+        "JARVICE_RDMA_HCAS=mlx5_0,mlx5_2"
+    );
+
+    // Twice: the same answer, and the API server is not asked again.
+    let gets = |api: &FakeApi| {
+        api.requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.contains("/resourceclaims/"))
+            .count()
+    };
+    let before = gets(&d.api);
+    let again = d.kubelet.prepare(&[("default", "job", UID)]).unwrap();
+    assert_eq!(again.claims[UID], resp.claims[UID]);
+    assert_eq!(gets(&d.api), before);
+
+    let un = d
+        .kubelet
+        .unprepare(&[("default", "job", UID), ("default", "never", UID2)])
+        .unwrap();
+    assert_eq!(un.claims.len(), 2, "every claim gets an entry");
+    assert_eq!(un.claims[UID].error, "");
+    assert_eq!(un.claims[UID2].error, "", "unknown claims succeed");
+    assert!(!d.spec_file(UID).exists());
+}
+
+/// §2: a restart neither loses nor repeats work: the record of prepared claims is the spec
+/// files. After a restart, a repeat prepare is answered without the API server (which now
+/// fails every claim fetch) and unprepare still removes the spec.
+#[test]
+fn restart_keeps_the_record_of_prepared_claims() {
+    let mut d = Dra::start("dra-restart", PER_HCA);
+    d.slice_where(|_| true);
+    d.allocate("job", UID, &[("r", "mlx5-1")]);
+    let first = d.kubelet.prepare(&[("default", "job", UID)]).unwrap();
+    assert_eq!(first.claims[UID].error, "");
+    d.plugin.signal(libc::SIGTERM);
+    assert!(d.plugin.wait_exit(WAIT).is_some_and(|s| s.success()));
+    assert!(
+        d.spec_file(UID).exists(),
+        "specs stay at exit: running pods restart containers with them"
+    );
+    d.api.delete_claim("default", "job");
+    d.plugin = start_plugin(&d.host, &d.api, PER_HCA);
+    // The kubelet sees the new registration socket and registers the plugin again.
+    d.kubelet.expect_registration(2);
+    let again = d.kubelet.prepare(&[("default", "job", UID)]).unwrap();
+    assert_eq!(
+        again.claims[UID],
+        first.claims[UID],
+        "{}",
+        d.plugin.log_text()
+    );
+    let un = d.kubelet.unprepare(&[("default", "job", UID)]).unwrap();
+    assert_eq!(un.claims[UID].error, "");
+    assert!(!d.spec_file(UID).exists());
+}
+
+/// Hostile claims, each a per-claim error and nothing else (no spec written, the call
+/// answered, the other claims of the call prepared): another driver's results only, a UID that
+/// changed, 10,000 results, a device name with control characters, a device we never published,
+/// another node's pool, a UID that would name a file elsewhere.
+#[test]
+fn hostile_claims_get_a_per_claim_error_and_nothing_else() {
+    let d = Dra::start("dra-hostile", PER_HCA);
+    d.slice_where(|_| true);
+    let uids = [
+        "00000000-0000-4000-8000-000000000001",
+        "00000000-0000-4000-8000-000000000002",
+        "00000000-0000-4000-8000-000000000003",
+        "00000000-0000-4000-8000-000000000004",
+        "00000000-0000-4000-8000-000000000005",
+        "00000000-0000-4000-8000-000000000006",
+    ];
+    let other_driver =
+        json!({"request": "r", "driver": "gpu.example.com", "pool": NODE, "device": "mlx5-0"});
+    d.api.put_claim(claim("other", uids[0], vec![other_driver]));
+    // The claim was deleted and made again under the same name: its UID is not the kubelet's.
+    d.allocate(
+        "changed",
+        "99999999-0000-4000-8000-000000000000",
+        &[("r", "mlx5-0")],
+    );
+    let many: Vec<Value> = (0..10_000)
+        .map(|i| json!({"request": "r", "driver": DRIVER, "pool": NODE, "device": format!("d{i}")}))
+        .collect();
+    d.api.put_claim(claim("many", uids[2], many));
+    d.allocate("ctl", uids[3], &[("r", "mlx5-0\n\u{1b}[31m")]);
+    d.allocate("ghost", uids[4], &[("r", "mlx5-9")]);
+    let other_pool =
+        json!({"request": "r", "driver": DRIVER, "pool": "node-2", "device": "mlx5-0"});
+    d.api
+        .put_claim(claim("elsewhere", uids[5], vec![other_pool]));
+    d.allocate("good", UID, &[("r", "mlx5-1")]);
+
+    let resp = d
+        .kubelet
+        .prepare(&[
+            ("default", "other", uids[0]),
+            ("default", "changed", uids[1]),
+            ("default", "many", uids[2]),
+            ("default", "ctl", uids[3]),
+            ("default", "ghost", uids[4]),
+            ("default", "elsewhere", uids[5]),
+            ("default", "good", UID),
+            ("default", "escape", "../../../../etc/cron.d/x"),
+        ])
+        .unwrap();
+    assert_eq!(resp.claims.len(), 8, "every claim gets an entry");
+    let err = |uid: &str| resp.claims[uid].error.clone();
+    assert!(
+        err(uids[0]).contains("no device of driver"),
+        "{}",
+        err(uids[0])
+    );
+    assert!(
+        err(uids[1]).contains("deleted and made again"),
+        "{}",
+        err(uids[1])
+    );
+    assert!(
+        err(uids[2]).contains("more than any node publishes"),
+        "{}",
+        err(uids[2])
+    );
+    assert!(
+        err(uids[3]).contains("not one this node publishes"),
+        "{}",
+        err(uids[3])
+    );
+    assert!(
+        !err(uids[3]).contains('\u{1b}'),
+        "control characters escaped"
+    );
+    assert!(
+        err(uids[4]).contains("not one this node publishes"),
+        "{}",
+        err(uids[4])
+    );
+    assert!(err(uids[5]).contains("not this node's"), "{}", err(uids[5]));
+    assert!(err("../../../../etc/cron.d/x").contains("not a UID"));
+    for u in uids {
+        assert!(resp.claims[u].devices.is_empty());
+        assert!(!d.spec_file(u).exists());
+    }
+    assert_eq!(err(UID), "");
+    let files: Vec<String> = fs::read_dir(d.cdi_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        files,
+        [format!("{DRIVER}-claim-{UID}.json")],
+        "nothing else written"
+    );
+    // No claim fetch for the UID that is not a UID.
+    assert!(!d.api.requests().iter().any(|r| r.path.contains("escape")));
+}
+
+/// §3 and KEP-5055: a dead HCA gets a NoSchedule taint with our key and the reason, stays
+/// published, and is Unhealthy in the health stream; the taint goes at once when the port is
+/// back.
+#[test]
+fn a_dead_port_taints_its_device_and_the_taint_goes_when_it_is_back() {
+    let d = Dra::start("dra-taint", PER_HCA);
+    d.slice_where(|_| true);
+    d.kubelet.expect_registration(1);
+    let mut health = d.kubelet.watch_health();
+    let first = health.until(|l| l.devices.len() == 3);
+    assert!(
+        healths(&first).iter().all(|(_, h)| h == "HEALTHY"),
+        "{first:?}"
+    );
+    assert_eq!(first.devices[0].device.pool_name, NODE);
+    assert_eq!(first.devices[0].health_check_timeout_seconds, 30);
+
+    d.host
+        .set_port("mlx5_1", 1, rdma_plugin::host::mock::DOWN_POLLING);
+    let s = d.slice_where(|s| {
+        device(s, "mlx5-1")
+            .get("taints")
+            .is_some_and(|t| t.is_array())
+    });
+    let taint = &device(&s, "mlx5-1")["taints"][0];
+    assert_eq!(taint["key"], format!("{DRIVER}/unhealthy"));
+    assert_eq!(taint["effect"], "NoSchedule");
+    assert!(
+        taint["value"].as_str().unwrap().contains("mlx5_1"),
+        "{taint:#}"
+    );
+    assert!(taint["timeAdded"].is_string());
+    assert!(device(&s, "mlx5-0")
+        .get("taints")
+        .is_none_or(Value::is_null));
+    let down = health.until(|l| healths(l).contains(&("mlx5-1".into(), "UNHEALTHY".into())));
+    let msg = &down
+        .devices
+        .iter()
+        .find(|x| x.device.device_name == "mlx5-1")
+        .unwrap()
+        .message;
+    assert!(msg.contains("DOWN"), "{msg}");
+
+    d.host
+        .set_port("mlx5_1", 1, rdma_plugin::host::mock::ACTIVE);
+    d.slice_where(|s| device(s, "mlx5-1").get("taints").is_none_or(Value::is_null));
+    health.until(|l| healths(l).iter().all(|(_, h)| h == "HEALTHY"));
+}
+
+/// §1 wipes: the kubelet deletes the node's slices at its start (and registers us again);
+/// the slice comes back.
+#[test]
+fn a_wiped_slice_is_published_again_after_the_kubelet_registers() {
+    let d = Dra::start("dra-wipe", PER_HCA);
+    d.slice_where(|_| true);
+    d.kubelet.expect_registration(1);
+    assert_eq!(d.api.wipe_slices(NODE, None), 1);
+    d.kubelet.register_again();
+    let s = d.slice_where(|_| true);
+    assert_eq!(s["spec"]["devices"].as_array().unwrap().len(), 3);
+    assert_eq!(d.api.slices().len(), 1);
+}
+
+/// §4 in-cluster config: HTTPS with the cluster CA only, and a token re-read after a 401.
+#[test]
+fn https_with_the_cluster_ca_and_a_rotated_token() {
+    let d = Dra::start_tls("dra-tls", true, PER_HCA);
+    d.slice_where(|_| true);
+    // The token rotates: the API server takes only the new one, the file says it.
+    d.api.set_token("rotated-token");
+    fs::write(d.api.token_file(), "rotated-token\n").unwrap();
+    d.allocate("job", UID, &[("r", "mlx5-0")]);
+    let resp = d.kubelet.prepare(&[("default", "job", UID)]).unwrap();
+    assert_eq!(resp.claims[UID].error, "", "{}", d.plugin.log_text());
+    assert!(d
+        .api
+        .requests()
+        .iter()
+        .any(|r| r.status == 401 && r.path.contains("resourceclaims")));
+}
+
+/// §2: an answer well within the kubelet's 45 s when the API server hangs: the claim gets an
+/// error (the kubelet retries) and the call is answered.
+#[test]
+fn a_hanging_api_server_gives_a_per_claim_error_in_time() {
+    let d = Dra::start("dra-hang", PER_HCA);
+    d.slice_where(|_| true);
+    d.allocate("job", UID, &[("r", "mlx5-0")]);
+    d.api.fail_next(
+        "GET /apis/resource.k8s.io/v1/namespaces/",
+        Fault::Hang(Duration::from_secs(60)),
+    );
+    let start = std::time::Instant::now();
+    let resp = d.kubelet.prepare(&[("default", "job", UID)]).unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(40),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        resp.claims[UID].error.contains("cannot fetch"),
+        "{}",
+        resp.claims[UID].error
+    );
+    // The next sync of the pod succeeds.
+    let again = d.kubelet.prepare(&[("default", "job", UID)]).unwrap();
+    assert_eq!(again.claims[UID].error, "");
+}
+
+/// §KEP-5004: one front-end per resource name on a node; `dra` refuses to start while our
+/// device plugin for the same name is registered there, and says why.
+#[test]
+fn refuses_to_start_beside_the_device_plugin_of_the_same_name() {
+    let host = Host::with_hcas("dra-rival");
+    let (_kubelet, _dp) = start_registered(&host, &[]);
+    let api = FakeApi::start(false, host.tmp.path());
+    api.add_node(NODE);
+    let mut p = start_plugin(&host, &api, &[]);
+    let status = p.wait_exit(WAIT).expect("exits");
+    assert_eq!(status.code(), Some(2));
+    assert!(
+        p.log_text().contains("one front-end per name"),
+        "{}",
+        p.log_text()
+    );
+}
+
+/// `probe --frontend dra` checks both sockets as the kubelet uses them (the DaemonSet's
+/// liveness probe); `list --frontend dra` prints the slice this node would publish.
+#[test]
+fn probe_and_list_through_dra() {
+    let d = Dra::start("dra-tools", PER_HCA);
+    d.kubelet.expect_registration(1);
+    let tmp = d.host.tmp.path();
+    let registry = tmp.join("registry").display().to_string();
+    let plugins = tmp.join("kplugins").display().to_string();
+    let flags = [
+        "--frontend",
+        "dra",
+        "--kubelet-registry-dir",
+        registry.as_str(),
+        "--kubelet-plugins-dir",
+        plugins.as_str(),
+    ];
+    let mut args = vec!["probe"];
+    args.extend(flags);
+    let out = run(&d.host, &args);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout(&out).contains("DRAPlugin rdma.jarvice.com"),
+        "{}",
+        stdout(&out)
+    );
+
+    let mut args = vec!["list", "--node-name", NODE];
+    args.extend(flags);
+    args.extend(PER_HCA);
+    let out = run(&d.host, &args);
+    assert!(out.status.success());
+    let text = stdout(&out);
+    let json_end = text.rfind('}').unwrap() + 1;
+    let s: Value = serde_json::from_str(&text[..json_end]).unwrap();
+    assert_eq!(s["spec"]["pool"]["name"], NODE);
+    assert_eq!(
+        device(&s, "mlx5-1")["attributes"]["hca"]["string"],
+        "mlx5_1"
+    );
+
+    // With the plugin gone, the probe fails.
+    let mut d = d;
+    d.plugin.signal(libc::SIGTERM);
+    d.plugin.wait_exit(WAIT);
+    let mut args = vec!["probe"];
+    args.extend(flags);
+    assert!(!run(&d.host, &args).status.success());
+}
+
+/// The API server fails a create (500) and then an update (409: someone changed the slice since
+/// we read it, kube-apiserver's optimistic concurrency): both are retried and the slice ends as
+/// the host is. SIGHUP reads the host again and does not end the process.
+#[test]
+fn failed_writes_are_retried_and_sighup_is_harmless() {
+    let host = Host::with_hcas("dra-retry");
+    let api = FakeApi::start(false, host.tmp.path());
+    api.add_node(NODE);
+    api.fail_next(
+        "POST /apis/resource.k8s.io/v1/resourceslices",
+        Fault::Status(500),
+    );
+    let _kubelet = DraKubelet::start(&host.tmp.path().join("registry"));
+    let mut plugin = start_plugin(&host, &api, PER_HCA);
+    let d = |want: &dyn Fn(&Value) -> bool| {
+        api.wait_for(WAIT, |api| api.slices().into_iter().find(|s| want(s)))
+            .unwrap_or_else(|| panic!("{:#?}\n{}", api.slices(), plugin.log_text()))
+    };
+    d(&|_| true);
+    assert!(api
+        .requests()
+        .iter()
+        .any(|r| r.method == "POST" && r.status == 500));
+
+    api.fail_next(
+        "PUT /apis/resource.k8s.io/v1/resourceslices/",
+        Fault::Status(409),
+    );
+    host.set_port("mlx5_0", 1, rdma_plugin::host::mock::DOWN_POLLING);
+    d(&|s| {
+        device(s, "mlx5-0")
+            .get("taints")
+            .is_some_and(|t| t.is_array())
+    });
+    assert!(api
+        .requests()
+        .iter()
+        .any(|r| r.method == "PUT" && r.status == 409));
+    assert_eq!(api.slices().len(), 1);
+
+    plugin.signal(libc::SIGHUP);
+    assert!(plugin.wait_log("SIGHUP"));
+    assert!(
+        plugin.wait_exit(Duration::from_millis(300)).is_none(),
+        "SIGHUP does not stop it"
+    );
+    plugin.signal(libc::SIGTERM);
+    assert!(plugin.wait_exit(WAIT).is_some_and(|s| s.success()));
+}
+
+/// `diagnose --frontend dra`: the driver answers, no rival device plugin, the API server takes
+/// our token and RBAC lets us read, the CDI dir, and the runtime's CDI where the host's
+/// configuration shows it; a rejected token is a failure that says so.
+#[test]
+fn diagnose_through_dra() {
+    let d = Dra::start("dra-diag", PER_HCA);
+    d.kubelet.expect_registration(1);
+    d.slice_where(|_| true);
+    let tmp = d.host.tmp.path();
+    let registry = tmp.join("registry").display().to_string();
+    let plugins = tmp.join("kplugins").display().to_string();
+    let cdi = tmp.join("cdi").display().to_string();
+    let url = d.api.url();
+    let token = d.api.token_file().display().to_string();
+    let args = [
+        "diagnose",
+        "--json",
+        "--frontend",
+        "dra",
+        "--node-name",
+        NODE,
+        "--kube-api",
+        url.as_str(),
+        "--kube-token-file",
+        token.as_str(),
+        "--kubelet-registry-dir",
+        registry.as_str(),
+        "--kubelet-plugins-dir",
+        plugins.as_str(),
+        "--cdi-dir",
+        cdi.as_str(),
+    ];
+    let status_of = |out: &std::process::Output, name: &str| -> Vec<String> {
+        let v: Value = serde_json::from_str(&stdout(out)).unwrap();
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["check"] == name)
+            .map(|c| {
+                format!(
+                    "{} {}",
+                    c["status"].as_str().unwrap(),
+                    c["message"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+    let out = run(&d.host, &args);
+    // (memlock may fail on this machine: the checks of interest are looked at one by one.)
+    assert!(
+        status_of(&out, "driver")[0].starts_with("ok"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        status_of(&out, "cdi dir")[0].starts_with("ok"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        status_of(&out, "api").iter().all(|s| s.starts_with("ok")),
+        "{}",
+        stdout(&out)
+    );
+    assert!(status_of(&out, "front-ends")[0].starts_with("ok"));
+    assert!(
+        status_of(&out, "runtime cdi")[0].starts_with("warn"),
+        "no runtime config under the host root"
+    );
+
+    fs::create_dir_all(d.host.root().join("etc/containerd")).unwrap();
+    fs::write(
+        d.host.root().join("etc/containerd/config.toml"),
+        "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  enable_cdi = true\n",
+    )
+    .unwrap();
+    d.api.set_token("another");
+    let out = run(&d.host, &args);
+    assert!(!out.status.success());
+    assert!(
+        status_of(&out, "runtime cdi")[0].starts_with("ok"),
+        "{}",
+        stdout(&out)
+    );
+    let api = status_of(&out, "api");
+    assert!(
+        api[0].starts_with("fail") && api[0].contains("401"),
+        "{api:?}"
+    );
+}
