@@ -4,6 +4,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[cfg(feature = "dra")]
+mod dra;
 mod recovery;
 
 use std::fs;
@@ -635,6 +637,14 @@ fn main() {
     eprintln!("benchmarking {} ...", bin.display());
     let mut rows = Vec::new();
     binary_size(&mut rows);
+    // `bench dra`: the DRA front-end's rows alone.
+    let only_dra = std::env::args().nth(1).as_deref() == Some("dra");
+    #[cfg(feature = "dra")]
+    if only_dra {
+        dra::figures(&mut rows);
+        print_table(&bin, rows);
+        return;
+    }
     start_to_registered(&mut rows);
     hot_plug(&mut rows);
     kubelet_restarts(&mut rows);
@@ -650,7 +660,14 @@ fn main() {
     preferred_sixteen(&mut rows);
     idle_health_modes(&mut rows);
     idle_and_streams(&mut rows);
+    #[cfg(feature = "dra")]
+    dra::figures(&mut rows);
 
+    let _ = only_dra;
+    print_table(&bin, rows);
+}
+
+fn print_table(bin: &Path, rows: Vec<Row>) {
     println!("Machine: {}", machine());
     println!("Binary: {}\n", bin.display());
     println!("| measure | result | target |");

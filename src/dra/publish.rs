@@ -25,9 +25,10 @@ const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 /// The slice is looked at again this often even when nothing happened (a wipe says nothing).
 pub const VERIFY_EVERY: Duration = Duration::from_secs(30);
-/// After a kubelet registers us: it wipes the node's slices at its start, maybe after our
-/// registration, so look again at these delays.
-const AFTER_REGISTRATION: [Duration; 3] = [
+/// After a kubelet registers us: it wipes the node's slices at its start, before or after our
+/// registration, so look at once and again at these delays.
+const AFTER_REGISTRATION: [Duration; 4] = [
+    Duration::ZERO,
     Duration::from_secs(1),
     Duration::from_secs(3),
     Duration::from_secs(10),

@@ -21,6 +21,33 @@ use futures_core::Stream;
 use grpcio::{CallOption, ChannelBuilder, EnvBuilder, Environment};
 use rdma_plugin::dra::proto::{dra, dra_health, pluginregistration as reg};
 
+/// The flags that point the plugin's DRA front-end at `host`'s temp tree (registry, plugins and
+/// CDI dirs beside the host root) and at `api`, as node `node`.
+pub fn plugin_args(host: &super::Host, api: &super::fake_api::FakeApi, node: &str) -> Vec<String> {
+    let tmp = host.tmp.path();
+    let mut args: Vec<String> = vec![
+        "--frontend".into(),
+        "dra".into(),
+        "--node-name".into(),
+        node.into(),
+        "--kube-api".into(),
+        api.url(),
+        "--kube-token-file".into(),
+        api.token_file().display().to_string(),
+        "--kubelet-registry-dir".into(),
+        tmp.join("registry").display().to_string(),
+        "--kubelet-plugins-dir".into(),
+        tmp.join("kplugins").display().to_string(),
+        "--cdi-dir".into(),
+        tmp.join("cdi").display().to_string(),
+    ];
+    if let Some(ca) = api.ca_file() {
+        args.push("--kube-ca-file".into());
+        args.push(ca.display().to_string());
+    }
+    args
+}
+
 /// Services this kubelet knows, in its order of preference (1.36: v1, then v1beta1).
 const KNOWN: [&str; 2] = ["v1.DRAPlugin", "v1beta1.DRAPlugin"];
 
@@ -36,6 +63,7 @@ pub struct DraKubelet {
     env: Arc<Environment>,
     pub registry: PathBuf,
     registrations: Arc<Mutex<Vec<Registered>>>,
+    client: Mutex<Option<(String, dra::DraPluginClient)>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     watcher: Option<thread::JoinHandle<()>>,
 }
@@ -74,6 +102,7 @@ impl DraKubelet {
             env,
             registry: registry.to_path_buf(),
             registrations,
+            client: Mutex::new(None),
             stop,
             watcher: Some(watcher),
         }
@@ -105,9 +134,19 @@ impl DraKubelet {
         r
     }
 
+    /// The client of the registered endpoint: one connection, kept, as the kubelet keeps its
+    /// (gRPC reconnects when the plugin restarts on the same path).
     pub fn plugin(&self) -> dra::DraPluginClient {
         let r = self.expect_registration(1);
-        dra::DraPluginClient::new(channel(&self.env, Path::new(&r.info.endpoint)))
+        let mut cached = self.client.lock().unwrap();
+        match &*cached {
+            Some((endpoint, c)) if *endpoint == r.info.endpoint => c.clone(),
+            _ => {
+                let c = dra::DraPluginClient::new(channel(&self.env, Path::new(&r.info.endpoint)));
+                *cached = Some((r.info.endpoint.clone(), c.clone()));
+                c
+            }
+        }
     }
 
     pub fn prepare(
