@@ -7,6 +7,8 @@
 #   scripts/build-static.sh ppc64le [--test]   musl too, through zig, with a standard library
 #                                              built from source (-Zbuild-std)
 #   scripts/build-static.sh x86_64 --bench     build, then run bench/ against that binary
+#   scripts/build-static.sh ARCH --no-dra      the binary without the `dra` feature (the design
+#                                              card's crates only), as out/...-<arch>-no-dra
 #
 # Installs what it needs (apt packages, rustup targets, zig from PyPI, cargo-zigbuild) and fails
 # loudly when something cannot be installed.
@@ -14,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 arch="${1:-}"
 mode="${2:-build}"
-case "$mode" in build | --test | --bench) ;; *) echo "usage: $0 x86_64|aarch64|ppc64le [--test|--bench]" >&2; exit 2 ;; esac
+case "$mode" in build | --test | --bench | --no-dra) ;; *) echo "usage: $0 x86_64|aarch64|ppc64le [--test|--bench|--no-dra]" >&2; exit 2 ;; esac
 # Docker/OCI call it arm64, rustup and the kernel aarch64: accept both, name the output aarch64.
 [ "$arch" != arm64 ] || arch=aarch64
 # shellcheck source=scripts/setup.sh
@@ -112,15 +114,18 @@ case "$mode" in
   # Builds the release binary too (integration tests run it), so no separate build is needed.
   --test) "${test[@]}" ;;
   --bench) "${build[@]}" --bins --example bench ;;
+  --no-dra) "${build[@]}" --no-default-features ;;
   *) "${build[@]}" ;;
 esac
 mkdir -p out
-cp "target/$target/release/jarvice-rdma-plugin" "out/jarvice-rdma-plugin-$arch"
-info=$(file -b "out/jarvice-rdma-plugin-$arch")
-echo "out/jarvice-rdma-plugin-$arch: $(stat -c %s "out/jarvice-rdma-plugin-$arch") bytes, $info"
+output="out/jarvice-rdma-plugin-$arch"
+[ "$mode" != --no-dra ] || output="$output-no-dra"
+cp "target/$target/release/jarvice-rdma-plugin" "$output"
+info=$(file -b "$output")
+echo "$output: $(stat -c %s "$output") bytes, $info"
 case "$info" in
   *"statically linked"* | *"static-pie linked"*) ;;
-  *) echo "build-static: out/jarvice-rdma-plugin-$arch is NOT statically linked" >&2; exit 1 ;;
+  *) echo "build-static: $output is NOT statically linked" >&2; exit 1 ;;
 esac
 
 if [ "$mode" = --bench ]; then

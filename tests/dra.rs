@@ -788,3 +788,88 @@ fn diagnose_through_dra() {
         "{api:?}"
     );
 }
+
+/// Bad answers from the API server at prepare: a claim that is gone (404), an answer larger
+/// than we read (oversized), a 500: each a per-claim error; the driver keeps serving and the
+/// next try succeeds.
+#[test]
+fn api_errors_at_prepare_are_per_claim_and_passing() {
+    let d = Dra::start("dra-apierr", PER_HCA);
+    d.slice_where(|_| true);
+    d.allocate("job", UID, &[("r", "mlx5-0")]);
+    let claims = [("default", "gone", UID2), ("default", "job", UID)];
+    d.api.fail_next(
+        "GET /apis/resource.k8s.io/v1/namespaces/default/resourceclaims/job",
+        Fault::Oversized(6 << 20),
+    );
+    let resp = d.kubelet.prepare(&claims).unwrap();
+    assert!(
+        resp.claims[UID2].error.contains("does not exist"),
+        "{}",
+        resp.claims[UID2].error
+    );
+    assert!(
+        resp.claims[UID].error.contains("cannot fetch"),
+        "{}",
+        resp.claims[UID].error
+    );
+    d.api.fail_next(
+        "GET /apis/resource.k8s.io/v1/namespaces/",
+        Fault::Status(500),
+    );
+    let resp = d.kubelet.prepare(&[("default", "job", UID)]).unwrap();
+    assert!(
+        resp.claims[UID].error.contains("500"),
+        "{}",
+        resp.claims[UID].error
+    );
+    assert!(!d.spec_file(UID).exists());
+    let resp = d.kubelet.prepare(&[("default", "job", UID)]).unwrap();
+    assert_eq!(resp.claims[UID].error, "");
+}
+
+/// Later kubelets call the health service as `v1.DRAResourceHealth`: same messages, served too.
+#[test]
+fn health_is_served_as_v1_too() {
+    let d = Dra::start("dra-health-v1", PER_HCA);
+    let r = d.kubelet.expect_registration(1);
+    assert!(r
+        .info
+        .supported_versions
+        .contains(&"v1.DRAResourceHealth".to_string()));
+    let env = std::sync::Arc::new(grpcio::EnvBuilder::new().cq_count(1).build());
+    let ch = grpcio::ChannelBuilder::new(env).connect(&format!("unix:{}", r.info.endpoint));
+    let client = grpcio::Client::new(ch);
+    let req = rdma_plugin::dra::proto::dra_health::NodeWatchResourcesRequest::new();
+    let mut stream = client
+        .server_streaming(
+            &rdma_plugin::dra::proto::METHOD_HEALTH_V1_WATCH,
+            &req,
+            grpcio::CallOption::default(),
+        )
+        .unwrap();
+    let first = rdma_plugin::wake::block_on(
+        std::future::poll_fn(|cx| {
+            futures_core::Stream::poll_next(std::pin::Pin::new(&mut stream), cx)
+        }),
+        Some(WAIT),
+    )
+    .flatten()
+    .expect("a list")
+    .expect("no error");
+    assert_eq!(first.devices.len(), 3);
+}
+
+/// The API's limit: a slice holds at most 64 devices once any has a taint; more are left out
+/// and said so, never sent for the API server to refuse the whole slice.
+#[test]
+fn at_most_64_devices_per_slice() {
+    let d = Dra::start("dra-limit", &["--shares", "100"]);
+    let s = d.slice_where(|_| true);
+    assert_eq!(s["spec"]["devices"].as_array().unwrap().len(), 64);
+    assert!(
+        d.plugin.wait_log("left out rdma-64"),
+        "{}",
+        d.plugin.log_text()
+    );
+}

@@ -262,4 +262,48 @@ mod tests {
         let long = "a".repeat(70);
         assert_eq!(dns_label(&long).map(|s| s.len()), Some(63));
     }
+
+    /// Two HCAs whose names make one label: neither is published (granting one could hand out
+    /// the other), and both are named in the refusals.
+    #[test]
+    fn colliding_names_are_refused() {
+        use crate::host::mock::{self, MockHca};
+        let base = std::env::temp_dir().join(format!("rdma-dra-names-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let sys = base.join("sys");
+        let dev = base.join("dev");
+        let mut a = MockHca::connectx(0);
+        a.name = "mlx5_0".into();
+        let mut b = MockHca::connectx(1);
+        b.name = "mlx5-0".into();
+        let c = MockHca::connectx(2);
+        for h in [&a, &b, &c] {
+            mock::add_hca(&sys, Some(&dev), h).unwrap();
+        }
+        let cfg = Config {
+            host_root: base.clone(),
+            sysfs: sys.clone(),
+            per_hca: true,
+            ..Config::default()
+        };
+        let host = crate::host::scan(&base, &sys, cfg.selection()).unwrap();
+        let mut monitor = crate::host::health::PortMonitor::new(cfg.hold_down);
+        let a = crate::host::assess(
+            std::sync::Arc::new(host),
+            &cfg.selector,
+            &cfg.taken,
+            cfg.health,
+            &mut monitor,
+            std::time::Instant::now(),
+        );
+        let inv = inventory(&[(&cfg, &a)]);
+        let names: Vec<&str> = inv.devices.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["mlx5-2"]);
+        assert_eq!(inv.refused.len(), 2, "{:?}", inv.refused);
+        assert!(inv
+            .refused
+            .iter()
+            .all(|r| r.contains("taken by another device")));
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 }
