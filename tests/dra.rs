@@ -427,7 +427,7 @@ fn hostile_claims_get_a_per_claim_error_and_nothing_else() {
         err(uids[1])
     );
     assert!(
-        err(uids[2]).contains("more than any node publishes"),
+        err(uids[2]).contains("than any node publishes"),
         "{}",
         err(uids[2])
     );

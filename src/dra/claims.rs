@@ -14,7 +14,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
-use k8s_openapi::api::resource::v1::ResourceClaim;
 use log::{debug, info, warn};
 use serde_json::json;
 
@@ -51,6 +50,13 @@ pub struct Claims {
     /// Claim UID -> its devices, as in its spec file. Held while a spec is written, so two
     /// prepares cannot both take one device.
     prepared: Mutex<BTreeMap<String, Vec<Prepared>>>,
+}
+
+/// One allocation result of our driver.
+struct Allocated {
+    request: String,
+    pool: String,
+    device: String,
 }
 
 /// The kubelet's claim reference.
@@ -138,36 +144,49 @@ impl Claims {
             kube::escape(&claim.namespace),
             kube::escape(&claim.name)
         );
-        let rc: ResourceClaim = kube.get(&path).map_err(|e| match e.code() {
+        // Read as plain JSON, only the fields used: a typed claim would bring every claim
+        // type's decoder into the binary for four strings.
+        let rc: serde_json::Value = kube.get(&path).map_err(|e| match e.code() {
             Some(404) => format!(
                 "claim {}/{} does not exist (deleted?)",
                 claim.namespace, claim.name
             ),
             _ => format!("cannot fetch claim {}/{}: {e}", claim.namespace, claim.name),
         })?;
-        let uid = rc.metadata.uid.as_deref().unwrap_or("");
+        let uid = rc["metadata"]["uid"].as_str().unwrap_or("");
         if uid != claim.uid {
             return Err(format!(
                 "claim {}/{} has UID {uid:?}, not {:?}: it was deleted and made again",
                 claim.namespace, claim.name, claim.uid
             ));
         }
-        let results = rc
-            .status
-            .as_ref()
-            .and_then(|s| s.allocation.as_ref())
-            .and_then(|a| a.devices.as_ref())
-            .and_then(|d| d.results.as_ref())
+        let results = rc["status"]["allocation"]["devices"]["results"]
+            .as_array()
             .ok_or_else(|| format!("claim {}/{} is not allocated", claim.namespace, claim.name))?;
-        let ours: Vec<_> = results.iter().filter(|r| r.driver == self.driver).collect();
-        if ours.len() > MAX_RESULTS {
-            return Err(format!(
-                "claim {}/{} names {} devices of {}: more than any node publishes ({MAX_RESULTS})",
-                claim.namespace,
-                claim.name,
-                ours.len(),
-                self.driver
-            ));
+        let mut ours: Vec<Allocated> = Vec::new();
+        for r in results {
+            if r["driver"].as_str() != Some(self.driver.as_str()) {
+                continue;
+            }
+            if ours.len() >= MAX_RESULTS {
+                return Err(format!(
+                    "claim {}/{} names more devices of {} than any node publishes ({MAX_RESULTS})",
+                    claim.namespace, claim.name, self.driver
+                ));
+            }
+            let field = |k: &str| {
+                r[k].as_str().map(str::to_string).ok_or_else(|| {
+                    format!(
+                        "claim {}/{}: a result of {} has no {k}",
+                        claim.namespace, claim.name, self.driver
+                    )
+                })
+            };
+            ours.push(Allocated {
+                request: field("request")?,
+                pool: field("pool")?,
+                device: field("device")?,
+            });
         }
         if ours.is_empty() {
             return Err(format!(

@@ -10,9 +10,9 @@ use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::resource::v1::{DeviceTaint, ResourceSlice};
-use k8s_openapi::List;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use serde_json::Value;
 use log::{debug, info, warn};
 
 use crate::dra::devices::Inventory;
@@ -38,8 +38,8 @@ const AFTER_REGISTRATION: [Duration; 4] = [
 struct Published {
     name: String,
     resource_version: String,
-    /// The slice as we last wrote it (metadata aside): unchanged, nothing to send.
-    spec: serde_json::Value,
+    /// The spec as we last wrote it (or found it): a wanted slice equal to it is not sent.
+    spec: Value,
 }
 
 /// The publisher of one node's slice.
@@ -173,10 +173,12 @@ impl Publisher {
 
     fn try_sync(&mut self, verify: bool) -> Result<(), kube::Error> {
         if self.node_uid.is_none() {
-            let node: Node = self
+            // Plain JSON for the one field we need (a typed Node would bring every node type's
+            // decoder into the binary).
+            let node: Value = self
                 .kube
                 .get(&format!("/api/v1/nodes/{}", kube::escape(&self.node)))?;
-            self.node_uid = node.metadata.uid;
+            self.node_uid = node["metadata"]["uid"].as_str().map(str::to_string);
         }
         if self.published.is_none() {
             self.adopt()?;
@@ -196,38 +198,47 @@ impl Publisher {
     /// Takes over the slices of this node and driver a previous instance left: the first is
     /// ours to update, any others go (one pool, one slice).
     fn adopt(&mut self) -> Result<(), kube::Error> {
-        let list: List<ResourceSlice> = self.kube.get(&self.selector_path())?;
-        let mut items = list.items.into_iter();
+        let list: Value = self.kube.get(&self.selector_path())?;
+        let items = list["items"].as_array().cloned().unwrap_or_default();
+        let mut items = items.into_iter();
         if let Some(first) = items.next() {
-            self.generation = self.generation.max(first.spec.pool.generation);
-            self.published = Some(published(&first));
+            let generation = first["spec"]["pool"]["generation"].as_i64().unwrap_or(0);
+            self.generation = self.generation.max(generation);
+            self.published = Some(stored(&first, spec_of(&first)));
             debug!(
                 "found ResourceSlice {} of a previous instance",
-                first.metadata.name.as_deref().unwrap_or("?")
+                first["metadata"]["name"].as_str().unwrap_or("?")
             );
         }
         for extra in items {
-            if let Some(name) = extra.metadata.name {
+            if let Some(name) = extra["metadata"]["name"].as_str() {
                 info!("deleting extra ResourceSlice {name} of this node");
                 self.kube
-                    .delete(&format!("{SLICES}/{}", kube::escape(&name)))?;
+                    .delete(&format!("{SLICES}/{}", kube::escape(name)))?;
             }
         }
         Ok(())
     }
 
-    /// Is our slice still there? The kubelet deletes it at its start and after we disconnect.
+    /// Is our slice still there, as we wrote it? The kubelet deletes it at its start and after
+    /// we disconnect; anyone with the rights may change it.
     fn check(&mut self) -> Result<(), kube::Error> {
         let Some(p) = &self.published else {
             return Ok(());
         };
         match self
             .kube
-            .get::<ResourceSlice>(&format!("{SLICES}/{}", kube::escape(&p.name)))
+            .get::<Value>(&format!("{SLICES}/{}", kube::escape(&p.name)))
         {
             Ok(s) => {
-                // Someone else changed it: write ours again.
-                self.published = Some(published(&s));
+                if s["metadata"]["resourceVersion"].as_str() != Some(p.resource_version.as_str()) {
+                    warn!(
+                        "ResourceSlice {} was changed by someone else: writing ours again",
+                        p.name
+                    );
+                    // A spec no wanted slice equals: the next step writes ours.
+                    self.published = Some(stored(&s, Value::Null));
+                }
                 Ok(())
             }
             Err(e) if e.code() == Some(404) => {
@@ -246,68 +257,50 @@ impl Publisher {
     fn write(&mut self, mut wanted: ResourceSlice) -> Result<(), kube::Error> {
         self.generation += 1;
         wanted.spec.pool.generation = self.generation;
-        if let (Some(uid), Some(refs)) = (&self.node_uid, wanted.metadata.owner_references.as_mut())
-        {
-            for r in refs {
-                r.uid.clone_from(uid);
-            }
-        } else if self.node_uid.is_some() {
-            wanted = self.build_owned(wanted);
+        if let Some(uid) = &self.node_uid {
+            wanted.metadata.owner_references = Some(vec![OwnerReference {
+                api_version: "v1".to_string(),
+                kind: "Node".to_string(),
+                name: self.node.clone(),
+                uid: uid.clone(),
+                controller: Some(true),
+                ..Default::default()
+            }]);
         }
+        let sent = spec_value(&wanted);
         let result = match &self.published {
             Some(p) => {
                 wanted.metadata.name = Some(p.name.clone());
                 wanted.metadata.generate_name = None;
                 wanted.metadata.resource_version = Some(p.resource_version.clone());
-                self.kube.put::<_, ResourceSlice>(
-                    &format!("{SLICES}/{}", kube::escape(&p.name)),
-                    &wanted,
-                )
+                self.kube
+                    .put::<_, Value>(&format!("{SLICES}/{}", kube::escape(&p.name)), &wanted)
             }
-            None => self.kube.post::<_, ResourceSlice>(SLICES, &wanted),
+            None => self.kube.post::<_, Value>(SLICES, &wanted),
         };
         match result {
-            Ok(stored) => {
+            Ok(answer) => {
                 self.writes += 1;
                 info!(
                     "published ResourceSlice {} (generation {}, {} device(s))",
-                    stored.metadata.name.as_deref().unwrap_or("?"),
-                    stored.spec.pool.generation,
-                    stored.spec.devices.as_ref().map_or(0, Vec::len)
+                    answer["metadata"]["name"].as_str().unwrap_or("?"),
+                    self.generation,
+                    wanted.spec.devices.as_ref().map_or(0, Vec::len)
                 );
-                self.published = Some(published(&stored));
+                // What we sent is what we compare with next time: the API server may add
+                // defaults to what it stores, which must not look like a change every time.
+                self.published = Some(stored(&answer, sent));
                 Ok(())
             }
             Err(e) => {
-                match e.code() {
-                    // Wiped since we looked: create it at the retry.
-                    Some(404) => self.published = None,
-                    // Changed since we looked (optimistic concurrency): read it again.
-                    Some(409) => {
-                        self.published = None;
-                    }
-                    _ => {}
+                // 404: wiped since we looked; 409: changed since we looked (optimistic
+                // concurrency). Either way, look again before the next write.
+                if matches!(e.code(), Some(404 | 409)) {
+                    self.published = None;
                 }
                 Err(e)
             }
         }
-    }
-
-    fn build_owned(&self, wanted: ResourceSlice) -> ResourceSlice {
-        let mut w = wanted;
-        if let Some(uid) = &self.node_uid {
-            w.metadata.owner_references = Some(vec![
-                k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
-                    api_version: "v1".to_string(),
-                    kind: "Node".to_string(),
-                    name: self.node.clone(),
-                    uid: uid.clone(),
-                    controller: Some(true),
-                    ..Default::default()
-                },
-            ]);
-        }
-        w
     }
 
     fn selector_path(&self) -> String {
@@ -382,17 +375,29 @@ impl Handle {
     }
 }
 
-fn published(s: &ResourceSlice) -> Published {
+/// The slice the API server answered with, and the spec we hold it to.
+fn stored(answer: &Value, spec: Value) -> Published {
     Published {
-        name: s.metadata.name.clone().unwrap_or_default(),
-        resource_version: s.metadata.resource_version.clone().unwrap_or_default(),
-        spec: spec_value(s),
+        name: answer["metadata"]["name"].as_str().unwrap_or_default().to_string(),
+        resource_version: answer["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        spec,
     }
 }
 
 /// What we compare: the spec without the generation (which we bump on each write).
-fn spec_value(s: &ResourceSlice) -> serde_json::Value {
-    let mut v = serde_json::to_value(&s.spec).unwrap_or_default();
+fn spec_value(s: &ResourceSlice) -> Value {
+    without_generation(serde_json::to_value(&s.spec).unwrap_or_default())
+}
+
+/// A stored slice's spec, compared the same way.
+fn spec_of(s: &Value) -> Value {
+    without_generation(s["spec"].clone())
+}
+
+fn without_generation(mut v: Value) -> Value {
     if let Some(pool) = v.get_mut("pool").and_then(|p| p.as_object_mut()) {
         pool.remove("generation");
     }
