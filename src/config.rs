@@ -510,7 +510,7 @@ fn options() -> Options {
 pub fn usage() -> String {
     let brief = format!(
         "jarvice-rdma-plugin {}: Kubernetes device plugin for InfiniBand/RDMA device nodes\n\n\
-         Usage: jarvice-rdma-plugin [serve] [FLAGS]       run the device plugin (default)\n       \
+         Usage: jarvice-rdma-plugin [serve] [FLAGS]       run the device plugin (default; --frontend dra: the DRA driver)\n       \
          jarvice-rdma-plugin list [--json] [FLAGS]   print what would be advertised and allocated here\n       \
          jarvice-rdma-plugin probe [FLAGS]           check the running plugin like the kubelet does (exit 0 = ok)\n       \
          jarvice-rdma-plugin diagnose [--json] [FLAGS]  check what RDMA pods need on this node (exit 0 = no failure)\n\n\

@@ -264,7 +264,14 @@ fn shared_mode_publishes_shares_that_grant_every_hca() {
 /// unprepare succeeds.
 #[test]
 fn prepare_writes_a_cdi_spec_per_claim_and_unprepare_removes_it() {
-    let d = Dra::start("dra-prepare", PER_HCA);
+    let d = Dra::start(
+        "dra-prepare",
+        &[
+            "--resource",
+            "jarvice.com/rdma-hca,mode=per-hca",
+            "--hca-envs",
+        ],
+    );
     d.slice_where(|_| true);
     d.allocate("job", UID, &[("hcas", "mlx5-0"), ("hcas", "mlx5-2")]);
     let resp = d.kubelet.prepare(&[("default", "job", UID)]).unwrap();
@@ -305,9 +312,14 @@ fn prepare_writes_a_cdi_spec_per_claim_and_unprepare_removes_it() {
         nodes,
         ["/dev/infiniband/uverbs1", "/dev/infiniband/rdma_cm"]
     );
+    // The envs Allocate sets for per-HCA grants, once for the claim.
     assert_eq!(
-        spec["containerEdits"]["env"][0],
-        "JARVICE_RDMA_HCAS=mlx5_0,mlx5_2"
+        spec["containerEdits"]["env"],
+        json!([
+            "JARVICE_RDMA_HCAS=mlx5_0,mlx5_2",
+            "NCCL_IB_HCA==mlx5_0,mlx5_2",
+            "UCX_NET_DEVICES=mlx5_0:1,mlx5_2:1"
+        ])
     );
 
     // Twice: the same answer, and the API server is not asked again.
@@ -872,4 +884,28 @@ fn at_most_64_devices_per_slice() {
         "{}",
         d.plugin.log_text()
     );
+}
+
+/// An HCA whose verbs node is gone: its device is tainted (health from the nodes too), and a
+/// claim already allocated to it gets an error rather than a spec granting nothing usable (as
+/// Allocate refuses).
+#[test]
+fn a_device_without_its_verbs_node_is_tainted_and_not_prepared() {
+    let d = Dra::start("dra-noverbs", PER_HCA);
+    d.slice_where(|_| true);
+    d.allocate("job", UID, &[("r", "mlx5-0")]);
+    // mlx5_0's verbs node is uverbs1.
+    d.host.remove_node("uverbs1");
+    d.slice_where(|s| {
+        device(s, "mlx5-0")
+            .get("taints")
+            .is_some_and(|t| t.is_array())
+    });
+    let resp = d.kubelet.prepare(&[("default", "job", UID)]).unwrap();
+    assert!(
+        resp.claims[UID].error.contains("no uverbs node"),
+        "{}",
+        resp.claims[UID].error
+    );
+    assert!(!d.spec_file(UID).exists());
 }

@@ -20,7 +20,7 @@ use serde_json::json;
 use crate::config::{is_dns_label, is_dns_subdomain};
 use crate::dra::devices::Inventory;
 use crate::dra::kube::{self, Kube};
-use crate::host::nodes::DeviceNode;
+use crate::host::nodes::{DeviceNode, Kind};
 use crate::resource::cdi;
 use crate::resource::per_hca::HCAS_ENV;
 
@@ -47,6 +47,8 @@ pub struct Claims {
     node: String,
     /// CDI kind of the per-claim specs: `k8s.<driver>/claim`.
     kind: String,
+    /// Also set `NCCL_IB_HCA` and `UCX_NET_DEVICES` (`--hca-envs`), as Allocate does.
+    hca_envs: bool,
     /// Claim UID -> its devices, as in its spec file. Held while a spec is written, so two
     /// prepares cannot both take one device.
     prepared: Mutex<BTreeMap<String, Vec<Prepared>>>,
@@ -69,8 +71,9 @@ pub struct ClaimRef {
 
 impl Claims {
     /// The record of `dir`: every spec file of ours there (a previous instance's included).
-    pub fn load(dir: &Path, driver: &str, node: &str) -> Claims {
+    pub fn load(dir: &Path, driver: &str, node: &str, hca_envs: bool) -> Claims {
         let c = Claims {
+            hca_envs,
             dir: dir.to_path_buf(),
             driver: driver.to_string(),
             node: node.to_string(),
@@ -197,6 +200,7 @@ impl Claims {
         let mut devices = Vec::new();
         let mut edits = Vec::new();
         let mut hcas: Vec<String> = Vec::new();
+        let mut ports: Vec<String> = Vec::new();
         for r in &ours {
             if r.pool != self.node {
                 return Err(format!(
@@ -220,9 +224,21 @@ impl Claims {
             if !edits.iter().any(|(n, _): &(String, _)| *n == cdi_name) {
                 edits.push((cdi_name.clone(), d.nodes.clone()));
             }
+            // As Allocate: no verbs node, nothing a verbs program could use.
+            if !d.nodes.iter().any(|n| n.kind == Kind::Uverbs) {
+                return Err(format!(
+                    "claim {}/{}: device {} has no uverbs node right now",
+                    claim.namespace, claim.name, d.name
+                ));
+            }
             for h in &d.hcas {
                 if !hcas.contains(h) {
                     hcas.push(h.clone());
+                }
+            }
+            for p in &d.ports {
+                if !ports.contains(p) {
+                    ports.push(p.clone());
                 }
             }
             devices.push(Prepared {
@@ -248,7 +264,16 @@ impl Claims {
                 ));
             }
         }
-        let text = self.render(claim, &devices, &edits, &hcas);
+        let mut env = Vec::new();
+        if !hcas.is_empty() {
+            env.push(format!("{HCAS_ENV}={}", hcas.join(",")));
+            if self.hca_envs {
+                // `=`: exact names, not prefixes (NCCL would take mlx5_1 for mlx5_10 too).
+                env.push(format!("NCCL_IB_HCA=={}", hcas.join(",")));
+                env.push(format!("UCX_NET_DEVICES={}", ports.join(",")));
+            }
+        }
+        let text = self.render(claim, &devices, &edits, &env);
         cdi::write_atomic(&self.spec_path(&claim.uid), &text).map_err(|e| {
             format!(
                 "cannot write the CDI spec {}: {e}",
@@ -295,7 +320,7 @@ impl Claims {
         claim: &ClaimRef,
         devices: &[Prepared],
         edits: &[(String, Vec<DeviceNode>)],
-        hcas: &[String],
+        env: &[String],
     ) -> String {
         let record: Vec<serde_json::Value> = devices
             .iter()
@@ -319,9 +344,9 @@ impl Claims {
             },
             "devices": cdi_devices,
         });
-        // One env for the claim (per-device envs would replace each other in the container).
-        if !hcas.is_empty() {
-            spec["containerEdits"] = json!({"env": [format!("{HCAS_ENV}={}", hcas.join(","))]});
+        // Envs for the claim (per-device envs would replace each other in the container).
+        if !env.is_empty() {
+            spec["containerEdits"] = json!({ "env": env });
         }
         let mut text = spec.to_string();
         text.push('\n');

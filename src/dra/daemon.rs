@@ -159,7 +159,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             warn!("cannot create the CDI dir {}: {e}", cfg.cdi_dir.display());
         }
     }
-    let claims = Claims::load(&cfg.cdi_dir, &driver, &node);
+    let claims = Claims::load(&cfg.cdi_dir, &driver, &node, cfg.hca_envs);
     let shared = Arc::new(Shared::new(
         &driver,
         &node,

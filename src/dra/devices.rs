@@ -38,6 +38,8 @@ pub struct DraDevice {
     pub per_hca: bool,
     /// The HCAs it grants, by kernel name.
     pub hcas: Vec<String>,
+    /// Their ports that count (`mlx5_0:1`), for `UCX_NET_DEVICES` with `--hca-envs`.
+    pub ports: Vec<String>,
     /// The device nodes a claim on it gets (verified by the scan, as Allocate grants them).
     pub nodes: Vec<DeviceNode>,
     pub attributes: BTreeMap<String, Attr>,
@@ -136,6 +138,13 @@ fn resource_devices(cfg: &Config, a: &Assessment, refused: &mut Vec<String>) -> 
                     resource: cfg.resource_name.clone(),
                     per_hca: false,
                     hcas: a.grant.hcas.clone(),
+                    ports: a
+                        .grant
+                        .hcas
+                        .iter()
+                        .filter_map(|h| a.host.hcas.get(h))
+                        .flat_map(|h| counted_ports(h, a))
+                        .collect(),
                     nodes: a.grant.nodes.nodes.clone(),
                     attributes,
                     healthy: a.health.healthy,
@@ -196,6 +205,7 @@ fn resource_devices(cfg: &Config, a: &Assessment, refused: &mut Vec<String>) -> 
                     resource: cfg.resource_name.clone(),
                     per_hca: true,
                     hcas: vec![hca.name.clone()],
+                    ports: counted_ports(hca, a),
                     nodes: per_hca::nodes_of(&[hca], &a.grant)
                         .into_iter()
                         .cloned()
@@ -207,6 +217,15 @@ fn resource_devices(cfg: &Config, a: &Assessment, refused: &mut Vec<String>) -> 
             })
             .collect(),
     }
+}
+
+/// `mlx5_0:1` for each port of `hca` that counts under the grant's link layer.
+fn counted_ports(hca: &crate::host::sysfs::Hca, a: &Assessment) -> Vec<String> {
+    hca.ports
+        .iter()
+        .filter(|p| p.counts_for(a.grant.link.as_ref()))
+        .map(|p| format!("{}:{}", hca.name, p.number))
+        .collect()
 }
 
 /// Why an HCA counts as down: its ports, or its missing verbs node.

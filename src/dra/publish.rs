@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::resource::v1::{DeviceTaint, ResourceSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use serde_json::Value;
 use log::{debug, info, warn};
+use serde_json::Value;
 
 use crate::dra::devices::Inventory;
 use crate::dra::kube::{self, Kube};
@@ -378,7 +378,10 @@ impl Handle {
 /// The slice the API server answered with, and the spec we hold it to.
 fn stored(answer: &Value, spec: Value) -> Published {
     Published {
-        name: answer["metadata"]["name"].as_str().unwrap_or_default().to_string(),
+        name: answer["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
         resource_version: answer["metadata"]["resourceVersion"]
             .as_str()
             .unwrap_or_default()
