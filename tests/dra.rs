@@ -7,10 +7,10 @@
 mod common;
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::dra_kubelet::{healths, DraKubelet};
+use common::dra_kubelet::{healths, plugin_args, DraKubelet};
 use common::fake_api::{FakeApi, Fault};
 use common::*;
 use serde_json::{json, Value};
@@ -97,31 +97,9 @@ fn claim(name: &str, uid: &str, results: Vec<Value>) -> Value {
 }
 
 fn start_plugin(host: &Host, api: &FakeApi, extra: &[&str]) -> Plugin {
-    let tmp = host.tmp.path();
-    let mut args: Vec<String> = vec![
-        "--frontend".into(),
-        "dra".into(),
-        "--node-name".into(),
-        NODE.into(),
-        "--kube-api".into(),
-        api.url(),
-        "--kube-token-file".into(),
-        api.token_file().display().to_string(),
-        "--kubelet-registry-dir".into(),
-        tmp.join("registry").display().to_string(),
-        "--kubelet-plugins-dir".into(),
-        tmp.join("kplugins").display().to_string(),
-        "--cdi-dir".into(),
-        tmp.join("cdi").display().to_string(),
-        "--health-interval".into(),
-        "0.1".into(),
-        "--hold-down".into(),
-        "0".into(),
-    ];
-    if let Some(ca) = api.ca_file() {
-        args.push("--kube-ca-file".into());
-        args.push(ca.display().to_string());
-    }
+    let mut args = plugin_args(host, api, NODE);
+    // Port states read every 100 ms and counted at once: the tests wait on events, not time.
+    args.extend(["--health-interval", "0.1", "--hold-down", "0"].map(String::from));
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Plugin::start(host, &args)
@@ -542,20 +520,66 @@ fn a_wiped_slice_is_published_again_after_the_kubelet_registers() {
     assert_eq!(d.api.slices().len(), 1);
 }
 
-/// §4 in-cluster config: HTTPS with the cluster CA only, and a token re-read after a 401.
+/// Writes `files` the way the kubelet's atomic writer fills a projected service-account
+/// volume (`pkg/volume/util/atomic_writer.go`): the data in a timestamped directory, a `..data`
+/// symlink to it swapped with rename(2), and each visible name a symlink through `..data`.
+fn project(dir: &Path, generation: u32, files: &[(&str, &[u8])]) {
+    let data = format!("..2026_12_03_{generation}");
+    fs::create_dir_all(dir.join(&data)).unwrap();
+    for (name, bytes) in files {
+        fs::write(dir.join(&data).join(name), bytes).unwrap();
+        let link = dir.join(name);
+        if fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{name}"), &link).unwrap();
+        }
+    }
+    let tmp = dir.join("..data_tmp");
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&data, &tmp).unwrap();
+    fs::rename(&tmp, dir.join("..data")).unwrap();
+}
+
+/// §4 in-cluster config, as a pod sees it: HTTPS with the cluster CA as the only root, token
+/// and CA read through the projected volume's symlinks, and a token the kubelet rotates (a new
+/// `..data`) read again after the API server's 401.
 #[test]
-fn https_with_the_cluster_ca_and_a_rotated_token() {
-    let d = Dra::start_tls("dra-tls", true, PER_HCA);
-    d.slice_where(|_| true);
-    // The token rotates: the API server takes only the new one, the file says it.
-    d.api.set_token("rotated-token");
-    fs::write(d.api.token_file(), "rotated-token\n").unwrap();
-    d.allocate("job", UID, &[("r", "mlx5-0")]);
-    let resp = d.kubelet.prepare(&[("default", "job", UID)]).unwrap();
-    assert_eq!(resp.claims[UID].error, "", "{}", d.plugin.log_text());
+fn https_with_the_projected_token_and_ca_and_a_rotation() {
+    let host = Host::with_hcas("dra-tls");
+    let api = FakeApi::start(true, host.tmp.path());
+    api.add_node(NODE);
+    let sa = host.tmp.path().join("serviceaccount");
+    let ca = fs::read(api.ca_file().unwrap()).unwrap();
+    let token = fs::read(api.token_file()).unwrap();
+    project(&sa, 1, &[("token", &token), ("ca.crt", &ca)]);
+    let kubelet = DraKubelet::start(&host.tmp.path().join("registry"));
+    let mut args = plugin_args(&host, &api, NODE);
+    for (flag, value) in [("--kube-token-file", "token"), ("--kube-ca-file", "ca.crt")] {
+        let at = args.iter().position(|a| a == flag).unwrap();
+        args[at + 1] = sa.join(value).display().to_string();
+    }
+    args.extend(PER_HCA.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let plugin = Plugin::start(&host, &args);
+    api.wait_for(WAIT, |api| api.slices().into_iter().next())
+        .unwrap_or_else(|| panic!("no slice: {}", plugin.log_text()));
+    assert!(
+        !api.requests().iter().any(|r| r.status == 401),
+        "the projected token was read"
+    );
+
+    // The kubelet rotates the token: a new data directory, `..data` swapped.
+    api.set_token("rotated-token");
+    project(&sa, 2, &[("token", b"rotated-token"), ("ca.crt", &ca)]);
+    api.put_claim(claim(
+        "job",
+        UID,
+        vec![json!({"request": "r", "driver": DRIVER, "pool": NODE, "device": "mlx5-0"})],
+    ));
+    let resp = kubelet.prepare(&[("default", "job", UID)]).unwrap();
+    assert_eq!(resp.claims[UID].error, "", "{}", plugin.log_text());
     // The old token was refused once (by whichever request came first: the claim's GET or
-    // the publisher's), then read again from the file.
-    assert!(d.api.requests().iter().any(|r| r.status == 401));
+    // the publisher's), then read again.
+    assert!(api.requests().iter().any(|r| r.status == 401));
 }
 
 /// §2: an answer well within the kubelet's 45 s when the API server hangs: the claim gets an

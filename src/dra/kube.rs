@@ -88,6 +88,31 @@ impl fmt::Debug for Kube {
     }
 }
 
+/// Reads a credential file: symlinks followed (the kubelet's projected service-account volume
+/// makes `token` and `ca.crt` links into a `..data` directory it swaps atomically), but only a
+/// regular file at the end, of at most `max` bytes, opened without blocking on a FIFO.
+pub fn read_credential(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let m = f.metadata()?;
+    if !m.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if m.len() > max {
+        return Err(std::io::Error::other(format!(
+            "{} bytes, more than a credential",
+            m.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(m.len() as usize);
+    f.take(max).read_to_end(&mut out)?;
+    Ok(out)
+}
+
 /// The API server's address: `--kube-api`, else the in-cluster service env.
 pub fn api_url(cfg: &DraConfig) -> Result<String, Error> {
     if let Some(url) = &cfg.kube_api {
@@ -121,7 +146,7 @@ impl Kube {
             .timeout_global(Some(REQUEST_TIMEOUT))
             .user_agent(concat!("jarvice-rdma-plugin/", env!("CARGO_PKG_VERSION")));
         if base.starts_with("https://") {
-            let pem = crate::resource::cdi::read_bounded(&cfg.ca_file, 1 << 20).map_err(|e| {
+            let pem = read_credential(&cfg.ca_file, 1 << 20).map_err(|e| {
                 Error::Setup(format!("cannot read the CA {}: {e}", cfg.ca_file.display()))
             })?;
             let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
@@ -167,7 +192,7 @@ impl Kube {
         let mut t = self.token.lock().unwrap_or_else(PoisonError::into_inner);
         let due = t.read_at.is_none_or(|at| at.elapsed() >= TOKEN_REFRESH);
         if force || due {
-            match crate::resource::cdi::read_bounded(&self.token_file, MAX_TOKEN) {
+            match read_credential(&self.token_file, MAX_TOKEN) {
                 Ok(bytes) => {
                     let v = String::from_utf8_lossy(&bytes).trim().to_string();
                     if t.value.as_deref() != Some(v.as_str()) && t.value.is_some() {
