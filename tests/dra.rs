@@ -933,3 +933,93 @@ fn a_device_without_its_verbs_node_is_tainted_and_not_prepared() {
     );
     assert!(!d.spec_file(UID).exists());
 }
+
+/// The kubelet cancels a prepare and unprepares when a pod goes: an unprepare that comes
+/// while the prepare waits for the API server wins, and no spec is left to hold the device.
+/// A record whose claim is gone (no unprepare ever came) does not block its device for ever:
+/// the API server is asked, and the stale spec goes.
+#[test]
+fn unprepare_during_prepare_and_stale_records_hold_nothing() {
+    let d = Dra::start("dra-race", PER_HCA);
+    d.slice_where(|_| true);
+    d.kubelet.expect_registration(1);
+    d.allocate("job", UID, &[("r", "mlx5-0")]);
+    d.api.fail_next(
+        "GET /apis/resource.k8s.io/v1/namespaces/default/resourceclaims/job",
+        Fault::Delay(Duration::from_secs(2)),
+    );
+    let preparing = {
+        let registry = d.kubelet.registry.clone();
+        std::thread::spawn(move || {
+            let k = DraKubelet::start(&registry);
+            k.prepare(&[("default", "job", UID)]).unwrap()
+        })
+    };
+    // The prepare is waiting for its claim.
+    assert!(wait_for(WAIT, || d
+        .api
+        .requests()
+        .iter()
+        .any(
+            |r| r.path.ends_with("/resourceclaims/job") && r.status == 0
+        )));
+    let un = d.kubelet.unprepare(&[("default", "job", UID)]).unwrap();
+    assert_eq!(un.claims[UID].error, "");
+    let late = preparing.join().unwrap();
+    assert!(
+        late.claims[UID]
+            .error
+            .contains("unprepared while being prepared"),
+        "{:?}",
+        late.claims[UID]
+    );
+    assert!(!d.spec_file(UID).exists(), "no spec after the unprepare");
+
+    // A claim prepared, then deleted with no unprepare (the kubelet's state lost): its record
+    // would hold mlx5-1. A new claim on mlx5-1 is prepared once the API server says the old one
+    // is gone.
+    d.allocate("old", UID2, &[("r", "mlx5-1")]);
+    assert_eq!(
+        d.kubelet
+            .prepare(&[("default", "old", UID2)])
+            .unwrap()
+            .claims[UID2]
+            .error,
+        ""
+    );
+    let third = "00000000-0000-4000-8000-0000000000aa";
+    d.allocate("new", third, &[("r", "mlx5-1")]);
+    let refused = d.kubelet.prepare(&[("default", "new", third)]).unwrap();
+    assert!(
+        refused.claims[third].error.contains("still"),
+        "the old claim still exists: {:?}",
+        refused.claims[third]
+    );
+    d.api.delete_claim("default", "old");
+    let resp = d.kubelet.prepare(&[("default", "new", third)]).unwrap();
+    assert_eq!(resp.claims[third].error, "", "{}", d.plugin.log_text());
+    assert!(!d.spec_file(UID2).exists(), "the stale spec went");
+    assert!(d.spec_file(third).exists());
+}
+
+/// A result of a subrequest (`rdma/one-hca`, from `firstAvailable`) answers for its request:
+/// the kubelet gives a container the CDI IDs of the results whose request names it uses
+/// (`claiminfo.go`), and containers name requests, not subrequests. Admin access shares a
+/// device with a claim that holds it.
+#[test]
+fn subrequests_answer_for_their_request_and_admin_access_shares() {
+    let d = Dra::start("dra-subreq", PER_HCA);
+    d.slice_where(|_| true);
+    d.allocate("job", UID, &[("rdma/one-hca", "mlx5-0")]);
+    let resp = d.kubelet.prepare(&[("default", "job", UID)]).unwrap();
+    assert_eq!(resp.claims[UID].error, "");
+    assert_eq!(resp.claims[UID].devices[0].request_names, ["rdma"]);
+
+    let admin = json!({"request": "mon", "driver": DRIVER, "pool": NODE, "device": "mlx5-0", "adminAccess": true});
+    d.api.put_claim(claim("monitor", UID2, vec![admin]));
+    let resp = d.kubelet.prepare(&[("default", "monitor", UID2)]).unwrap();
+    assert_eq!(
+        resp.claims[UID2].error, "",
+        "admin access may share the device"
+    );
+}

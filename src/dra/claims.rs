@@ -38,6 +38,27 @@ pub struct Prepared {
     pub pool: String,
     pub device: String,
     pub cdi_id: String,
+    /// Allocated with `adminAccess` (monitoring, not use): may share a device with a claim.
+    pub admin: bool,
+}
+
+/// What the record says of one prepared claim.
+#[derive(Clone, Debug)]
+struct Record {
+    /// `namespace/name`, to ask the API server whether a claim holding a device still exists.
+    claim: String,
+    devices: Vec<Prepared>,
+}
+
+/// The claims prepared, and the prepares under way.
+#[derive(Default)]
+struct State {
+    prepared: BTreeMap<String, Record>,
+    /// Claim UID -> (prepare calls under way, unprepares seen since the first of them began).
+    /// A prepare writes its spec only if no unprepare came meanwhile: the kubelet cancels a
+    /// prepare and unprepares when a pod goes, and the late spec would hold the devices for
+    /// ever.
+    in_flight: BTreeMap<String, (usize, u64)>,
 }
 
 /// The claims prepared on this node.
@@ -49,9 +70,8 @@ pub struct Claims {
     kind: String,
     /// Also set `NCCL_IB_HCA` and `UCX_NET_DEVICES` (`--hca-envs`), as Allocate does.
     hca_envs: bool,
-    /// Claim UID -> its devices, as in its spec file. Held while a spec is written, so two
-    /// prepares cannot both take one device.
-    prepared: Mutex<BTreeMap<String, Vec<Prepared>>>,
+    /// Held while a spec is written, so two prepares cannot both take one device.
+    state: Mutex<State>,
 }
 
 /// One allocation result of our driver.
@@ -59,6 +79,27 @@ struct Allocated {
     request: String,
     pool: String,
     device: String,
+    admin: bool,
+}
+
+/// Counts a prepare as under way until dropped.
+struct Flight<'a> {
+    claims: &'a Claims,
+    uid: String,
+    /// The number of unprepares seen for this UID when the prepare began.
+    epoch: u64,
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        let mut st = self.claims.lock();
+        if let Some((calls, _)) = st.in_flight.get_mut(&self.uid) {
+            *calls -= 1;
+            if *calls == 0 {
+                st.in_flight.remove(&self.uid);
+            }
+        }
+    }
 }
 
 /// The kubelet's claim reference.
@@ -78,7 +119,7 @@ impl Claims {
             driver: driver.to_string(),
             node: node.to_string(),
             kind: format!("k8s.{driver}/claim"),
-            prepared: Mutex::new(BTreeMap::new()),
+            state: Mutex::new(State::default()),
         };
         let prefix = c.file_prefix();
         let mut found = BTreeMap::new();
@@ -95,8 +136,8 @@ impl Claims {
                     continue;
                 }
                 match c.read_record(uid) {
-                    Some(devices) => {
-                        found.insert(uid.to_string(), devices);
+                    Some(record) => {
+                        found.insert(uid.to_string(), record);
                     }
                     None => warn!(
                         "{}: not a claim spec of ours; left alone",
@@ -108,12 +149,12 @@ impl Claims {
         if !found.is_empty() {
             info!("{} claim(s) prepared before this start", found.len());
         }
-        *c.lock() = found;
+        c.lock().prepared = found;
         c
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Vec<Prepared>>> {
-        self.prepared.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn file_prefix(&self) -> String {
@@ -127,7 +168,7 @@ impl Claims {
 
     /// UIDs of the claims prepared now.
     pub fn prepared_uids(&self) -> Vec<String> {
-        self.lock().keys().cloned().collect()
+        self.lock().prepared.keys().cloned().collect()
     }
 
     /// Prepares one claim: its devices, or why not (the kubelet retries at the pod's next sync).
@@ -138,10 +179,20 @@ impl Claims {
         claim: &ClaimRef,
     ) -> Result<Vec<Prepared>, String> {
         check_ref(claim)?;
-        if let Some(done) = self.lock().get(&claim.uid) {
-            debug!("claim {}/{} already prepared", claim.namespace, claim.name);
-            return Ok(done.clone());
-        }
+        let flight = {
+            let mut st = self.lock();
+            if let Some(done) = st.prepared.get(&claim.uid) {
+                debug!("claim {}/{} already prepared", claim.namespace, claim.name);
+                return Ok(done.devices.clone());
+            }
+            let entry = st.in_flight.entry(claim.uid.clone()).or_insert((0, 0));
+            entry.0 += 1;
+            Flight {
+                claims: self,
+                uid: claim.uid.clone(),
+                epoch: entry.1,
+            }
+        };
         let path = format!(
             "/apis/resource.k8s.io/v1/namespaces/{}/resourceclaims/{}",
             kube::escape(&claim.namespace),
@@ -189,6 +240,7 @@ impl Claims {
                 request: field("request")?,
                 pool: field("pool")?,
                 device: field("device")?,
+                admin: r["adminAccess"].as_bool() == Some(true),
             });
         }
         if ours.is_empty() {
@@ -246,23 +298,33 @@ impl Claims {
                 pool: r.pool.clone(),
                 device: d.name.clone(),
                 cdi_id: cdi::qualified(&self.kind, &cdi_name),
+                admin: r.admin,
             });
         }
-        let mut prepared = self.lock();
-        // Another claim holding one of these devices: the allocation is stale or forged.
-        for (other, theirs) in prepared.iter() {
-            if other == &claim.uid {
-                continue;
-            }
-            if let Some(d) = devices
-                .iter()
-                .find(|d| theirs.iter().any(|t| t.device == d.device))
-            {
-                return Err(format!(
-                    "claim {}/{}: device {} is prepared for claim {other} still",
-                    claim.namespace, claim.name, d.device
-                ));
-            }
+        // A claim our record says holds one of these devices may be gone without an
+        // unprepare (the kubelet's state lost, a claim deleted meanwhile): asked, not assumed.
+        let holders = self.holders(&claim.uid, &devices);
+        for (uid, record) in holders {
+            self.drop_if_gone(kube, &uid, &record)?;
+        }
+        let mut st = self.lock();
+        if st.in_flight.get(&claim.uid).map(|f| f.1) != Some(flight.epoch) {
+            return Err(format!(
+                "claim {}/{} was unprepared while being prepared: not prepared",
+                claim.namespace, claim.name
+            ));
+        }
+        if let Some(done) = st.prepared.get(&claim.uid) {
+            // A concurrent call prepared it meanwhile.
+            return Ok(done.devices.clone());
+        }
+        // Another claim holding one of these devices (taken since we looked): the
+        // allocation is stale or forged.
+        if let Some((other, d)) = conflict(&st.prepared, &claim.uid, &devices) {
+            return Err(format!(
+                "claim {}/{}: device {d} is prepared for claim {other} still",
+                claim.namespace, claim.name
+            ));
         }
         let mut env = Vec::new();
         if !hcas.is_empty() {
@@ -291,8 +353,76 @@ impl Claims {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        prepared.insert(claim.uid.clone(), devices.clone());
+        st.prepared.insert(
+            claim.uid.clone(),
+            Record {
+                claim: format!("{}/{}", claim.namespace, claim.name),
+                devices: devices.clone(),
+            },
+        );
         Ok(devices)
+    }
+
+    /// The other prepared claims that hold a device of `devices` (admin access aside).
+    fn holders(&self, uid: &str, devices: &[Prepared]) -> Vec<(String, Record)> {
+        let st = self.lock();
+        st.prepared
+            .iter()
+            .filter(|(other, r)| *other != uid && r.devices.iter().any(|t| clashes(t, devices)))
+            .map(|(u, r)| (u.clone(), r.clone()))
+            .collect()
+    }
+
+    /// Drops the record of claim `uid` if the API server says it no longer holds its devices
+    /// (deleted, made again under its name, or no longer allocated here); an error if it
+    /// still does, or if the API server cannot tell.
+    fn drop_if_gone(&self, kube: &Kube, uid: &str, record: &Record) -> Result<(), String> {
+        let (ns, name) = record.claim.split_once('/').unwrap_or(("", ""));
+        let still = if is_dns_label(ns, 63) && is_dns_subdomain(name, 253) {
+            let path = format!(
+                "/apis/resource.k8s.io/v1/namespaces/{}/resourceclaims/{}",
+                kube::escape(ns),
+                kube::escape(name)
+            );
+            match kube.get::<serde_json::Value>(&path) {
+                Ok(c) => {
+                    c["metadata"]["uid"].as_str() == Some(uid)
+                        && c["status"]["allocation"]["devices"]["results"]
+                            .as_array()
+                            .is_some_and(|rs| {
+                                rs.iter().any(|r| {
+                                    r["driver"].as_str() == Some(self.driver.as_str())
+                                        && r["pool"].as_str() == Some(self.node.as_str())
+                                })
+                            })
+                }
+                Err(e) if e.code() == Some(404) => false,
+                Err(e) => {
+                    return Err(format!(
+                        "a device is prepared for claim {} ({uid}), which cannot be checked: {e}",
+                        record.claim
+                    ))
+                }
+            }
+        } else {
+            false
+        };
+        if still {
+            let d = record.devices.first().map_or("?", |d| d.device.as_str());
+            return Err(format!(
+                "device {d} is prepared for claim {} ({uid}) still",
+                record.claim
+            ));
+        }
+        warn!(
+            "claim {} ({uid}) is gone without an unprepare: dropping its CDI spec, which held its devices",
+            record.claim
+        );
+        let mut st = self.lock();
+        if st.prepared.remove(uid).is_some() {
+            let _ = fs::remove_file(self.spec_path(uid));
+        }
+        Ok(())
     }
 
     /// Unprepares one claim: its spec goes. A claim we never prepared succeeds.
@@ -301,7 +431,11 @@ impl Claims {
             // Nothing of ours can carry it: nothing to undo.
             return Ok(());
         }
-        let mut prepared = self.lock();
+        let mut st = self.lock();
+        // A prepare of this claim under way must not write its spec after this.
+        if let Some(f) = st.in_flight.get_mut(&claim.uid) {
+            f.1 += 1;
+        }
         let path = self.spec_path(&claim.uid);
         match fs::remove_file(&path) {
             Ok(()) => info!(
@@ -311,7 +445,7 @@ impl Claims {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(format!("cannot remove {}: {e}", path.display())),
         }
-        prepared.remove(&claim.uid);
+        st.prepared.remove(&claim.uid);
         Ok(())
     }
 
@@ -324,7 +458,7 @@ impl Claims {
     ) -> String {
         let record: Vec<serde_json::Value> = devices
             .iter()
-            .map(|d| json!([d.request, d.device]))
+            .map(|d| json!([d.request, d.device, d.admin]))
             .collect();
         let cdi_devices: Vec<serde_json::Value> = edits
             .iter()
@@ -354,7 +488,7 @@ impl Claims {
     }
 
     /// The devices a spec file records, if it is one of ours.
-    fn read_record(&self, uid: &str) -> Option<Vec<Prepared>> {
+    fn read_record(&self, uid: &str) -> Option<Record> {
         let bytes = cdi::read_bounded(&self.spec_path(uid), MAX_SPEC).ok()?;
         let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
         if v.get("kind")?.as_str()? != self.kind {
@@ -364,19 +498,47 @@ impl Claims {
             .get("annotations")?
             .get(format!("{}/devices", self.driver))?
             .as_str()?;
-        let pairs: Vec<(String, String)> = serde_json::from_str(record).ok()?;
-        Some(
-            pairs
-                .into_iter()
-                .map(|(request, device)| Prepared {
-                    cdi_id: cdi::qualified(&self.kind, &format!("{uid}-{device}")),
-                    request,
-                    pool: self.node.clone(),
-                    device,
-                })
-                .collect(),
-        )
+        let claim = v
+            .get("annotations")?
+            .get(format!("{}/claim", self.driver))?
+            .as_str()?
+            .to_string();
+        let entries: Vec<serde_json::Value> = serde_json::from_str(record).ok()?;
+        let mut devices = Vec::new();
+        for e in entries {
+            let (request, device) = (e.get(0)?.as_str()?, e.get(1)?.as_str()?);
+            devices.push(Prepared {
+                cdi_id: cdi::qualified(&self.kind, &format!("{uid}-{device}")),
+                request: request.to_string(),
+                pool: self.node.clone(),
+                device: device.to_string(),
+                admin: e.get(2).and_then(|a| a.as_bool()) == Some(true),
+            });
+        }
+        Some(Record { claim, devices })
     }
+}
+
+/// True when `held` and one of `wanted` are the same device and neither is admin access.
+fn clashes(held: &Prepared, wanted: &[Prepared]) -> bool {
+    !held.admin && wanted.iter().any(|w| !w.admin && w.device == held.device)
+}
+
+/// The first other claim in `prepared` that holds a device of `devices`.
+fn conflict(
+    prepared: &BTreeMap<String, Record>,
+    uid: &str,
+    devices: &[Prepared],
+) -> Option<(String, String)> {
+    prepared.iter().find_map(|(other, r)| {
+        if other == uid {
+            return None;
+        }
+        r.devices
+            .iter()
+            .find(|t| clashes(t, devices))
+            .map(|t| (other.clone(), t.device.clone()))
+    })
 }
 
 /// A CDI device node: the host path, and the numbers the scan verified for a character device.

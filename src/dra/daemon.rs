@@ -160,15 +160,21 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         }
     }
     let claims = Claims::load(&cfg.cdi_dir, &driver, &node, cfg.hca_envs);
-    let shared = Arc::new(Shared::new(
-        &driver,
-        &node,
-        endpoint.display().to_string(),
-        kube.clone(),
-        claims,
-        Arc::clone(&registered),
-        Arc::clone(&stream_left),
-    ));
+    let shared = Arc::new(
+        Shared::new(
+            &driver,
+            &node,
+            endpoint.display().to_string(),
+            kube.clone(),
+            claims,
+            Arc::clone(&registered),
+            Arc::clone(&stream_left),
+        )
+        .map_err(|source| Error::Setup {
+            what: "the prepare threads",
+            source,
+        })?,
+    );
     info!(
         "DRA driver {driver} on node {node}: API server {}, kubelet registration {}, service {}",
         kube.base(),

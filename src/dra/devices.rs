@@ -248,7 +248,8 @@ fn common(attributes: &mut BTreeMap<String, Attr>, cfg: &Config, mode: &str) {
 /// A string attribute, left out when empty or longer than the API takes (the scheduler would
 /// reject the whole slice).
 fn put_str(attributes: &mut BTreeMap<String, Attr>, name: &str, value: &str) {
-    if value.is_empty() || value.chars().count() > MAX_STRING_VALUE {
+    // The API counts bytes, not characters.
+    if value.is_empty() || value.len() > MAX_STRING_VALUE {
         log::debug!("attribute {name} left out: {} characters", value.len());
         return;
     }

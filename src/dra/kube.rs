@@ -20,6 +20,9 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest answer we read (a claim or a slice list is a few KiB to a few hundred).
 pub const MAX_BODY: u64 = 4 << 20;
+/// A request refused with 401 is sent again with the token read afresh if the refusal came
+/// within this (so a call costs at most about one [`REQUEST_TIMEOUT`]).
+const RETRY_401_WITHIN: Duration = Duration::from_secs(2);
 /// The token file is read again after this long (client-go's period).
 const TOKEN_REFRESH: Duration = Duration::from_secs(60);
 /// The largest token file we read.
@@ -240,8 +243,10 @@ impl Kube {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, Error> {
+        let start = Instant::now();
         match self.send(method, path, body.as_deref(), false) {
-            Err(Error::Status { code: 401, .. }) => {
+            // Once, and only after a prompt 401: a caller's time is bounded by one request.
+            Err(Error::Status { code: 401, .. }) if start.elapsed() < RETRY_401_WITHIN => {
                 debug!("401 from the API server: reading the token again");
                 self.send(method, path, body.as_deref(), true)
             }

@@ -59,6 +59,10 @@ pub struct Publisher {
     verify_at: Vec<Instant>,
     /// Devices the last build left out (logged once per change).
     left_out: Vec<String>,
+    /// Said once: the Node cannot be read, the slice has no owner.
+    no_owner_warned: bool,
+    /// Said once: the API server dropped our taints (DRADeviceTaints off).
+    taints_dropped_warned: bool,
     /// Counters for tests and the benchmark.
     pub writes: u64,
     pub recreated: u64,
@@ -79,6 +83,8 @@ impl Publisher {
             backoff: RETRY_FIRST,
             verify_at: vec![Instant::now() + VERIFY_EVERY],
             left_out: Vec::new(),
+            no_owner_warned: false,
+            taints_dropped_warned: false,
             writes: 0,
             recreated: 0,
         }
@@ -175,10 +181,20 @@ impl Publisher {
         if self.node_uid.is_none() {
             // Plain JSON for the one field we need (a typed Node would bring every node type's
             // decoder into the binary).
-            let node: Value = self
+            match self
                 .kube
-                .get(&format!("/api/v1/nodes/{}", kube::escape(&self.node)))?;
-            self.node_uid = node["metadata"]["uid"].as_str().map(str::to_string);
+                .get::<Value>(&format!("/api/v1/nodes/{}", kube::escape(&self.node)))
+            {
+                Ok(node) => self.node_uid = node["metadata"]["uid"].as_str().map(str::to_string),
+                // The owner is a nicety (the slice goes with the Node): publish without it.
+                Err(e) if matches!(e.code(), Some(403 | 404)) => {
+                    if !self.no_owner_warned {
+                        warn!("cannot read Node {} ({e}): publishing the ResourceSlice without an owner", self.node);
+                        self.no_owner_warned = true;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
         if self.published.is_none() {
             self.adopt()?;
@@ -248,6 +264,9 @@ impl Publisher {
                 );
                 self.published = None;
                 self.recreated += 1;
+                // The Node may have been made again (the garbage collector deletes a slice
+                // whose owner is gone): read its UID again.
+                self.node_uid = None;
                 Ok(())
             }
             Err(e) => Err(e),
@@ -287,6 +306,17 @@ impl Publisher {
                     self.generation,
                     wanted.spec.devices.as_ref().map_or(0, Vec::len)
                 );
+                // Where the DRADeviceTaints feature is off the API server drops taints: then an
+                // Unhealthy device stays allocatable, which an operator must hear of.
+                let taints = |v: &Value| {
+                    v["devices"]
+                        .as_array()
+                        .is_some_and(|d| d.iter().any(|x| x["taints"].is_array()))
+                };
+                if taints(&sent) && !taints(&answer["spec"]) && !self.taints_dropped_warned {
+                    warn!("the API server dropped our device taints (feature gate DRADeviceTaints off?): Unhealthy devices stay allocatable; the health stream still reports them");
+                    self.taints_dropped_warned = true;
+                }
                 // What we sent is what we compare with next time: the API server may add
                 // defaults to what it stores, which must not look like a change every time.
                 self.published = Some(stored(&answer, sent));

@@ -18,13 +18,56 @@ use crate::dra::proto::{dra, dra_health, pluginregistration as reg, SUPPORTED_SE
 use crate::kubelet::stream::{self, Hub};
 use crate::sys::EventFd;
 use crate::wake;
-use crate::workers;
 
 /// The kubelet gives a prepare 45 s; claims not reached within this budget get an error entry
 /// (the kubelet retries at the pod's next sync) so that the call is always answered in time.
 pub const PREPARE_BUDGET: Duration = Duration::from_secs(30);
 /// The kubelet marks a device Unknown when not refreshed within this (we resend every 10 s).
 pub const HEALTH_TIMEOUT_SECS: i64 = 30;
+
+/// Threads that run prepares: TLS and JSON need more stack than the stream threads' 256 KiB
+/// (a claim nested to serde_json's depth limit overflows that in a debug build), and a fixed
+/// set of long-lived threads leaves nothing behind per call (under musl each thread that
+/// touches gRPC leaks its thread-locals at exit: see `workers.rs`).
+pub const PREPARE_THREADS: usize = 4;
+const PREPARE_STACK: usize = 1 << 20;
+
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// The prepare threads' queue.
+pub struct Preparers {
+    tx: Mutex<std::sync::mpsc::Sender<Job>>,
+}
+
+impl Preparers {
+    /// Starts the threads (idle, blocked on the queue, until a prepare comes).
+    pub fn start() -> std::io::Result<Preparers> {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..PREPARE_THREADS {
+            let rx = Arc::clone(&rx);
+            std::thread::Builder::new()
+                .name(format!("prepare-{i}"))
+                .stack_size(PREPARE_STACK)
+                .spawn(move || loop {
+                    let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                })?;
+        }
+        Ok(Preparers { tx: Mutex::new(tx) })
+    }
+
+    fn run(&self, job: Job) -> Result<(), String> {
+        self.tx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .send(job)
+            .map_err(|_| "the prepare threads are gone".to_string())
+    }
+}
 
 /// What the handlers share with the main loop.
 pub struct Shared {
@@ -40,6 +83,7 @@ pub struct Shared {
     pub registered: Arc<EventFd>,
     /// Health streams.
     pub health: Arc<Hub<dra_health::NodeWatchResourcesResponse>>,
+    preparers: Preparers,
 }
 
 impl Shared {
@@ -51,8 +95,9 @@ impl Shared {
         claims: Claims,
         registered: Arc<EventFd>,
         stream_left: Arc<EventFd>,
-    ) -> Shared {
-        Shared {
+    ) -> std::io::Result<Shared> {
+        Ok(Shared {
+            preparers: Preparers::start()?,
             driver: driver.to_string(),
             node: node.to_string(),
             endpoint,
@@ -65,7 +110,7 @@ impl Shared {
                 dra_health::NodeWatchResourcesResponse::new(),
                 stream_left,
             ),
-        }
+        })
     }
 
     pub fn set_inventory(&self, inv: Arc<Inventory>) {
@@ -191,13 +236,15 @@ impl dra::DraPlugin for Plugin {
     ) {
         let shared = Arc::clone(&self.shared);
         let peer = ctx.peer();
+        // The budget counts from now: a call that waited for a free thread has less of it.
+        let arrived = Instant::now();
         let job = move || {
-            let resp = prepare_all(&shared, &req.claims);
+            let resp = prepare_all(&shared, &req.claims, arrived);
             finish(sink.success(resp), "NodePrepareResources", &peer);
         };
-        if let Err(e) = workers::run(job) {
+        if let Err(e) = self.shared.preparers.run(Box::new(job)) {
             // The sink went with the job and its drop cancels the call: the kubelet retries.
-            warn!("cannot start a thread for NodePrepareResources: {e}");
+            warn!("cannot prepare: {e}");
         }
     }
 
@@ -235,8 +282,11 @@ fn finish(sent: grpcio::UnarySinkResult, rpc: &str, peer: &str) {
 }
 
 /// Every claim gets an entry: its devices or its error, never a failed call.
-fn prepare_all(shared: &Shared, claims: &[dra::Claim]) -> dra::NodePrepareResourcesResponse {
-    let start = Instant::now();
+fn prepare_all(
+    shared: &Shared,
+    claims: &[dra::Claim],
+    start: Instant,
+) -> dra::NodePrepareResourcesResponse {
     let inv = shared.inventory();
     let mut resp = dra::NodePrepareResourcesResponse::new();
     let mut results: BTreeMap<String, dra::NodePrepareResourceResponse> = BTreeMap::new();
@@ -258,7 +308,11 @@ fn prepare_all(shared: &Shared, claims: &[dra::Claim]) -> dra::NodePrepareResour
                     .into_iter()
                     .map(|d| {
                         let mut x = dra::Device::new();
-                        x.request_names = vec![d.request];
+                        // The kubelet matches containers to results by the request's name: a
+                        // subrequest (`rdma/one-hca`, from `firstAvailable`) answers for its
+                        // request (`rdma`), as the Go helper strips it (`BaseRequestRef`).
+                        let base = d.request.split('/').next().unwrap_or_default();
+                        x.request_names = vec![base.to_string()];
                         x.pool_name = d.pool;
                         x.device_name = d.device;
                         x.cdi_device_ids = vec![d.cdi_id];

@@ -140,7 +140,9 @@ pub fn build(
                 generation: pool.generation,
                 resource_slice_count: 1,
             },
-            devices: Some(devices),
+            // None rather than empty: the API server drops an empty list (omitempty), and the
+            // slice we compare with must be the one it stores.
+            devices: (!devices.is_empty()).then_some(devices),
             ..ResourceSliceSpec::default()
         },
     };

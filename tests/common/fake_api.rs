@@ -40,6 +40,8 @@ pub enum Fault {
     Oversized(usize),
     /// Close the connection without answering.
     Close,
+    /// Wait this long, then answer normally (with the state as it is then): a slow API server.
+    Delay(Duration),
 }
 
 /// One request as the fake saw it. `status` is the answer's (logged before it is sent, so a
@@ -548,6 +550,13 @@ fn serve(sh: &Shared, conn: u64, mut s: impl Conn) {
                     thread::sleep(Duration::from_millis(10));
                 }
                 return s.abort();
+            }
+            Some(Fault::Delay(d)) => {
+                let deadline = Instant::now() + d;
+                while Instant::now() < deadline && !sh.stop.load(Ordering::SeqCst) {
+                    thread::sleep(Duration::from_millis(10));
+                }
+                to_bytes(handle(&mut lock(&sh.state), &head, &body))
             }
             Some(Fault::Oversized(n)) => (200, oversized(n)),
             Some(Fault::Status(code)) => to_bytes(fault_status(code)),
