@@ -28,6 +28,9 @@ use crate::resource::per_hca::HCAS_ENV;
 pub const MAX_RESULTS: usize = 128;
 /// Claims one call may name (the kubelet sends a pod's claims: a handful).
 pub const MAX_CLAIMS: usize = 256;
+/// Other claims holding a device that one prepare asks the API server about (each a request
+/// of up to 10 s, within the call's budget).
+const MAX_HOLDER_CHECKS: usize = 2;
 /// The largest spec file we read back.
 const MAX_SPEC: u64 = 1 << 20;
 
@@ -172,12 +175,22 @@ impl Claims {
     }
 
     /// Prepares one claim: its devices, or why not (the kubelet retries at the pod's next sync).
+    /// A request to the API server starts only if it can end (one [`kube::REQUEST_TIMEOUT`])
+    /// by `deadline`, so the kubelet's call is answered in time.
     pub fn prepare(
         &self,
         kube: &Kube,
         inv: &Inventory,
         claim: &ClaimRef,
+        deadline: std::time::Instant,
     ) -> Result<Vec<Prepared>, String> {
+        let in_time = || {
+            if std::time::Instant::now() + kube::REQUEST_TIMEOUT > deadline {
+                Err("not enough of this call's time left; the kubelet tries again".to_string())
+            } else {
+                Ok(())
+            }
+        };
         check_ref(claim)?;
         let flight = {
             let mut st = self.lock();
@@ -193,6 +206,7 @@ impl Claims {
                 epoch: entry.1,
             }
         };
+        in_time()?;
         let path = format!(
             "/apis/resource.k8s.io/v1/namespaces/{}/resourceclaims/{}",
             kube::escape(&claim.namespace),
@@ -304,7 +318,16 @@ impl Claims {
         // A claim our record says holds one of these devices may be gone without an
         // unprepare (the kubelet's state lost, a claim deleted meanwhile): asked, not assumed.
         let holders = self.holders(&claim.uid, &devices);
+        if holders.len() > MAX_HOLDER_CHECKS {
+            return Err(format!(
+                "claim {}/{}: its devices are prepared for {} other claims still",
+                claim.namespace,
+                claim.name,
+                holders.len()
+            ));
+        }
         for (uid, record) in holders {
+            in_time()?;
             self.drop_if_gone(kube, &uid, &record)?;
         }
         let mut st = self.lock();

@@ -22,6 +22,9 @@ use crate::wake;
 /// The kubelet gives a prepare 45 s; claims not reached within this budget get an error entry
 /// (the kubelet retries at the pod's next sync) so that the call is always answered in time.
 pub const PREPARE_BUDGET: Duration = Duration::from_secs(30);
+/// No request to the API server may end later than this after the call arrived (the
+/// kubelet's timeout is 45 s).
+pub const REQUESTS_END: Duration = Duration::from_secs(40);
 /// The kubelet marks a device Unknown when not refreshed within this (we resend every 10 s).
 pub const HEALTH_TIMEOUT_SECS: i64 = 30;
 
@@ -300,7 +303,9 @@ fn prepare_all(
         } else if start.elapsed() >= PREPARE_BUDGET {
             Err("not reached in this call's time; the kubelet tries again".to_string())
         } else {
-            shared.claims.prepare(&shared.kube, &inv, &claim_ref(c))
+            shared
+                .claims
+                .prepare(&shared.kube, &inv, &claim_ref(c), start + REQUESTS_END)
         };
         match outcome {
             Ok(devices) => {
