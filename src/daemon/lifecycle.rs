@@ -127,16 +127,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     limits::raise_open_files().map_err(Error::Limits)?;
     let configs = cfg.units();
     check_overlaps(&configs)?;
-    // Before any thread exists, so every thread inherits the mask and signals reach only the
-    // signalfd read on this thread.
-    sys::block_signals(&SIGNALS).map_err(|source| Error::Setup {
-        what: "signal mask",
-        source,
-    })?;
-    let signals = SignalFd::new(&SIGNALS).map_err(|source| Error::Setup {
-        what: "signalfd",
-        source,
-    })?;
+    let signals = take_signals(&SIGNALS)?;
     // Started when a resource first serves (there may be no kubelet yet).
     let mut grpc = Grpc::new().map_err(|source| Error::Setup {
         what: "eventfd",
@@ -181,6 +172,20 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         stop_all(&mut units);
     }
     result
+}
+
+/// Blocks `signals` and returns the signalfd that reads them. Called before any thread exists,
+/// so every thread inherits the mask and the signals reach only this fd, read on the main
+/// thread.
+pub fn take_signals(signals: &[libc::c_int]) -> Result<SignalFd, Error> {
+    sys::block_signals(signals).map_err(|source| Error::Setup {
+        what: "signal mask",
+        source,
+    })?;
+    SignalFd::new(signals).map_err(|source| Error::Setup {
+        what: "signalfd",
+        source,
+    })
 }
 
 /// Every unit's socket first, then every server: a server that hangs in its shutdown cannot

@@ -15,7 +15,7 @@ use log::{debug, info, warn};
 
 use crate::config::Config;
 use crate::daemon::grpc::Grpc;
-use crate::daemon::lifecycle::{check_overlaps, Error};
+use crate::daemon::lifecycle::{check_overlaps, take_signals, Error};
 use crate::daemon::snapshot::HostReader;
 use crate::dra::claims::Claims;
 use crate::dra::devices::{self, Inventory};
@@ -26,7 +26,7 @@ use crate::dra::service::{Plugin, Registration, Shared};
 use crate::host::{self, health::PortMonitor};
 use crate::kubelet::server::{self, Listener};
 use crate::limits;
-use crate::sys::{self, EventFd, SignalFd};
+use crate::sys::{self, EventFd};
 
 /// The kubelet marks a device Unknown after 30 s without news: the whole list goes out again
 /// this often.
@@ -131,14 +131,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     if let Some(why) = device_plugin_rival(&cfg) {
         return Err(Error::Config(why));
     }
-    sys::block_signals(&SIGNALS).map_err(|source| Error::Setup {
-        what: "signal mask",
-        source,
-    })?;
-    let signals = SignalFd::new(&SIGNALS).map_err(|source| Error::Setup {
-        what: "signalfd",
-        source,
-    })?;
+    let signals = take_signals(&SIGNALS)?;
     let kube = Kube::new(&cfg.dra).map_err(|e| Error::Config(e.to_string()))?;
     limits::warn_memlock();
     let driver = cfg.dra.driver.clone();
