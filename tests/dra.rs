@@ -1023,3 +1023,27 @@ fn subrequests_answer_for_their_request_and_admin_access_shares() {
         "admin access may share the device"
     );
 }
+
+/// §1: deregistration happens only when the registration socket is deleted; an operator who
+/// deletes either socket gets them made again at once (inotify) and a new registration.
+#[test]
+fn deleted_sockets_are_made_again_and_registered() {
+    let d = Dra::start("dra-sockets", PER_HCA);
+    let first = d.kubelet.expect_registration(1);
+    fs::remove_file(&first.socket).unwrap();
+    let second = d.kubelet.expect_registration(2);
+    assert_eq!(second.socket, first.socket);
+    fs::remove_file(&second.info.endpoint).unwrap();
+    // The service socket again, and a registration that tells the kubelet of it.
+    d.kubelet.expect_registration(3);
+    assert!(Path::new(&second.info.endpoint).exists());
+    d.allocate("job", UID, &[("r", "mlx5-0")]);
+    assert_eq!(
+        d.kubelet
+            .prepare(&[("default", "job", UID)])
+            .unwrap()
+            .claims[UID]
+            .error,
+        ""
+    );
+}

@@ -31,8 +31,77 @@ use crate::sys::{self, EventFd};
 /// The kubelet marks a device Unknown after 30 s without news: the whole list goes out again
 /// this often.
 pub const HEALTH_RESEND: Duration = Duration::from_secs(10);
-/// A socket of ours that went (deleted by hand) is made again this soon, at the latest.
+/// Our sockets are looked at this often while inotify watches both their directories (a
+/// backstop: a deletion wakes us at once)...
+const SOCKET_CHECK_WATCHED: Duration = Duration::from_secs(30);
+/// ... and this often while it cannot (a directory not there yet, no inotify).
 const SOCKET_CHECK: Duration = Duration::from_secs(1);
+
+/// inotify on the directories of our two sockets: a socket deleted or replaced wakes the loop.
+struct SocketDirs {
+    inotify: Option<sys::Inotify>,
+    dirs: Vec<std::path::PathBuf>,
+    /// The watch of each directory, once added.
+    watches: Vec<Option<libc::c_int>>,
+}
+
+impl SocketDirs {
+    fn new(sockets: &[&Path]) -> SocketDirs {
+        let inotify = sys::Inotify::new()
+            .map_err(|e| warn!("no inotify ({e}): looking at our sockets every second"))
+            .ok();
+        let dirs: Vec<_> = sockets
+            .iter()
+            .filter_map(|s| s.parent().map(Path::to_path_buf))
+            .collect();
+        let mut w = SocketDirs {
+            inotify,
+            watches: vec![None; dirs.len()],
+            dirs,
+        };
+        w.arm();
+        w
+    }
+
+    /// Watches the directories not watched yet (made since, or watched no more).
+    fn arm(&mut self) {
+        let Some(ino) = &self.inotify else { return };
+        let mask = libc::IN_DELETE
+            | libc::IN_MOVED_FROM
+            | libc::IN_CREATE
+            | libc::IN_MOVED_TO
+            | libc::IN_DELETE_SELF
+            | libc::IN_MOVE_SELF
+            | libc::IN_ONLYDIR;
+        for (dir, wd) in self.dirs.iter().zip(self.watches.iter_mut()) {
+            if wd.is_none() {
+                *wd = ino.add_watch(dir, mask).ok();
+            }
+        }
+    }
+
+    fn complete(&self) -> bool {
+        self.inotify.is_some() && self.watches.iter().all(Option::is_some)
+    }
+
+    /// Reads the events; a directory gone (its watch dropped) is watched again at [`arm`].
+    fn drain(&mut self) {
+        let Some(ino) = &self.inotify else { return };
+        for e in ino.read_events().unwrap_or_default() {
+            if e.mask & libc::IN_IGNORED != 0 {
+                for wd in self.watches.iter_mut() {
+                    if *wd == Some(e.wd) {
+                        *wd = None;
+                    }
+                }
+            }
+        }
+    }
+
+    fn fd(&self) -> Option<std::os::fd::RawFd> {
+        self.inotify.as_ref().map(AsRawFd::as_raw_fd)
+    }
+}
 const SIGNALS: [libc::c_int; 4] = [
     sys::STOP_SIGNALS[0],
     sys::STOP_SIGNALS[1],
@@ -195,11 +264,19 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         registration: None,
         retry_at: None,
     };
+    // Our own directory first, so that it can be watched from the start.
+    if let Some(dir) = endpoint.parent() {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            warn!("cannot create {}: {e}", dir.display());
+        }
+    }
+    let mut dirs = SocketDirs::new(&[endpoint.as_path(), reg_socket.as_path()]);
     let result = (|| -> Result<(), Error> {
         let mut next_read = Instant::now() + cfg.health_interval;
         let mut next_health = Instant::now() + HEALTH_RESEND;
         loop {
             let now = Instant::now();
+            dirs.arm();
             sockets.ensure(&mut grpc, &shared, &endpoint, &reg_socket, now)?;
             if now >= next_read {
                 let fresh = Arc::new(reader.read());
@@ -220,17 +297,24 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             let deadline = [
                 Some(next_read),
                 Some(next_health),
-                Some(now + SOCKET_CHECK),
+                Some(
+                    now + if dirs.complete() {
+                        SOCKET_CHECK_WATCHED
+                    } else {
+                        SOCKET_CHECK
+                    },
+                ),
                 sockets.retry_at,
             ]
             .into_iter()
             .flatten()
             .min();
-            let fds = [
+            let mut fds = vec![
                 signals.as_raw_fd(),
                 registered.as_raw_fd(),
                 stream_left.as_raw_fd(),
             ];
+            fds.extend(dirs.fd());
             let timeout = deadline.map(|t| t.saturating_duration_since(Instant::now()));
             let ready = sys::poll_readable(&fds, timeout).map_err(|source| Error::Setup {
                 what: "poll",
@@ -257,6 +341,10 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             if ready[2] {
                 stream_left.drain();
                 debug!("a health stream ended");
+            }
+            if ready.get(3) == Some(&true) {
+                // Whatever changed there, the sockets are looked at at the top of the loop.
+                dirs.drain();
             }
         }
     })();
