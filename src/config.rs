@@ -643,6 +643,11 @@ fn config_from(m: &getopts::Matches) -> Result<Config, UsageError> {
     }
     c.cdi_only = m.opt_present("cdi-only");
     dra_from(m, &mut c)?;
+    if c.frontend == Frontend::Dra && c.cdi {
+        return Err(UsageError(
+            "--cdi is the device plugin's: with --frontend dra every prepared claim gets a CDI spec in --cdi-dir".into(),
+        ));
+    }
     // DRA writes a CDI spec per claim into --cdi-dir whatever --cdi says.
     let cdi_flags: &[&str] = if c.frontend == Frontend::Dra {
         &["cdi-only", "cdi-device-specs"]
@@ -1102,10 +1107,77 @@ mod tests {
     }
 
     #[test]
+    fn dra_flags() {
+        let Command::Serve(c) = parse(&args(&[])).unwrap() else {
+            panic!("serve")
+        };
+        assert_eq!(c.frontend, Frontend::DevicePlugin);
+        assert_eq!(
+            c.dra.registration_socket(),
+            Path::new("/var/lib/kubelet/plugins_registry/rdma.jarvice.com-reg.sock")
+        );
+        assert_eq!(
+            c.dra.service_socket(),
+            Path::new("/var/lib/kubelet/plugins/rdma.jarvice.com/dra.sock")
+        );
+        let Command::Serve(c) = parse(&args(&[
+            "--frontend",
+            "dra",
+            "--driver-name",
+            "rdma.example.com",
+            "--node-name",
+            "n-1.example",
+            "--kube-api",
+            "https://10.0.0.1:6443/",
+            "--kube-token-file",
+            "/t",
+            "--kube-ca-file",
+            "/c",
+            "--kubelet-registry-dir",
+            "/r",
+            "--kubelet-plugins-dir",
+            "/p",
+            "--cdi-dir",
+            "/cdi",
+        ]))
+        .unwrap() else {
+            panic!("serve")
+        };
+        assert_eq!(c.frontend, Frontend::Dra);
+        assert_eq!(c.dra.driver, "rdma.example.com");
+        assert_eq!(c.dra.node_name.as_deref(), Some("n-1.example"));
+        assert_eq!(c.dra.kube_api.as_deref(), Some("https://10.0.0.1:6443"));
+        assert_eq!(c.dra.token_file, Path::new("/t"));
+        assert_eq!(c.dra.ca_file, Path::new("/c"));
+        assert_eq!(
+            c.dra.registration_socket(),
+            Path::new("/r/rdma.example.com-reg.sock")
+        );
+        assert_eq!(
+            c.dra.service_socket(),
+            Path::new("/p/rdma.example.com/dra.sock")
+        );
+        assert_eq!(c.cdi_dir, Path::new("/cdi"));
+    }
+
+    #[test]
     fn bad_values_name_the_problem() {
         let cases: &[(&[&str], &str)] = &[
             (&["--shares", "0"], "--shares"),
             (&["--shares", "x"], "--shares"),
+            (&["--frontend", "grpc"], "device-plugin or dra"),
+            (&["--driver-name", "x"], "goes with --frontend dra"),
+            (
+                &["--frontend", "dra", "--driver-name", "Bad_Name"],
+                "DNS subdomain",
+            ),
+            (&["--frontend", "dra", "--node-name", "a/b"], "node name"),
+            (&["--frontend", "dra", "--kube-api", "ftp://x"], "http"),
+            (
+                &["--frontend", "dra", "--kube-token-file", "rel"],
+                "absolute",
+            ),
+            (&["--frontend", "dra", "--cdi"], "every prepared claim"),
             (&["--shares", "5000"], "--shares"),
             (&["--resource-name", "rdma"], "no '/'"),
             (&["--resource-name", "a/b/c"], "more than one"),
