@@ -896,18 +896,50 @@ fn health_is_served_as_v1_too() {
     assert_eq!(first.devices.len(), 3);
 }
 
-/// The API's limit: a slice holds at most 64 devices once any has a taint; more are left out
-/// and said so, never sent for the API server to refuse the whole slice.
+/// The API's limit: a slice holds at most 64 devices once any has a taint. A node with more
+/// (70 HCAs: virtual functions) publishes a pool of two slices with `resourceSliceCount: 2`,
+/// and a change rewrites both with the next generation (the scheduler takes a pool only when
+/// all its slices have the newest one).
 #[test]
-fn at_most_64_devices_per_slice() {
-    let d = Dra::start("dra-limit", &["--shares", "100"]);
-    let s = d.slice_where(|_| true);
-    assert_eq!(s["spec"]["devices"].as_array().unwrap().len(), 64);
-    assert!(
-        d.plugin.wait_log("left out rdma-64"),
-        "{}",
-        d.plugin.log_text()
-    );
+fn more_than_64_devices_make_a_pool_of_slices() {
+    let host = Host::empty("dra-pool");
+    for i in 0..70 {
+        host.add_hca(&rdma_plugin::host::mock::MockHca::connectx(i));
+    }
+    let api = FakeApi::start(false, host.tmp.path());
+    api.add_node(NODE);
+    let _kubelet = DraKubelet::start(&host.tmp.path().join("registry"));
+    let plugin = start_plugin(&host, &api, PER_HCA);
+    let pool = |want: &dyn Fn(&[Value]) -> bool| {
+        api.wait_for(WAIT, |api| {
+            let s = api.slices();
+            want(&s).then_some(s)
+        })
+        .unwrap_or_else(|| panic!("{:#?}\n{}", api.slices(), plugin.log_text()))
+    };
+    let gen = |s: &Value| s["spec"]["pool"]["generation"].as_i64().unwrap();
+    let slices = pool(&|s| s.len() == 2);
+    let sizes: Vec<usize> = slices
+        .iter()
+        .map(|s| s["spec"]["devices"].as_array().unwrap().len())
+        .collect();
+    assert_eq!(sizes.iter().sum::<usize>(), 70);
+    assert!(sizes.iter().all(|n| *n <= 64), "{sizes:?}");
+    assert!(slices
+        .iter()
+        .all(|s| s["spec"]["pool"]["resourceSliceCount"] == 2));
+    assert_eq!(gen(&slices[0]), gen(&slices[1]));
+    let before = gen(&slices[0]);
+
+    host.set_port("mlx5_3", 1, rdma_plugin::host::mock::DOWN_POLLING);
+    let after =
+        pool(&|s| s.len() == 2 && s.iter().all(|x| gen(x) > before) && gen(&s[0]) == gen(&s[1]));
+    let tainted: usize = after
+        .iter()
+        .flat_map(|s| s["spec"]["devices"].as_array().unwrap().iter())
+        .filter(|d| d["taints"].is_array())
+        .count();
+    assert_eq!(tainted, 1);
 }
 
 /// An HCA whose verbs node is gone: its device is tainted (health from the nodes too), and a

@@ -1,4 +1,4 @@
-//! `list --frontend dra`: the ResourceSlice this node would publish now (JSON, as sent to the
+//! `list --frontend dra`: the ResourceSlice(s) this node would publish now (JSON, as sent to the
 //! API server, less what only the API server knows: the Node's UID and the generation), and
 //! the devices left out with why. Reads the host once, like `list` for the device plugin.
 
@@ -35,15 +35,19 @@ pub fn report(cfg: &Config) -> String {
         node_uid: None,
         generation: 1,
     };
-    let (s, left_out) = slice::build(&pool, &inv, &tainted);
-    let mut out = serde_json::to_string_pretty(&s).unwrap_or_default();
-    out.push('\n');
+    let (slices, left_out) = slice::build(&pool, &inv, &tainted);
+    let mut out = String::new();
+    for s in &slices {
+        out.push_str(&serde_json::to_string_pretty(s).unwrap_or_default());
+        out.push('\n');
+    }
     for r in &inv.refused {
         out.push_str(&format!("# not published: {r}\n"));
     }
     for name in left_out {
         out.push_str(&format!(
-            "# left out: {name} (a slice holds at most {} devices)\n",
+            "# left out: {name} (a pool holds at most {} slices of {} devices)\n",
+            slice::MAX_SLICES,
             slice::MAX_DEVICES_TAINTED
         ));
     }

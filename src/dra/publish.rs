@@ -1,7 +1,9 @@
-//! Keeps the node's ResourceSlice in the API server as the host is: created at start, updated
-//! on every change (generation bumped), created again when the kubelet wipes it (at each kubelet
-//! start, and 30 s after the last instance of a driver disconnects), and checked after each
-//! kubelet registration and now and then, since nothing tells us of a wipe. It runs on a thread
+//! Keeps the node's pool of ResourceSlices (one per 64 devices; one on any real node) in the API
+//! server as the host is: created at start, all of them rewritten with the next generation on
+//! every change (the scheduler takes a pool only when every slice has its newest generation),
+//! created again when the kubelet wipes them (at each kubelet start, and 30 s after the last
+//! instance of a driver disconnects), and checked after each kubelet registration and now and
+//! then, since nothing tells us of a wipe. It runs on a thread
 //! of its own ([`spawn`]): an API server that hangs costs that thread its request timeouts, never
 //! the main loop its signals. Every failure is logged and retried with backoff, never fatal.
 
@@ -35,6 +37,7 @@ const AFTER_REGISTRATION: [Duration; 4] = [
 ];
 
 /// What is in the API server, as far as we know.
+#[derive(Clone)]
 struct Published {
     name: String,
     resource_version: String,
@@ -49,11 +52,14 @@ pub struct Publisher {
     node: String,
     node_uid: Option<String>,
     generation: i64,
-    published: Option<Published>,
+    /// The pool's slices as the API server has them, by index; `None`: gone (wiped).
+    published: Vec<Option<Published>>,
+    /// Whether `published` comes from a listing since the start or the last conflict.
+    adopted: bool,
     /// When each Unhealthy device was first seen so (its taint's `timeAdded`).
     taint_since: BTreeMap<String, k8s_openapi::jiff::Timestamp>,
-    /// Why each device is tainted (so the taint changes when the reason does).
-    wanted: Option<ResourceSlice>,
+    /// The pool as it should be.
+    wanted: Option<Vec<ResourceSlice>>,
     retry_at: Option<Instant>,
     backoff: Duration,
     verify_at: Vec<Instant>,
@@ -76,7 +82,8 @@ impl Publisher {
             node: node.to_string(),
             node_uid: None,
             generation: 0,
-            published: None,
+            published: Vec::new(),
+            adopted: false,
             taint_since: BTreeMap::new(),
             wanted: None,
             retry_at: Some(Instant::now()),
@@ -103,14 +110,16 @@ impl Publisher {
         if left_out != self.left_out {
             if !left_out.is_empty() {
                 warn!(
-                    "a ResourceSlice holds at most {} devices: left out {}",
+                    "a pool holds at most {} slices of {} devices: left out {}",
+                    slice::MAX_SLICES,
                     slice::MAX_DEVICES_TAINTED,
                     left_out.join(", ")
                 );
             }
             self.left_out = left_out;
         }
-        if self.wanted.as_ref().map(|w| &w.spec) != Some(&s.spec) {
+        let specs = |v: &[ResourceSlice]| v.iter().map(spec_value).collect::<Vec<_>>();
+        if self.wanted.as_deref().map(specs) != Some(specs(&s)) {
             self.wanted = Some(s);
             self.retry_at = Some(Instant::now());
             self.backoff = RETRY_FIRST;
@@ -121,7 +130,7 @@ impl Publisher {
         &self,
         inv: &Inventory,
         tainted: &BTreeMap<String, DeviceTaint>,
-    ) -> (ResourceSlice, Vec<String>) {
+    ) -> (Vec<ResourceSlice>, Vec<String>) {
         let pool = Pool {
             driver: &self.driver,
             node: &self.node,
@@ -189,14 +198,17 @@ impl Publisher {
                 // The owner is a nicety (the slice goes with the Node): publish without it.
                 Err(e) if matches!(e.code(), Some(403 | 404)) => {
                     if !self.no_owner_warned {
-                        warn!("cannot read Node {} ({e}): publishing the ResourceSlice without an owner", self.node);
+                        warn!(
+                            "cannot read Node {} ({e}): publishing the ResourceSlice without an owner",
+                            self.node
+                        );
                         self.no_owner_warned = true;
                     }
                 }
                 Err(e) => return Err(e),
             }
         }
-        if self.published.is_none() {
+        if !self.adopted {
             self.adopt()?;
         } else if verify {
             self.check()?;
@@ -204,98 +216,140 @@ impl Publisher {
         let Some(wanted) = self.wanted.clone() else {
             return Ok(());
         };
-        let spec = spec_value(&wanted);
-        if self.published.as_ref().is_some_and(|p| p.spec == spec) {
+        let current = wanted.len() == self.published.len()
+            && wanted
+                .iter()
+                .zip(&self.published)
+                .all(|(w, p)| p.as_ref().is_some_and(|p| p.spec == spec_value(w)));
+        if current {
             return Ok(());
         }
         self.write(wanted)
     }
 
-    /// Takes over the slices of this node and driver a previous instance left: the first is
-    /// ours to update, any others go (one pool, one slice).
+    /// Takes over the slices of this node and driver a previous instance left (or that are
+    /// there after a conflict): they are rewritten in place, extras deleted.
     fn adopt(&mut self) -> Result<(), kube::Error> {
         let list: Value = self.kube.get(&self.selector_path())?;
-        let items = list["items"].as_array().cloned().unwrap_or_default();
-        let mut items = items.into_iter();
-        if let Some(first) = items.next() {
-            let generation = first["spec"]["pool"]["generation"].as_i64().unwrap_or(0);
+        let mut items = list["items"].as_array().cloned().unwrap_or_default();
+        items.sort_by(|a, b| {
+            a["metadata"]["name"]
+                .as_str()
+                .cmp(&b["metadata"]["name"].as_str())
+        });
+        for it in &items {
+            let generation = it["spec"]["pool"]["generation"].as_i64().unwrap_or(0);
             self.generation = self.generation.max(generation);
-            self.published = Some(stored(&first, spec_of(&first)));
-            debug!(
-                "found ResourceSlice {} of a previous instance",
-                first["metadata"]["name"].as_str().unwrap_or("?")
-            );
         }
-        for extra in items {
-            if let Some(name) = extra["metadata"]["name"].as_str() {
-                info!("deleting extra ResourceSlice {name} of this node");
-                self.kube
-                    .delete(&format!("{SLICES}/{}", kube::escape(name)))?;
+        if !items.is_empty() {
+            debug!("found {} ResourceSlice(s) of this node", items.len());
+        }
+        self.published = items
+            .iter()
+            .map(|it| Some(stored(it, spec_of(it))))
+            .collect();
+        self.adopted = true;
+        Ok(())
+    }
+
+    /// Are our slices still there, as we wrote them? The kubelet deletes them at its start and
+    /// after we disconnect; anyone with the rights may change them.
+    fn check(&mut self) -> Result<(), kube::Error> {
+        for i in 0..self.published.len() {
+            let Some(p) = &self.published[i] else {
+                continue;
+            };
+            match self
+                .kube
+                .get::<Value>(&format!("{SLICES}/{}", kube::escape(&p.name)))
+            {
+                Ok(s) => {
+                    if s["metadata"]["resourceVersion"].as_str()
+                        != Some(p.resource_version.as_str())
+                    {
+                        warn!(
+                            "ResourceSlice {} was changed by someone else: writing ours again",
+                            p.name
+                        );
+                        // A spec no wanted slice equals: the next step writes ours.
+                        self.published[i] = Some(stored(&s, Value::Null));
+                    }
+                }
+                Err(e) if e.code() == Some(404) => {
+                    warn!(
+                        "ResourceSlice {} is gone (the kubelet wipes a node's slices when it starts): publishing it again",
+                        p.name
+                    );
+                    self.published[i] = None;
+                    self.recreated += 1;
+                    // The Node may have been made again (the garbage collector deletes a slice
+                    // whose owner is gone): read its UID again.
+                    self.node_uid = None;
+                }
+                Err(e) => return Err(e),
             }
         }
         Ok(())
     }
 
-    /// Is our slice still there, as we wrote it? The kubelet deletes it at its start and after
-    /// we disconnect; anyone with the rights may change it.
-    fn check(&mut self) -> Result<(), kube::Error> {
-        let Some(p) = &self.published else {
-            return Ok(());
-        };
-        match self
-            .kube
-            .get::<Value>(&format!("{SLICES}/{}", kube::escape(&p.name)))
-        {
-            Ok(s) => {
-                if s["metadata"]["resourceVersion"].as_str() != Some(p.resource_version.as_str()) {
-                    warn!(
-                        "ResourceSlice {} was changed by someone else: writing ours again",
-                        p.name
-                    );
-                    // A spec no wanted slice equals: the next step writes ours.
-                    self.published = Some(stored(&s, Value::Null));
-                }
-                Ok(())
+    /// Writes every slice of the pool with the next generation (updating those that exist,
+    /// creating the others) and deletes the ones beyond it.
+    fn write(&mut self, wanted: Vec<ResourceSlice>) -> Result<(), kube::Error> {
+        self.generation += 1;
+        let count = wanted.len();
+        for (i, mut w) in wanted.into_iter().enumerate() {
+            w.spec.pool.generation = self.generation;
+            if let Some(uid) = &self.node_uid {
+                w.metadata.owner_references = Some(vec![OwnerReference {
+                    api_version: "v1".to_string(),
+                    kind: "Node".to_string(),
+                    name: self.node.clone(),
+                    uid: uid.clone(),
+                    controller: Some(true),
+                    ..Default::default()
+                }]);
             }
-            Err(e) if e.code() == Some(404) => {
-                warn!(
-                    "ResourceSlice {} is gone (the kubelet wipes a node's slices when it starts): publishing it again",
-                    p.name
-                );
-                self.published = None;
-                self.recreated += 1;
-                // The Node may have been made again (the garbage collector deletes a slice
-                // whose owner is gone): read its UID again.
-                self.node_uid = None;
-                Ok(())
+            let existing = self.published.get(i).cloned().flatten();
+            let answer = self.write_one(w, existing.as_ref())?;
+            if i < self.published.len() {
+                self.published[i] = Some(answer);
+            } else {
+                self.published.push(Some(answer));
             }
-            Err(e) => Err(e),
         }
+        while self.published.len() > count {
+            if let Some(Some(p)) = self.published.pop() {
+                info!("deleting ResourceSlice {}: the pool is smaller now", p.name);
+                match self
+                    .kube
+                    .delete(&format!("{SLICES}/{}", kube::escape(&p.name)))
+                {
+                    Err(e) if e.code() != Some(404) => {
+                        self.published.push(Some(p));
+                        return Err(e);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
     }
 
-    fn write(&mut self, mut wanted: ResourceSlice) -> Result<(), kube::Error> {
-        self.generation += 1;
-        wanted.spec.pool.generation = self.generation;
-        if let Some(uid) = &self.node_uid {
-            wanted.metadata.owner_references = Some(vec![OwnerReference {
-                api_version: "v1".to_string(),
-                kind: "Node".to_string(),
-                name: self.node.clone(),
-                uid: uid.clone(),
-                controller: Some(true),
-                ..Default::default()
-            }]);
-        }
-        let sent = spec_value(&wanted);
-        let result = match &self.published {
+    fn write_one(
+        &mut self,
+        mut w: ResourceSlice,
+        existing: Option<&Published>,
+    ) -> Result<Published, kube::Error> {
+        let sent = spec_value(&w);
+        let result = match existing {
             Some(p) => {
-                wanted.metadata.name = Some(p.name.clone());
-                wanted.metadata.generate_name = None;
-                wanted.metadata.resource_version = Some(p.resource_version.clone());
+                w.metadata.name = Some(p.name.clone());
+                w.metadata.generate_name = None;
+                w.metadata.resource_version = Some(p.resource_version.clone());
                 self.kube
-                    .put::<_, Value>(&format!("{SLICES}/{}", kube::escape(&p.name)), &wanted)
+                    .put::<_, Value>(&format!("{SLICES}/{}", kube::escape(&p.name)), &w)
             }
-            None => self.kube.post::<_, Value>(SLICES, &wanted),
+            None => self.kube.post::<_, Value>(SLICES, &w),
         };
         match result {
             Ok(answer) => {
@@ -304,7 +358,7 @@ impl Publisher {
                     "published ResourceSlice {} (generation {}, {} device(s))",
                     answer["metadata"]["name"].as_str().unwrap_or("?"),
                     self.generation,
-                    wanted.spec.devices.as_ref().map_or(0, Vec::len)
+                    w.spec.devices.as_ref().map_or(0, Vec::len)
                 );
                 // Where the DRADeviceTaints feature is off the API server drops taints: then an
                 // Unhealthy device stays allocatable, which an operator must hear of.
@@ -319,14 +373,14 @@ impl Publisher {
                 }
                 // What we sent is what we compare with next time: the API server may add
                 // defaults to what it stores, which must not look like a change every time.
-                self.published = Some(stored(&answer, sent));
-                Ok(())
+                Ok(stored(&answer, sent))
             }
             Err(e) => {
                 // 404: wiped since we looked; 409: changed since we looked (optimistic
-                // concurrency). Either way, look again before the next write.
+                // concurrency). Either way, list again before the next write.
                 if matches!(e.code(), Some(404 | 409)) {
-                    self.published = None;
+                    self.adopted = false;
+                    self.published.clear();
                 }
                 Err(e)
             }
@@ -343,9 +397,13 @@ impl Publisher {
         )
     }
 
-    /// The published slice's name, if any.
-    pub fn name(&self) -> Option<&str> {
-        self.published.as_ref().map(|p| p.name.as_str())
+    /// The published slices' names.
+    pub fn names(&self) -> Vec<&str> {
+        self.published
+            .iter()
+            .flatten()
+            .map(|p| p.name.as_str())
+            .collect()
     }
 }
 

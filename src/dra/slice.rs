@@ -24,6 +24,8 @@ pub fn now() -> Timestamp {
 
 /// Devices in one slice when any of them has taints (128 without).
 pub const MAX_DEVICES_TAINTED: usize = 64;
+/// Slices of one pool: 1,024 devices, more than any node has HCAs (virtual functions included).
+pub const MAX_SLICES: usize = 16;
 /// The taint's key under our driver's domain: `rdma.jarvice.com/unhealthy`.
 pub const TAINT_NAME: &str = "unhealthy";
 
@@ -77,19 +79,18 @@ pub fn label_value(reason: &str) -> String {
     }
 }
 
-/// The slice for `inv`, taints from `tainted` (device name -> taint). Devices beyond the limit
-/// are left out and named in the returned list.
+/// The slices of the pool for `inv` (one per [`MAX_DEVICES_TAINTED`] devices, at least one so
+/// the pool exists), taints from `tainted`. Devices beyond [`MAX_SLICES`] slices are left out
+/// and named in the returned list.
 pub fn build(
     pool: &Pool<'_>,
     inv: &Inventory,
     tainted: &BTreeMap<String, DeviceTaint>,
-) -> (ResourceSlice, Vec<String>) {
+) -> (Vec<ResourceSlice>, Vec<String>) {
     let mut devices = Vec::new();
     let mut left_out = Vec::new();
     for d in &inv.devices {
-        // The lower limit always: a taint may come at any time, and the slice must not
-        // change shape (or be refused) because a port went down.
-        if devices.len() >= MAX_DEVICES_TAINTED {
+        if devices.len() >= MAX_SLICES * MAX_DEVICES_TAINTED {
             left_out.push(d.name.clone());
             continue;
         }
@@ -117,6 +118,16 @@ pub fn build(
             ..Device::default()
         });
     }
+    // The lower limit always: a taint may come at any time, and a slice must not change shape
+    // (or be refused) because a port went down.
+    let mut chunks: Vec<Vec<Device>> = devices
+        .chunks(MAX_DEVICES_TAINTED)
+        .map(<[Device]>::to_vec)
+        .collect();
+    if chunks.is_empty() {
+        chunks.push(Vec::new());
+    }
+    let count = chunks.len() as i64;
     let owner = pool.node_uid.map(|uid| OwnerReference {
         api_version: "v1".to_string(),
         kind: "Node".to_string(),
@@ -125,28 +136,32 @@ pub fn build(
         controller: Some(true),
         ..OwnerReference::default()
     });
-    let slice = ResourceSlice {
-        metadata: ObjectMeta {
-            // The helper's naming: `<node>-<driver>-` and a random suffix from the API server.
-            generate_name: Some(generate_name(pool.node, pool.driver)),
-            owner_references: owner.map(|o| vec![o]),
-            ..ObjectMeta::default()
-        },
-        spec: ResourceSliceSpec {
-            driver: pool.driver.to_string(),
-            node_name: Some(pool.node.to_string()),
-            pool: ResourcePool {
-                name: pool.node.to_string(),
-                generation: pool.generation,
-                resource_slice_count: 1,
+    let slices = chunks
+        .into_iter()
+        .map(|devices| ResourceSlice {
+            metadata: ObjectMeta {
+                // The helper's naming: `<node>-<driver>-` and a random suffix from the API
+                // server.
+                generate_name: Some(generate_name(pool.node, pool.driver)),
+                owner_references: owner.clone().map(|o| vec![o]),
+                ..ObjectMeta::default()
             },
-            // None rather than empty: the API server drops an empty list (omitempty), and the
-            // slice we compare with must be the one it stores.
-            devices: (!devices.is_empty()).then_some(devices),
-            ..ResourceSliceSpec::default()
-        },
-    };
-    (slice, left_out)
+            spec: ResourceSliceSpec {
+                driver: pool.driver.to_string(),
+                node_name: Some(pool.node.to_string()),
+                pool: ResourcePool {
+                    name: pool.node.to_string(),
+                    generation: pool.generation,
+                    resource_slice_count: count,
+                },
+                // None rather than empty: the API server drops an empty list (omitempty), and
+                // the slice we compare with must be the one it stores.
+                devices: (!devices.is_empty()).then_some(devices),
+                ..ResourceSliceSpec::default()
+            },
+        })
+        .collect();
+    (slices, left_out)
 }
 
 /// `<node>-<driver>-`, cut so that the API server's 5 random characters still fit 253.
