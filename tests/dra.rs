@@ -1079,3 +1079,32 @@ fn deleted_sockets_are_made_again_and_registered() {
         ""
     );
 }
+
+/// A device node made (a driver loaded, an HCA hot-plugged) is seen at once through inotify,
+/// not at the next port-state reading: here readings are a minute apart, longer than any wait.
+#[test]
+fn a_new_hca_is_published_without_waiting_for_the_next_reading() {
+    let host = Host::with_hcas("dra-hotplug");
+    let api = FakeApi::start(false, host.tmp.path());
+    api.add_node(NODE);
+    let _kubelet = DraKubelet::start(&host.tmp.path().join("registry"));
+    let mut args = plugin_args(&host, &api, NODE);
+    args.extend(["--health-interval", "60"].map(String::from));
+    args.extend(PER_HCA.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let plugin = Plugin::start(&host, &args);
+    let devices = |api: &FakeApi| -> Vec<String> {
+        api.slices()
+            .iter()
+            .flat_map(|s| s["spec"]["devices"].as_array().cloned().unwrap_or_default())
+            .map(|d| d["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    api.wait_for(WAIT, |api| (devices(api).len() == 3).then_some(()))
+        .unwrap_or_else(|| panic!("{}", plugin.log_text()));
+    host.add_hca(&rdma_plugin::host::mock::MockHca::connectx(3));
+    api.wait_for(WAIT, |api| {
+        devices(api).contains(&"mlx5-3".to_string()).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{:?}\n{}", devices(&api), plugin.log_text()));
+}

@@ -37,24 +37,21 @@ const SOCKET_CHECK_WATCHED: Duration = Duration::from_secs(30);
 /// ... and this often while it cannot (a directory not there yet, no inotify).
 const SOCKET_CHECK: Duration = Duration::from_secs(1);
 
-/// inotify on the directories of our two sockets: a socket deleted or replaced wakes the loop.
-struct SocketDirs {
+/// inotify on some directories: a file made, deleted or renamed there wakes the loop (our
+/// sockets' directories; `/dev` and `/dev/infiniband`, for device nodes that come and go).
+struct DirWatch {
     inotify: Option<sys::Inotify>,
     dirs: Vec<std::path::PathBuf>,
     /// The watch of each directory, once added.
     watches: Vec<Option<libc::c_int>>,
 }
 
-impl SocketDirs {
-    fn new(sockets: &[&Path]) -> SocketDirs {
+impl DirWatch {
+    fn new(dirs: Vec<std::path::PathBuf>) -> DirWatch {
         let inotify = sys::Inotify::new()
-            .map_err(|e| warn!("no inotify ({e}): looking at our sockets every second"))
+            .map_err(|e| warn!("no inotify ({e}): looking at {dirs:?} now and then instead"))
             .ok();
-        let dirs: Vec<_> = sockets
-            .iter()
-            .filter_map(|s| s.parent().map(Path::to_path_buf))
-            .collect();
-        let mut w = SocketDirs {
+        let mut w = DirWatch {
             inotify,
             watches: vec![None; dirs.len()],
             dirs,
@@ -270,13 +267,23 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             warn!("cannot create {}: {e}", dir.display());
         }
     }
-    let mut dirs = SocketDirs::new(&[endpoint.as_path(), reg_socket.as_path()]);
+    let mut dirs = DirWatch::new(
+        [endpoint.as_path(), reg_socket.as_path()]
+            .iter()
+            .filter_map(|s| s.parent().map(Path::to_path_buf))
+            .collect(),
+    );
+    // Device nodes made or removed (a driver loaded, hot-plug): read the host at once rather
+    // than at the next port-state reading.
+    let dev = cfg.host_root.join("dev");
+    let mut devices = DirWatch::new(vec![dev.join("infiniband"), dev]);
     let result = (|| -> Result<(), Error> {
         let mut next_read = Instant::now() + cfg.health_interval;
         let mut next_health = Instant::now() + HEALTH_RESEND;
         loop {
             let now = Instant::now();
             dirs.arm();
+            devices.arm();
             sockets.ensure(&mut grpc, &shared, &endpoint, &reg_socket, now)?;
             if now >= next_read {
                 let fresh = Arc::new(reader.read());
@@ -315,6 +322,8 @@ pub fn run(cfg: Config) -> Result<(), Error> {
                 stream_left.as_raw_fd(),
             ];
             fds.extend(dirs.fd());
+            let devices_at = fds.len();
+            fds.extend(devices.fd());
             let timeout = deadline.map(|t| t.saturating_duration_since(Instant::now()));
             let ready = sys::poll_readable(&fds, timeout).map_err(|source| Error::Setup {
                 what: "poll",
@@ -342,9 +351,13 @@ pub fn run(cfg: Config) -> Result<(), Error> {
                 stream_left.drain();
                 debug!("a health stream ended");
             }
-            if ready.get(3) == Some(&true) {
+            if dirs.fd().is_some() && ready.get(3) == Some(&true) {
                 // Whatever changed there, the sockets are looked at at the top of the loop.
                 dirs.drain();
+            }
+            if devices.fd().is_some() && ready.get(devices_at) == Some(&true) {
+                devices.drain();
+                next_read = Instant::now();
             }
         }
     })();
