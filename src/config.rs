@@ -1106,6 +1106,7 @@ mod tests {
         assert!(matches!(parse(&args(&["--help"])), Ok(Command::Help(_))));
     }
 
+    #[cfg(feature = "dra")]
     #[test]
     fn dra_flags() {
         let Command::Serve(c) = parse(&args(&[])).unwrap() else {
@@ -1167,17 +1168,6 @@ mod tests {
             (&["--shares", "x"], "--shares"),
             (&["--frontend", "grpc"], "device-plugin or dra"),
             (&["--driver-name", "x"], "goes with --frontend dra"),
-            (
-                &["--frontend", "dra", "--driver-name", "Bad_Name"],
-                "DNS subdomain",
-            ),
-            (&["--frontend", "dra", "--node-name", "a/b"], "node name"),
-            (&["--frontend", "dra", "--kube-api", "ftp://x"], "http"),
-            (
-                &["--frontend", "dra", "--kube-token-file", "rel"],
-                "absolute",
-            ),
-            (&["--frontend", "dra", "--cdi"], "every prepared claim"),
             (&["--shares", "5000"], "--shares"),
             (&["--resource-name", "rdma"], "no '/'"),
             (&["--resource-name", "a/b/c"], "more than one"),
@@ -1200,6 +1190,28 @@ mod tests {
             (&["list", "extra"], "unexpected argument"),
         ];
         for (a, want) in cases {
+            let err = parse(&args(a)).unwrap_err();
+            assert!(err.to_string().contains(want), "{a:?}: {err}");
+        }
+        #[cfg(feature = "dra")]
+        let dra_cases: &[(&[&str], &str)] = &[
+            (
+                &["--frontend", "dra", "--driver-name", "Bad_Name"],
+                "DNS subdomain",
+            ),
+            (&["--frontend", "dra", "--node-name", "a/b"], "node name"),
+            (&["--frontend", "dra", "--kube-api", "ftp://x"], "http"),
+            (
+                &["--frontend", "dra", "--kube-token-file", "rel"],
+                "absolute",
+            ),
+            (&["--frontend", "dra", "--cdi"], "every prepared claim"),
+        ];
+        // The card's binary says why it cannot be the DRA driver.
+        #[cfg(not(feature = "dra"))]
+        let dra_cases: &[(&[&str], &str)] =
+            &[(&["--frontend", "dra"], "without the `dra` feature")];
+        for (a, want) in dra_cases {
             let err = parse(&args(a)).unwrap_err();
             assert!(err.to_string().contains(want), "{a:?}: {err}");
         }
