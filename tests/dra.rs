@@ -1108,3 +1108,76 @@ fn a_new_hca_is_published_without_waiting_for_the_next_reading() {
     })
     .unwrap_or_else(|| panic!("{:?}\n{}", devices(&api), plugin.log_text()));
 }
+
+/// A hostile device tree: mlx5_0's verbs node replaced by a symlink to another file. The scan
+/// refuses it, so no spec ever names the link or its target; the device is tainted and a claim
+/// on it is refused. The other HCAs' claims are unaffected.
+#[test]
+fn a_symlinked_device_node_is_never_granted_through_dra() {
+    let d = Dra::start("dra-symlink", PER_HCA);
+    d.slice_where(|_| true);
+    let node = d.host.root().join("dev/infiniband/uverbs1");
+    fs::remove_file(&node).unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", &node).unwrap();
+    d.slice_where(|s| {
+        device(s, "mlx5-0")
+            .get("taints")
+            .is_some_and(|t| t.is_array())
+    });
+    d.allocate("bad", UID, &[("r", "mlx5-0")]);
+    d.allocate("good", UID2, &[("r", "mlx5-1")]);
+    let resp = d
+        .kubelet
+        .prepare(&[("default", "bad", UID), ("default", "good", UID2)])
+        .unwrap();
+    assert!(
+        resp.claims[UID].error.contains("no uverbs node"),
+        "{:?}",
+        resp.claims[UID]
+    );
+    assert_eq!(resp.claims[UID2].error, "");
+    let spec = fs::read_to_string(d.spec_file(UID2)).unwrap();
+    assert!(
+        !spec.contains("uverbs1") && !spec.contains("shadow"),
+        "{spec}"
+    );
+}
+
+/// A hostile client on dra.sock: 10,000 claims in one call get 10,000 entries (the ones beyond
+/// the bound an error each, no API request for them); a request over the server's 1 MiB limit
+/// is refused by gRPC; the driver keeps serving.
+#[test]
+fn huge_prepare_requests_are_bounded() {
+    let d = Dra::start("dra-huge", PER_HCA);
+    d.slice_where(|_| true);
+    let uids: Vec<String> = (0..10_000)
+        .map(|i| format!("00000000-0000-4000-8000-{i:012x}"))
+        .collect();
+    let claims: Vec<(&str, &str, &str)> = uids
+        .iter()
+        .map(|u| ("default", "nope", u.as_str()))
+        .collect();
+    let resp = d.kubelet.prepare(&claims).unwrap();
+    assert_eq!(resp.claims.len(), 10_000);
+    assert!(resp.claims[&uids[9_999]].error.contains("more than"));
+    let fetched = d
+        .api
+        .requests()
+        .iter()
+        .filter(|r| r.path.contains("/resourceclaims/"))
+        .count();
+    assert!(fetched <= 256, "{fetched} claim fetches for one call");
+
+    let long = "a".repeat(2 << 20);
+    let err = d.kubelet.prepare(&[("default", long.as_str(), UID)]);
+    assert!(err.is_err(), "a 2 MiB request is refused");
+    d.allocate("job", UID, &[("r", "mlx5-0")]);
+    assert_eq!(
+        d.kubelet
+            .prepare(&[("default", "job", UID)])
+            .unwrap()
+            .claims[UID]
+            .error,
+        ""
+    );
+}
