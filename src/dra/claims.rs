@@ -169,11 +169,6 @@ impl Claims {
         self.dir.join(format!("{}{uid}.json", self.file_prefix()))
     }
 
-    /// UIDs of the claims prepared now.
-    pub fn prepared_uids(&self) -> Vec<String> {
-        self.lock().prepared.keys().cloned().collect()
-    }
-
     /// Prepares one claim: its devices, or why not (the kubelet retries at the pod's next sync).
     /// A request to the API server starts only if it can end (one [`kube::REQUEST_TIMEOUT`])
     /// by `deadline`, so the kubelet's call is answered in time.

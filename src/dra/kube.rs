@@ -92,28 +92,10 @@ impl fmt::Debug for Kube {
 }
 
 /// Reads a credential file: symlinks followed (the kubelet's projected service-account volume
-/// makes `token` and `ca.crt` links into a `..data` directory it swaps atomically), but only a
-/// regular file at the end, of at most `max` bytes, opened without blocking on a FIFO.
+/// makes `token` and `ca.crt` links into a `..data` directory it swaps atomically), a regular
+/// file at the end, bounded.
 pub fn read_credential(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)?;
-    let m = f.metadata()?;
-    if !m.is_file() {
-        return Err(std::io::Error::other("not a regular file"));
-    }
-    if m.len() > max {
-        return Err(std::io::Error::other(format!(
-            "{} bytes, more than a credential",
-            m.len()
-        )));
-    }
-    let mut out = Vec::with_capacity(m.len() as usize);
-    f.take(max).read_to_end(&mut out)?;
-    Ok(out)
+    crate::resource::cdi::read_regular(path, max, true)
 }
 
 /// The API server's address: `--kube-api`, else the in-cluster service env.

@@ -69,9 +69,6 @@ pub struct Publisher {
     no_owner_warned: bool,
     /// Said once: the API server dropped our taints (DRADeviceTaints off).
     taints_dropped_warned: bool,
-    /// Counters for tests and the benchmark.
-    pub writes: u64,
-    pub recreated: u64,
 }
 
 impl Publisher {
@@ -92,8 +89,6 @@ impl Publisher {
             left_out: Vec::new(),
             no_owner_warned: false,
             taints_dropped_warned: false,
-            writes: 0,
-            recreated: 0,
         }
     }
 
@@ -281,7 +276,6 @@ impl Publisher {
                         p.name
                     );
                     self.published[i] = None;
-                    self.recreated += 1;
                     // The Node may have been made again (the garbage collector deletes a slice
                     // whose owner is gone): read its UID again.
                     self.node_uid = None;
@@ -353,7 +347,6 @@ impl Publisher {
         };
         match result {
             Ok(answer) => {
-                self.writes += 1;
                 info!(
                     "published ResourceSlice {} (generation {}, {} device(s))",
                     answer["metadata"]["name"].as_str().unwrap_or("?"),
@@ -395,15 +388,6 @@ impl Publisher {
                 self.node, self.driver
             ))
         )
-    }
-
-    /// The published slices' names.
-    pub fn names(&self) -> Vec<&str> {
-        self.published
-            .iter()
-            .flatten()
-            .map(|p| p.name.as_str())
-            .collect()
     }
 }
 

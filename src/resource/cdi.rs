@@ -203,10 +203,17 @@ pub fn remove_temp_files(path: &Path) {
 /// Reads the file at `path` if it is a regular file of at most `max` bytes, without following
 /// a symlink or blocking on a FIFO (a spec path is in a directory others write to).
 pub fn read_bounded(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    read_regular(path, max, false)
+}
+
+/// Reads a regular file of at most `max` bytes, opened without blocking on a FIFO; symlinks are
+/// followed only with `follow` (credentials in a projected volume are links into `..data`).
+pub fn read_regular(path: &Path, max: u64, follow: bool) -> io::Result<Vec<u8>> {
     use std::io::Read;
+    let nofollow = if follow { 0 } else { libc::O_NOFOLLOW };
     let f = fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .custom_flags(nofollow | libc::O_NONBLOCK)
         .open(path)?;
     let m = f.metadata()?;
     if !m.is_file() {
@@ -214,7 +221,7 @@ pub fn read_bounded(path: &Path, max: u64) -> io::Result<Vec<u8>> {
     }
     if m.len() > max {
         return Err(io::Error::other(format!(
-            "{} bytes, more than a spec of ours can be",
+            "{} bytes, more than {max} allowed here",
             m.len()
         )));
     }
