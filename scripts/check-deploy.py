@@ -2,7 +2,8 @@
 """Checks the deploy files for what the schemas cannot: drop-in names of the original and the
 hardening we promise; for the DRA driver (rdma-dra.yml) also its kubelet paths, its RBAC, and its
 CEL (the admission policy and the DeviceClass selectors, evaluated on sample requests and
-devices). Run by scripts/check-deploy.sh after the schema validation."""
+devices); where metrics and Events are on (rdma-device-metrics.yml, rdma-dra.yml), their port,
+flags and Events RBAC. Run by scripts/check-deploy.sh after the schema validation."""
 import re
 import sys
 
@@ -55,16 +56,85 @@ def check_hardening(want, pod, ctr):
     return vols, mounts
 
 
-def check_daemonset(path, plugin_dir, cdi=False):
-    (ds,) = load(path)
+# --- Metrics and Events (--metrics-address, --events) -----------------------------------------
+
+# The port monitoring/pod-monitor.yml scrapes (by its name, "metrics").
+METRICS_PORT = 9465
+METRICS_ADDRESS = f"--metrics-address=$(POD_IP):{METRICS_PORT}"
+# Where --events posts: the kubelet's own node Events live in default, and so do ours.
+EVENTS_NAMESPACE = "default"
+EVENT_RULES = {(g, "events", v) for g in ("", "events.k8s.io") for v in ("create", "patch")}
+# Flags the exec probes must not get: they do not expand $(VAR), and `probe` neither serves
+# metrics nor posts Events.
+SERVE_ONLY = ("--metrics-address=", "--events")
+
+
+def serve_only(arg):
+    return arg.startswith(SERVE_ONLY)
+
+
+def check_observed(want, pod, ctr, sa, role, binding, namespace):
+    """Metrics on the pod IP at the port named metrics; Events with the node's name and a token
+    that may create and patch Events in default and do nothing else."""
+    args = ctr["args"]
+    env = {e["name"]: e for e in ctr.get("env", [])}
+    want(METRICS_ADDRESS in args, f"{METRICS_ADDRESS} (the pod IP, the port below)")
+    want(env.get("POD_IP", {}).get("valueFrom") == {"fieldRef": {"fieldPath": "status.podIP"}},
+         "POD_IP from the downward API status.podIP")
+    want(ctr.get("ports") == [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+         f"one port: metrics, {METRICS_PORT}/TCP, no hostPort (what the PodMonitor scrapes)")
+    want("--events" in args, "--events")
+    want(env.get("NODE_NAME", {}).get("valueFrom") == {"fieldRef": {"fieldPath": "spec.nodeName"}},
+         "NODE_NAME from the downward API spec.nodeName (the node the Events are about)")
+    want(pod.get("serviceAccountName") == sa["metadata"]["name"] and pod.get("automountServiceAccountToken") is True,
+         "the DaemonSet's service account, its token mounted (Events need the API)")
+    for d in (role, binding):
+        want(d["metadata"].get("namespace") == EVENTS_NAMESPACE, f"{d['kind']} in {EVENTS_NAMESPACE}, where the Events go")
+    got = set()
+    for r in role["rules"]:
+        want(set(r) == {"apiGroups", "resources", "verbs"}, "Events Role rules of apiGroups, resources, verbs only")
+        got |= {(g, res, v) for g in r["apiGroups"] for res in r["resources"] for v in r["verbs"]}
+    want(got == EVENT_RULES, f"Events Role: exactly {sorted(EVENT_RULES)}; extra {sorted(got - EVENT_RULES)}, "
+         f"missing {sorted(EVENT_RULES - got)}")
+    want(binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]},
+         "RoleBinding to the Events Role")
+    want(binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": namespace}],
+         "RoleBinding to the DaemonSet's service account alone")
+    for probe in ("livenessProbe", "readinessProbe"):
+        want(not any(serve_only(a) for a in ctr[probe]["exec"]["command"]),
+             f"{probe} without --metrics-address or --events (no $(VAR) in exec probes)")
+
+
+def check_daemonset(path, plugin_dir, cdi=False, observed_in=None):
+    """A device-plugin DaemonSet; with observed_in (a namespace) the variant with metrics and
+    Events, whose file also holds the ServiceAccount and the Events Role and RoleBinding."""
     want = wanter(path)
+    docs = load(path)
+    if observed_in:
+        objs = by_kind(want, docs, [("v1", "ServiceAccount"), ("rbac.authorization.k8s.io/v1", "Role"),
+                                    ("rbac.authorization.k8s.io/v1", "RoleBinding"), ("apps/v1", "DaemonSet")])
+        (ds,), (sa,) = objs["DaemonSet"], objs["ServiceAccount"]
+        for d in docs:
+            want(d["metadata"].get("labels") == {"name": "rdma-device-ds"}, f"{d['kind']}: label name: rdma-device-ds")
+        for d in (sa, ds):
+            want(d["metadata"].get("namespace") == observed_in,
+                 f"{d['kind']} in namespace {observed_in}, as rdma-device.yml (the RoleBinding names it)")
+    else:
+        want(len(docs) == 1, "one object, the DaemonSet")
+        (ds,) = docs
     want(ds["kind"] == "DaemonSet" and ds["apiVersion"] == "apps/v1", "an apps/v1 DaemonSet")
     want(ds["metadata"]["name"] == "rdma-device-daemonset", "name rdma-device-daemonset")
     want(ds["spec"]["selector"]["matchLabels"] == {"name": "rdma-device-ds"}, "label name: rdma-device-ds")
     pod = ds["spec"]["template"]["spec"]
     (ctr,) = pod["containers"]
     vols, mounts = check_hardening(want, pod, ctr)
-    want(pod.get("automountServiceAccountToken") is False, "no service-account token (the device plugin needs no API)")
+    if observed_in:
+        (role,), (binding,) = objs["Role"], objs["RoleBinding"]
+        check_observed(want, pod, ctr, sa, role, binding, observed_in)
+    else:
+        want(pod.get("automountServiceAccountToken") is False, "no service-account token (the device plugin needs no API)")
+        want("ports" not in ctr and not any(serve_only(a) for a in ctr["args"]),
+             "no port, no --metrics-address, no --events (those are rdma-device-metrics.yml's)")
     specs = [a for a in ctr["args"] if a.startswith("--resource=")]
     for probe in ("livenessProbe", "readinessProbe"):
         cmd = ctr[probe]["exec"]["command"]
@@ -176,7 +246,8 @@ def check_dra(path, namespace):
     # No Namespace: `kubectl delete -f` would delete jarvice-daemonsets with everything in it.
     objs = by_kind(want, docs, [
         ("v1", "ServiceAccount"), ("rbac.authorization.k8s.io/v1", "ClusterRole"),
-        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"),
+        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"), ("rbac.authorization.k8s.io/v1", "Role"),
+        ("rbac.authorization.k8s.io/v1", "RoleBinding"),
         ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy"),
         ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding"),
         ("resource.k8s.io/v1", "DeviceClass"), ("resource.k8s.io/v1", "DeviceClass"), ("apps/v1", "DaemonSet")])
@@ -221,12 +292,15 @@ def check_dra(path, namespace):
          f"the driver's own dir {plugins}/{driver} (where dra.sock goes), not the other drivers' beside it")
     want(vols["cdi-specs"] == {"path": cdi_dir, "type": "DirectoryOrCreate"}, f"the CDI spec dir {cdi_dir}")
     want(mounts["host-dev"].get("recursiveReadOnly") == "IfPossible", "/dev recursively read-only (1.31+; DRA needs 1.34 anyway)")
-    probe_args = [a for a in ctr["args"] if not a.startswith("--host-root=")]
+    probe_args = [a for a in ctr["args"] if not a.startswith("--host-root=") and not serve_only(a)]
     for probe in ("livenessProbe", "readinessProbe"):
         cmd = ctr[probe]["exec"]["command"]
         # The probe finds the sockets through the same flags as the driver.
         want(cmd == ["/jarvice-rdma-plugin", "probe"] + probe_args,
-             f"{probe} runs the binary's probe with the driver's flags but --host-root (no shell in scratch)")
+             f"{probe} runs the binary's probe with the driver's flags but --host-root, --metrics-address "
+             "and --events (no shell in scratch)")
+    (events_role,), (events_binding,) = objs["Role"], objs["RoleBinding"]
+    check_observed(want, pod, ctr, sa, events_role, events_binding, namespace)
 
     # RBAC: the minimal verbs, bound to the driver's service account only.
     got = set()
@@ -413,13 +487,17 @@ def namespace_of(path):
     return m.group(1)
 
 
+ns = namespace_of("deploy/rdma-device.yml")
 check_daemonset("deploy/rdma-device.yml", "/var/lib/kubelet/device-plugins")
 check_daemonset("deploy/rdma-device-k3s-legacy.yml", "/var/lib/rancher/k3s/agent/kubelet/device-plugins")
 check_daemonset("deploy/rdma-device-cdi.yml", "/var/lib/kubelet/device-plugins", cdi=True)
+check_daemonset("deploy/rdma-device-metrics.yml", "/var/lib/kubelet/device-plugins", observed_in=ns)
 check_pods("deploy/pod-example.yml")
-print("check-deploy: drop-in names and hardening hold in every device-plugin manifest")
-dra_classes, dra_driver = check_dra("deploy/rdma-dra.yml", namespace_of("deploy/rdma-device.yml"))
+print("check-deploy: drop-in names and hardening hold in every device-plugin manifest; "
+      "metrics and Events (port, flags, Events RBAC) in rdma-device-metrics.yml")
+dra_classes, dra_driver = check_dra("deploy/rdma-dra.yml", ns)
 pod_names = {"ibpod", "ibpod2"}
 check_dra_pod("deploy/dra-pod-example.yml", dra_classes, pod_names)
 check_dra_claims("deploy/dra-claim-example.yml", dra_classes, dra_driver, pod_names)
-print("check-deploy: DRA driver: hardening, kubelet paths, minimal RBAC, admission policy and DeviceClass CEL hold")
+print("check-deploy: DRA driver: hardening, kubelet paths, minimal RBAC, admission policy and DeviceClass CEL, "
+      "metrics and Events hold")

@@ -31,6 +31,35 @@ py_tools() {
   export PATH="$venv/bin:$PATH"
 }
 
+# deb_tool PKG FILE...: the FILEs (paths inside the Debian package PKG, /usr/bin/promtool) taken
+# out of the package into target/debs/PKG without installing it (no dependencies, no maintainer
+# scripts: prometheus' would start a server), and their directories put first on PATH.
+deb_tool() {
+  local pkg=$1 dir="$PWD/target/debs/$1" f tmp missing=() sudo=""
+  shift
+  for f in "$@"; do
+    [ -x "$dir$f" ] || missing+=(".$f")
+  done
+  if ((${#missing[@]})); then
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    tmp=$(mktemp -d)
+    # As root, apt downloads as the user _apt: let it write here.
+    if [ -z "$sudo" ] && id _apt >/dev/null 2>&1; then chown _apt "$tmp"; fi
+    echo "setup: taking ${missing[*]#.} out of Debian's $pkg (apt-get download, not installed)" >&2
+    if ! (cd "$tmp" && apt-get download -qq "$pkg" 2>/dev/null); then
+      $sudo apt-get update -qq
+      (cd "$tmp" && apt-get download -qq "$pkg")
+    fi
+    mkdir -p "$dir"
+    dpkg-deb --fsys-tarfile "$tmp/$pkg"_*.deb | tar -x -C "$dir" "${missing[@]}"
+    rm -rf "$tmp"
+  fi
+  for f in "$@"; do
+    PATH="$dir$(dirname "$f"):$PATH"
+  done
+  export PATH
+}
+
 apt_need cmake ccache g++ make file
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install Rust with rustup first" >&2

@@ -101,6 +101,10 @@ pub struct Config {
     pub frontend: Frontend,
     /// The DRA front-end's settings (used with `--frontend dra` and by `list`/`diagnose`).
     pub dra: DraConfig,
+    /// `--metrics-address`: where Prometheus scrapes `/metrics` (off when `None`).
+    pub metrics_address: Option<std::net::SocketAddr>,
+    /// `--events`: post Kubernetes Events on this node's Node object.
+    pub events: bool,
 }
 
 /// The kubelet API the resources are served through.
@@ -191,6 +195,8 @@ impl Default for Config {
             cdi_only: false,
             frontend: Frontend::DevicePlugin,
             dra: DraConfig::default(),
+            metrics_address: None,
+            events: false,
         }
     }
 }
@@ -463,25 +469,25 @@ fn options() -> Options {
     o.optopt(
         "",
         "node-name",
-        "with --frontend dra: this node's name (the slice's pool and nodeName) [default: $NODE_NAME]",
+        "with --frontend dra or --events: this node's name (the slice's pool and nodeName) [default: $NODE_NAME]",
         "NAME",
     );
     o.optopt(
         "",
         "kube-api",
-        "with --frontend dra: the API server's URL [default: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT]",
+        "with --frontend dra or --events: the API server's URL [default: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT]",
         "URL",
     );
     o.optopt(
         "",
         "kube-token-file",
-        &format!("with --frontend dra: bearer token, re-read every minute and on a 401 [default: {DEFAULT_TOKEN_FILE}]"),
+        &format!("with --frontend dra or --events: bearer token, re-read every minute and on a 401 [default: {DEFAULT_TOKEN_FILE}]"),
         "FILE",
     );
     o.optopt(
         "",
         "kube-ca-file",
-        &format!("with --frontend dra: the only CA trusted for the API server [default: {DEFAULT_CA_FILE}]"),
+        &format!("with --frontend dra or --events: the only CA trusted for the API server [default: {DEFAULT_CA_FILE}]"),
         "FILE",
     );
     o.optopt(
@@ -495,6 +501,17 @@ fn options() -> Options {
         "kubelet-plugins-dir",
         &format!("with --frontend dra: where dra.sock goes, in DIR/<driver>/ [default: {DEFAULT_PLUGINS_DIR}]"),
         "DIR",
+    );
+    o.optopt(
+        "",
+        "metrics-address",
+        "serve Prometheus metrics at http://HOST:PORT/metrics (an IP address, e.g. $(POD_IP):9465 or [::]:9465) [default: off]",
+        "HOST:PORT",
+    );
+    o.optflag(
+        "",
+        "events",
+        "post Kubernetes Events on this node's Node (health changes, refused device nodes, registration failing, front-ends colliding); needs --node-name or $NODE_NAME and the API server (--kube-* flags) [default: off]",
     );
     o.optflag(
         "",
@@ -720,20 +737,40 @@ fn dra_from(m: &getopts::Matches, c: &mut Config) -> Result<(), UsageError> {
             }
         };
     }
-    let flags = [
-        "driver-name",
-        "node-name",
-        "kube-api",
-        "kube-token-file",
-        "kube-ca-file",
-        "kubelet-registry-dir",
-        "kubelet-plugins-dir",
-    ];
+    if let Some(v) = m.opt_str("metrics-address") {
+        if !cfg!(feature = "metrics") {
+            return Err(UsageError(
+                "--metrics-address: this binary was built without the `metrics` feature".into(),
+            ));
+        }
+        c.metrics_address = Some(v.parse().map_err(|_| {
+            UsageError(format!(
+                "--metrics-address must be IP:PORT (10.0.0.5:9465, [::]:9465), not {v:?}"
+            ))
+        })?);
+    }
+    c.events = m.opt_present("events");
+    if c.events && !cfg!(feature = "dra") {
+        return Err(UsageError(
+            "--events: this binary was built without the API client (the `dra` feature)".into(),
+        ));
+    }
+    let flags = ["driver-name", "kubelet-registry-dir", "kubelet-plugins-dir"];
     if let Some(flag) = flags
         .iter()
         .find(|f| c.frontend != Frontend::Dra && m.opt_present(f))
     {
         return Err(UsageError(format!("--{flag} goes with --frontend dra")));
+    }
+    // The API server's flags serve the DRA front-end and the Events.
+    let api_flags = ["node-name", "kube-api", "kube-token-file", "kube-ca-file"];
+    if let Some(flag) = api_flags
+        .iter()
+        .find(|f| c.frontend != Frontend::Dra && !c.events && m.opt_present(f))
+    {
+        return Err(UsageError(format!(
+            "--{flag} goes with --frontend dra or --events"
+        )));
     }
     let d = &mut c.dra;
     if let Some(v) = m.opt_str("driver-name") {

@@ -6,6 +6,9 @@
 //! - [`kubelet`]: the gRPC service, server, streams and registration the kubelet talks to;
 //! - [`daemon`]: the main loop that serves, registers and reacts to events;
 //! - [`tools`]: the operator subcommands;
+//! - [`observe`]: what the daemon tells operators (counters, its latest view of the host), which
+//!   [`metrics`] serves to Prometheus and [`events`] posts as Kubernetes Events;
+//! - [`kube`]: the API server client (the DRA front-end and Events);
 //! - [`config`] (flags), [`limits`] (memlock, open files) and the OS glue: [`sys`], [`wake`],
 //!   [`workers`].
 
@@ -13,9 +16,16 @@ pub mod config;
 pub mod daemon;
 #[cfg(feature = "dra")]
 pub mod dra;
+#[cfg(feature = "dra")]
+pub mod events;
 pub mod host;
+#[cfg(feature = "dra")]
+pub mod kube;
 pub mod kubelet;
 pub mod limits;
+#[cfg(feature = "metrics")]
+pub mod metrics;
+pub mod observe;
 pub mod resource;
 pub mod sys;
 pub mod tools;

@@ -299,6 +299,26 @@ pub fn may_write(path: &Path) -> bool {
     unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
 }
 
+/// poll(2) over `fds`, each with the events its caller set; `revents` filled on return (none
+/// when a signal interrupted the wait).
+pub fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<()> {
+    let ms = match timeout {
+        None => -1,
+        Some(t) => t.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int,
+    };
+    // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the whole call.
+    let ret = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    if ret == -1 {
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::Interrupted {
+            fds.iter_mut().for_each(|p| p.revents = 0);
+            return Ok(());
+        }
+        return Err(err);
+    }
+    Ok(())
+}
+
 /// Waits until one of `fds` is readable or `timeout` passes (`None`: forever). Returns which
 /// of them are readable. EINTR counts as "nothing ready".
 pub fn poll_readable(fds: &[RawFd], timeout: Option<Duration>) -> io::Result<Vec<bool>> {

@@ -15,6 +15,7 @@ use std::fmt;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
@@ -27,6 +28,7 @@ use crate::daemon::watch::{Paths, Watcher};
 use crate::host::{self, select::Selector};
 use crate::kubelet::server;
 use crate::limits;
+use crate::observe::Observer;
 use crate::resource::cdi;
 use crate::sys::{self, SignalFd};
 
@@ -160,9 +162,12 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     let mut watcher = Watcher::new(paths, !cfg.poll_only);
     check_mounts(&mut watcher)?;
     let reader = Rc::new(RefCell::new(HostReader::new(&cfg)));
+    let names: Vec<String> = configs.iter().map(|c| c.resource_name.clone()).collect();
+    let observer = Observer::new("device-plugin", &names);
+    start_observers(&cfg, &observer)?;
     let mut units = configs
         .into_iter()
-        .map(|c| Unit::new(c, Rc::clone(&reader)))
+        .map(|c| Unit::new(c, Rc::clone(&reader), Arc::clone(&observer)))
         .collect::<Result<Vec<Unit>, Error>>()?;
 
     let result = drive(&cfg, &mut units, &mut grpc, &mut watcher, &signals, &reader);
@@ -172,6 +177,32 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         stop_all(&mut units);
     }
     result
+}
+
+/// Starts what `--metrics-address` and `--events` ask for, feeding from `observer`. The metrics
+/// thread binds its address itself (a port taken is a warning, not a stop); Events need the
+/// node's name and the API server, and refuse to start without them.
+pub fn start_observers(cfg: &Config, observer: &Arc<Observer>) -> Result<(), Error> {
+    #[cfg(feature = "metrics")]
+    if let Some(addr) = cfg.metrics_address {
+        crate::metrics::spawn(addr, Arc::clone(observer)).map_err(|source| Error::Setup {
+            what: "the metrics thread",
+            source,
+        })?;
+    }
+    #[cfg(feature = "dra")]
+    if cfg.events {
+        let node = crate::dra::daemon::node_name(cfg)?;
+        let kube = crate::kube::Kube::new(&cfg.dra)
+            .map_err(|e| Error::Config(format!("--events: {e}")))?;
+        crate::events::spawn(kube, node, observer).map_err(|source| Error::Setup {
+            what: "the Events thread",
+            source,
+        })?;
+    }
+    // Without the features, `config::parse` refuses the flags.
+    let _ = (cfg, observer);
+    Ok(())
 }
 
 /// Blocks `signals` and returns the signalfd that reads them. Called before any thread exists,
@@ -240,6 +271,7 @@ fn drive(
         }
         for u in units.iter_mut() {
             u.tick(now, grpc)?;
+            u.report();
         }
         let serving = units.iter().any(Unit::is_serving);
         // The self-check looks after servers: while none runs, nothing wakes us but events.

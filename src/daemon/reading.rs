@@ -12,6 +12,7 @@ use crate::host::health::{Health, PortMonitor, Transition};
 use crate::host::{self, Assessment, Grant, Host};
 use crate::kubelet::api;
 use crate::kubelet::service::{Served, Settings};
+use crate::observe::{Observer, Read};
 use crate::resource::{HEALTHY, UNHEALTHY};
 
 /// One reading and what the daemon made of it.
@@ -114,6 +115,28 @@ impl Reading {
         if hca_names(&self.host) != hca_names(&old.host) {
             self.log_hcas(cfg);
         }
+    }
+
+    /// Tells `observer` what this reading says and what changed since `old`.
+    pub fn observe(&self, cfg: &Config, old: Option<&Reading>, observer: &Observer) {
+        let healthy_devices = self
+            .list
+            .devices
+            .iter()
+            .filter(|d| d.health == HEALTHY)
+            .count();
+        observer.reading(
+            Read {
+                resource: &cfg.resource_name,
+                host: &self.host,
+                granted: &self.grant.hcas,
+                health: &self.health,
+                transitions: &self.transitions,
+            },
+            self.list.devices.len() as u64,
+            healthy_devices as u64,
+            old.map(|o| o.host.nodes.refused.as_slice()),
+        );
     }
 
     /// Nodes that look like ours but failed verification: never granted, and said loudly.

@@ -32,6 +32,7 @@ use crate::host::health::{Mode, PortMonitor};
 use crate::kubelet::registration::{kubelet_id, KubeletId, Registrar};
 use crate::kubelet::server::{self, Serving};
 use crate::kubelet::service::Settings;
+use crate::observe::Observer;
 use crate::resource::cdi;
 use crate::sys::{self, EventFd};
 
@@ -120,7 +121,11 @@ pub struct Unit {
 
 impl Unit {
     /// A unit for `cfg` (one resource), serving as soon as its first tick runs.
-    pub fn new(cfg: Config, reader: Rc<RefCell<HostReader>>) -> Result<Unit, Error> {
+    pub fn new(
+        cfg: Config,
+        reader: Rc<RefCell<HostReader>>,
+        observer: Arc<Observer>,
+    ) -> Result<Unit, Error> {
         let eventfd = |source| Error::Setup {
             what: "eventfd",
             source,
@@ -142,7 +147,7 @@ impl Unit {
             cfg.health
         );
         Ok(Unit {
-            settings: Arc::new(Settings::from_config(&cfg)),
+            settings: Arc::new(Settings::from_config(&cfg, observer)),
             cdi: cfg
                 .cdi
                 .then(|| SpecKeeper::new(&cfg.cdi_dir, &cfg.resource_name)),
@@ -167,6 +172,24 @@ impl Unit {
             cdi_failed: false,
             reader,
         })
+    }
+
+    /// Tells the observer whether this resource serves and is registered (after every turn of
+    /// the loop: both change only there).
+    pub fn report(&self) {
+        self.settings.observer.serving(
+            &self.cfg.resource_name,
+            self.is_serving(),
+            self.is_registered(),
+        );
+    }
+
+    /// The kubelet accepted the registration of the server now serving.
+    pub fn is_registered(&self) -> bool {
+        self.serving.is_some()
+            && self
+                .registered
+                .is_some_and(|(g, k)| g == self.generation && Some(k) == self.kubelet_here())
     }
 
     /// The resource this unit serves.
@@ -221,6 +244,7 @@ impl Unit {
                 self.serving = Some(s);
                 self.generation += 1;
                 now.log_start(&self.cfg, self.state.as_ref());
+                now.observe(&self.cfg, self.state.as_ref(), &self.settings.observer);
                 self.state = Some(now);
                 Ok(())
             }
@@ -425,6 +449,14 @@ impl Unit {
         };
         match result {
             Ok(()) => {
+                let observer = &self.settings.observer;
+                observer.registration(&self.cfg.resource_name, true, "");
+                // A kubelet other than the one we last registered with: it restarted.
+                if let (Some((_, old)), Some(new)) = (self.registered, id) {
+                    if old != new {
+                        observer.count("kubelet_restarts", &[]);
+                    }
+                }
                 info!(
                     "registered {} with the kubelet at {} (endpoint {})",
                     self.cfg.resource_name,
@@ -440,12 +472,21 @@ impl Unit {
             // No kubelet.sock: its creation (inotify) or the poll tick brings the next try.
             Err(e) if !self.cfg.kubelet_socket().exists() => {
                 let what = e.to_string();
+                self.settings
+                    .observer
+                    .registration(&self.cfg.resource_name, false, &what);
                 if self.last_failure.as_deref() != Some(what.as_str()) {
                     info!("{what}; registering when it appears");
                     self.last_failure = Some(what);
                 }
             }
-            Err(e) => self.failed(e.to_string()),
+            Err(e) => {
+                let what = e.to_string();
+                self.settings
+                    .observer
+                    .registration(&self.cfg.resource_name, false, &what);
+                self.failed(what);
+            }
         }
     }
 
@@ -490,6 +531,7 @@ impl Unit {
                 }
             }
             now.log_changes(&self.cfg, old);
+            now.observe(&self.cfg, Some(old), &self.settings.observer);
         }
         self.state = Some(now);
     }

@@ -19,7 +19,7 @@ use serde_json::json;
 
 use crate::config::{is_dns_label, is_dns_subdomain};
 use crate::dra::devices::Inventory;
-use crate::dra::kube::{self, Kube};
+use crate::kube::{self, Kube};
 use crate::host::nodes::{DeviceNode, Kind};
 use crate::resource::cdi;
 use crate::resource::per_hca::HCAS_ENV;
@@ -162,6 +162,17 @@ impl Claims {
 
     fn file_prefix(&self) -> String {
         format!("{}-claim-", self.driver)
+    }
+
+    /// The devices prepared claims hold (admin access aside: it holds nothing), one entry per
+    /// claim and device.
+    pub fn held_devices(&self) -> Vec<String> {
+        self.lock()
+            .prepared
+            .values()
+            .flat_map(|r| r.devices.iter().filter(|d| !d.admin))
+            .map(|d| d.device.clone())
+            .collect()
     }
 
     /// Where the spec of claim `uid` lives (a checked UID only).

@@ -15,17 +15,18 @@ use log::{debug, info, warn};
 
 use crate::config::Config;
 use crate::daemon::grpc::Grpc;
-use crate::daemon::lifecycle::{check_overlaps, take_signals, Error};
+use crate::daemon::lifecycle::{check_overlaps, start_observers, take_signals, Error};
 use crate::daemon::snapshot::HostReader;
 use crate::dra::claims::Claims;
 use crate::dra::devices::{self, Inventory};
-use crate::dra::kube::Kube;
+use crate::kube::Kube;
 use crate::dra::proto::{self, dra, dra_health, pluginregistration};
 use crate::dra::publish::{self, Publisher};
 use crate::dra::service::{Plugin, Registration, Shared};
 use crate::host::{self, health::PortMonitor};
 use crate::kubelet::server::{self, Listener};
 use crate::limits;
+use crate::observe::{Notice, Observer, Read, Severity};
 use crate::sys::{self, EventFd};
 
 /// The kubelet marks a device Unknown after 30 s without news: the whole list goes out again
@@ -143,6 +144,10 @@ pub(crate) struct Reader {
     units: Vec<Config>,
     monitors: Vec<PortMonitor>,
     host: HostReader,
+    /// Told of every reading (the daemon's; `list` has none).
+    observer: Option<Arc<Observer>>,
+    /// The refused nodes of the reading before (`None` before the first).
+    refused: Option<Vec<crate::host::nodes::Refused>>,
 }
 
 impl Reader {
@@ -155,7 +160,14 @@ impl Reader {
                 .collect(),
             host: HostReader::new(cfg),
             units,
+            observer: None,
+            refused: None,
         }
+    }
+
+    pub(crate) fn observed(mut self, observer: Arc<Observer>) -> Reader {
+        self.observer = Some(observer);
+        self
     }
 
     pub(crate) fn read(&mut self) -> Inventory {
@@ -183,7 +195,27 @@ impl Reader {
             .collect();
         let pairs: Vec<(&Config, &host::Assessment)> =
             self.units.iter().zip(assessments.iter()).collect();
-        devices::inventory(&pairs)
+        let inv = devices::inventory(&pairs);
+        if let Some(o) = &self.observer {
+            for (u, a) in &pairs {
+                let mine = inv.devices.iter().filter(|d| d.resource == u.resource_name);
+                let (n, healthy) = mine.fold((0, 0), |(n, h), d| (n + 1, h + u64::from(d.healthy)));
+                o.reading(
+                    Read {
+                        resource: &u.resource_name,
+                        host: &a.host,
+                        granted: &a.grant.hcas,
+                        health: &a.health,
+                        transitions: &a.transitions,
+                    },
+                    n,
+                    healthy,
+                    self.refused.as_deref(),
+                );
+            }
+            self.refused = Some(snap.host.nodes.refused.clone());
+        }
+        inv
     }
 }
 
@@ -195,9 +227,28 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     check_overlaps(&cfg.units())?;
     let node = node_name(&cfg)?;
     if let Some(why) = device_plugin_rival(&cfg) {
+        if cfg.events {
+            // The process ends now: this Event goes out before it does, or not at all.
+            let notice = Notice {
+                severity: Severity::Warning,
+                reason: "RdmaFrontendConflict",
+                note: why.clone(),
+            };
+            match Kube::new(&cfg.dra) {
+                Ok(kube) => {
+                    if let Err(e) = crate::events::post_now(&kube, &node, notice) {
+                        warn!("cannot post the Event RdmaFrontendConflict: {e}");
+                    }
+                }
+                Err(e) => warn!("cannot post the Event RdmaFrontendConflict: {e}"),
+            }
+        }
         return Err(Error::Config(why));
     }
     let signals = take_signals(&SIGNALS)?;
+    let names: Vec<String> = cfg.units().iter().map(|u| u.resource_name.clone()).collect();
+    let observer = Observer::new("dra", &names);
+    start_observers(&cfg, &observer)?;
     let kube = Kube::new(&cfg.dra).map_err(|e| Error::Config(e.to_string()))?;
     limits::warn_memlock();
     let driver = cfg.dra.driver.clone();
@@ -228,6 +279,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             claims,
             Arc::clone(&registered),
             Arc::clone(&stream_left),
+            Arc::clone(&observer),
         )
         .map_err(|source| Error::Setup {
             what: "the prepare threads",
@@ -240,10 +292,11 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         reg_socket.display(),
         endpoint.display()
     );
-    let mut reader = Reader::new(&cfg);
+    let mut reader = Reader::new(&cfg).observed(Arc::clone(&observer));
     let mut inv = Arc::new(reader.read());
     log_inventory(&inv);
     shared.set_inventory(Arc::clone(&inv));
+    shared.report_allocated();
     shared.publish_health(&inv);
     let publisher =
         publish::spawn(Publisher::new(kube, &driver, &node)).map_err(|source| Error::Setup {

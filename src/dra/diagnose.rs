@@ -8,7 +8,7 @@ use std::path::Path;
 
 use crate::config::Config;
 use crate::dra::daemon::{device_plugin_rival, node_name};
-use crate::dra::kube::{self, Kube};
+use crate::kube::{self, Kube};
 use crate::dra::probe;
 use crate::sys;
 use crate::tools::diagnose::{Check, Status};

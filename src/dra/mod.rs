@@ -4,7 +4,6 @@
 //!
 //! - [`devices`]: what each resource publishes, as DRA devices (names, attributes, health);
 //! - [`slice`]: the node's ResourceSlice made of them, within the API's limits;
-//! - [`kube`]: a small synchronous client of the API server (in-cluster config, token re-read);
 //! - [`publish`]: keeps the slice in the API server as the host is (and after the kubelet wipes it);
 //! - [`claims`]: NodePrepareResources/NodeUnprepareResources: a CDI spec per claim;
 //! - [`service`]: the kubelet-facing gRPC services (registration, DRAPlugin v1, health);
@@ -14,7 +13,6 @@ pub mod claims;
 pub mod daemon;
 pub mod devices;
 pub mod diagnose;
-pub mod kube;
 pub mod list;
 pub mod probe;
 pub mod proto;

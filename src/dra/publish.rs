@@ -18,7 +18,7 @@ use log::{debug, info, warn};
 use serde_json::Value;
 
 use crate::dra::devices::Inventory;
-use crate::dra::kube::{self, Kube};
+use crate::kube::{self, Kube};
 use crate::dra::slice::{self, Pool};
 
 const SLICES: &str = "/apis/resource.k8s.io/v1/resourceslices";

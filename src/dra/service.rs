@@ -11,9 +11,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use grpcio::{RpcContext, RpcStatus, RpcStatusCode, ServerStreamingSink, UnarySink};
 use log::{debug, info, warn};
 
+use crate::observe::Observer;
 use crate::dra::claims::{ClaimRef, Claims, MAX_CLAIMS};
 use crate::dra::devices::Inventory;
-use crate::dra::kube::Kube;
+use crate::kube::Kube;
 use crate::dra::proto::{dra, dra_health, pluginregistration as reg, SUPPORTED_SERVICES};
 use crate::kubelet::stream::{self, Hub};
 use crate::sys::EventFd;
@@ -87,6 +88,9 @@ pub struct Shared {
     /// Health streams.
     pub health: Arc<Hub<dra_health::NodeWatchResourcesResponse>>,
     preparers: Preparers,
+    pub observer: Arc<Observer>,
+    /// Registrations the kubelet accepted (after the first, each is a kubelet restart).
+    registrations: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -98,6 +102,7 @@ impl Shared {
         claims: Claims,
         registered: Arc<EventFd>,
         stream_left: Arc<EventFd>,
+        observer: Arc<Observer>,
     ) -> std::io::Result<Shared> {
         Ok(Shared {
             preparers: Preparers::start()?,
@@ -113,7 +118,40 @@ impl Shared {
                 dra_health::NodeWatchResourcesResponse::new(),
                 stream_left,
             ),
+            observer,
+            registrations: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Tells the observer how many devices of each resource prepared claims hold.
+    pub fn report_allocated(&self) {
+        let inv = self.inventory();
+        let mut per: BTreeMap<String, u64> = BTreeMap::new();
+        for name in self.claims.held_devices() {
+            if let Some(d) = inv.get(&name) {
+                *per.entry(d.resource.clone()).or_insert(0) += 1;
+            }
+        }
+        self.observer.allocated(&per);
+    }
+
+    /// The kubelet told us whether it registered us (every resource rides one registration).
+    fn registration(&self, accepted: bool, why: &str) {
+        let inv = self.inventory();
+        let mut names: Vec<&str> = inv.devices.iter().map(|d| d.resource.as_str()).collect();
+        names.dedup();
+        for name in names {
+            self.observer.registration(name, accepted, why);
+            self.observer.serving(name, true, accepted);
+        }
+        if accepted
+            && self
+                .registrations
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                > 0
+        {
+            self.observer.count("kubelet_restarts", &[]);
+        }
     }
 
     pub fn set_inventory(&self, inv: Arc<Inventory>) {
@@ -202,11 +240,11 @@ impl reg::Registration for Registration {
                 self.shared.driver
             );
             self.shared.registered.notify();
+            self.shared.registration(true, "");
         } else {
-            warn!(
-                "the kubelet refused our registration: {}",
-                req.error.chars().take(500).collect::<String>()
-            );
+            let why = req.error.chars().take(500).collect::<String>();
+            warn!("the kubelet refused our registration: {why}");
+            self.shared.registration(false, &why);
         }
         reply(
             &ctx,
@@ -243,6 +281,26 @@ impl dra::DraPlugin for Plugin {
         let arrived = Instant::now();
         let job = move || {
             let resp = prepare_all(&shared, &req.claims, arrived);
+            record_claims(&shared.observer, "NodePrepareResources", &resp.claims, |c| {
+                c.error.is_empty()
+            });
+            let granted: usize = resp.claims.values().map(|c| c.devices.len()).sum();
+            shared.report_allocated();
+            shared.observer.request(
+                "NodePrepareResources",
+                "OK",
+                arrived.elapsed(),
+            );
+            if granted > 0 {
+                for d in resp.claims.values().flat_map(|c| &c.devices) {
+                    if let Some(dev) = shared.inventory().get(&d.device_name) {
+                        shared.observer.count(
+                            "allocated_devices",
+                            &[("resource", dev.resource.as_str())],
+                        );
+                    }
+                }
+            }
             finish(sink.success(resp), "NodePrepareResources", &peer);
         };
         if let Err(e) = self.shared.preparers.run(Box::new(job)) {
@@ -258,6 +316,7 @@ impl dra::DraPlugin for Plugin {
         sink: UnarySink<dra::NodeUnprepareResourcesResponse>,
     ) {
         // Files only, no API server: answered here.
+        let start = Instant::now();
         let mut resp = dra::NodeUnprepareResourcesResponse::new();
         for c in &req.claims {
             let mut one = dra::NodeUnprepareResourceResponse::new();
@@ -271,7 +330,29 @@ impl dra::DraPlugin for Plugin {
             }
             resp.claims.insert(c.uid.clone(), one);
         }
+        let obs = &self.shared.observer;
+        record_claims(obs, "NodeUnprepareResources", &resp.claims, |c| {
+            c.error.is_empty()
+        });
+        self.shared.report_allocated();
+        obs.request("NodeUnprepareResources", "OK", start.elapsed());
         reply(&ctx, sink.success(resp), "NodeUnprepareResources");
+    }
+}
+
+/// Counts the claims of one call by result.
+fn record_claims<T>(
+    observer: &Observer,
+    rpc: &'static str,
+    claims: &std::collections::HashMap<String, T>,
+    ok: impl Fn(&T) -> bool,
+) {
+    let good = claims.values().filter(|c| ok(c)).count() as u64;
+    let bad = claims.len() as u64 - good;
+    for (result, n) in [("ok", good), ("error", bad)] {
+        if n > 0 {
+            observer.add("claims", &[("rpc", rpc), ("result", result)], n);
+        }
     }
 }
 

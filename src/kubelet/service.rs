@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use grpcio::{RpcContext, RpcStatus, RpcStatusCode, ServerStreamingSink, UnarySink};
 use log::{debug, warn};
@@ -13,6 +14,7 @@ use crate::host::select::Selector;
 use crate::host::Assessment;
 use crate::kubelet::api;
 use crate::kubelet::stream::{self, Hub};
+use crate::observe::Observer;
 use crate::resource::{cdi, Devices, RequestError};
 
 /// What the plugin serves; shared by every handler of one server.
@@ -33,6 +35,8 @@ pub struct Settings {
     /// What the handlers answer from: the daemon's latest assessment, published after every
     /// reading of the host (the same one the kubelet's list was made from).
     current: Mutex<Option<Arc<Served>>>,
+    /// Where calls are counted and timed.
+    pub observer: Arc<Observer>,
 }
 
 /// One assessment of the host as the handlers see it.
@@ -45,7 +49,7 @@ pub struct Served {
 
 impl Settings {
     /// What one resource's server serves, from its configuration.
-    pub fn from_config(cfg: &Config) -> Settings {
+    pub fn from_config(cfg: &Config, observer: Arc<Observer>) -> Settings {
         Settings {
             selector: cfg.selector.clone(),
             taken: cfg.taken.clone(),
@@ -56,6 +60,7 @@ impl Settings {
             }),
             cdi_ready: AtomicBool::new(false),
             current: Mutex::new(None),
+            observer,
         }
     }
 
@@ -156,6 +161,35 @@ fn reply<T>(ctx: &RpcContext<'_>, sink: UnarySink<T>, result: Result<T, RpcStatu
     });
 }
 
+/// A gRPC status code's canonical name (`jarvice_rdma_requests_total`'s `code` label).
+pub fn code_name(code: RpcStatusCode) -> &'static str {
+    match code {
+        RpcStatusCode::OK => "OK",
+        RpcStatusCode::CANCELLED => "Canceled",
+        RpcStatusCode::INVALID_ARGUMENT => "InvalidArgument",
+        RpcStatusCode::DEADLINE_EXCEEDED => "DeadlineExceeded",
+        RpcStatusCode::NOT_FOUND => "NotFound",
+        RpcStatusCode::ALREADY_EXISTS => "AlreadyExists",
+        RpcStatusCode::PERMISSION_DENIED => "PermissionDenied",
+        RpcStatusCode::RESOURCE_EXHAUSTED => "ResourceExhausted",
+        RpcStatusCode::FAILED_PRECONDITION => "FailedPrecondition",
+        RpcStatusCode::ABORTED => "Aborted",
+        RpcStatusCode::UNIMPLEMENTED => "Unimplemented",
+        RpcStatusCode::INTERNAL => "Internal",
+        RpcStatusCode::UNAVAILABLE => "Unavailable",
+        _ => "Unknown",
+    }
+}
+
+/// Counts and times one answered call.
+fn record<T>(observer: &Observer, rpc: &'static str, start: Instant, result: &Result<T, RpcStatus>) {
+    let code = match result {
+        Ok(_) => RpcStatusCode::OK,
+        Err(s) => s.code(),
+    };
+    observer.request(rpc, code_name(code), start.elapsed());
+}
+
 fn status(e: RequestError) -> RpcStatus {
     let code = match e {
         RequestError::NoVerbs | RequestError::Discovery(_) => RpcStatusCode::UNAVAILABLE,
@@ -208,6 +242,7 @@ impl api::DevicePlugin for Plugin {
         req: api::PreferredAllocationRequest,
         sink: UnarySink<api::PreferredAllocationResponse>,
     ) {
+        let start = Instant::now();
         let result = match &self.settings.resource {
             // Shared devices need no reading of the host.
             Devices::Shared(r) => r.preferred(&req),
@@ -217,6 +252,7 @@ impl api::DevicePlugin for Plugin {
                 .and_then(|now| per_hca.preferred(&req, &now.assessment)),
         }
         .map_err(status);
+        record(&self.settings.observer, "GetPreferredAllocation", start, &result);
         reply(&ctx, sink, result, "GetPreferredAllocation");
     }
 
@@ -226,6 +262,7 @@ impl api::DevicePlugin for Plugin {
         req: api::AllocateRequest,
         sink: UnarySink<api::AllocateResponse>,
     ) {
+        let start = Instant::now();
         // The daemon's latest reading: it reads again within milliseconds of any change under
         // /dev (inotify), so a node added or removed since the last list counts.
         let now = self.settings.current().and_then(|now| match &now.error {
@@ -260,6 +297,20 @@ impl api::DevicePlugin for Plugin {
             }
             Err(e) => Err(status(e)),
         };
+        record(&self.settings.observer, "Allocate", start, &result);
+        if result.is_ok() {
+            let granted: usize = req
+                .container_requests
+                .iter()
+                .map(|c| c.devices_ids.len())
+                .sum();
+            let r = self.settings.resource_name.as_str();
+            self.settings.observer.add(
+                "allocated_devices",
+                &[("resource", r)],
+                granted as u64,
+            );
+        }
         reply(&ctx, sink, result, "Allocate");
     }
 

@@ -85,6 +85,8 @@ struct State {
     claims: BTreeMap<(String, String), Value>,
     /// By name: a list comes out in key order, as from etcd.
     slices: BTreeMap<String, Value>,
+    /// `events.k8s.io/v1` Events by namespace and name.
+    events: BTreeMap<(String, String), Value>,
     faults: Vec<(String, Fault)>,
     requests: Vec<Request>,
 }
@@ -136,6 +138,7 @@ impl FakeApi {
             nodes: BTreeMap::new(),
             claims: BTreeMap::new(),
             slices: BTreeMap::new(),
+            events: BTreeMap::new(),
             faults: Vec::new(),
             requests: Vec::new(),
         };
@@ -228,6 +231,11 @@ impl FakeApi {
     pub fn delete_claim(&self, ns: &str, name: &str) {
         let key = (ns.to_string(), name.to_string());
         lock(&self.shared.state).claims.remove(&key);
+    }
+
+    /// Every Event posted, in name order.
+    pub fn events(&self) -> Vec<Value> {
+        lock(&self.shared.state).events.values().cloned().collect()
     }
 
     pub fn slices(&self) -> Vec<Value> {
@@ -422,6 +430,7 @@ struct Head {
     close: bool,
     expect_continue: bool,
     authorization: Option<String>,
+    content_type: Option<String>,
 }
 
 /// Parses a request head (without the final CRLF CRLF); None if malformed.
@@ -461,6 +470,7 @@ fn parse_head(raw: &[u8]) -> Option<Head> {
             }
             "expect" => head.expect_continue = value.eq_ignore_ascii_case("100-continue"),
             "authorization" => head.authorization = Some(value.to_string()),
+            "content-type" => head.content_type = Some(value.to_ascii_lowercase()),
             _ => {}
         }
     }
@@ -625,6 +635,7 @@ const CODES: &str = "\
 410|Gone|Expired|too old resource version
 411|Length Required|LengthRequired|chunked request bodies are not supported
 413|Payload Too Large|RequestEntityTooLarge|Request entity too large: limit is 8388608
+415|Unsupported Media Type|UnsupportedMediaType|the body of the request was in an unknown format
 422|Unprocessable Entity|Invalid|the object is invalid
 429|Too Many Requests|TooManyRequests|Too many requests, please try again later.
 500|Internal Server Error|InternalError|Internal error occurred: fake fault
@@ -813,6 +824,16 @@ fn route(st: &mut State, head: &Head, body: &[u8]) -> Result<Reply, Reply> {
             found(st.slices.get(*name), "resourceslices", Some(GROUP), name)
         }
         ("PUT", ["apis", GROUP, "v1", "resourceslices", name]) => update(st, name, body),
+        ("POST", ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"]) => {
+            create_event(st, ns, body)
+        }
+        ("GET", ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"]) => {
+            let items = st.events.iter().filter(|((n, _), _)| n == ns);
+            Ok(list(st.rv, items.map(|(_, e)| e.clone()).collect()))
+        }
+        ("PATCH", ["apis", "events.k8s.io", "v1", "namespaces", ns, "events", name]) => {
+            patch_event(st, ns, name, head, body)
+        }
         ("DELETE", ["apis", GROUP, "v1", "resourceslices", name]) => delete(st, name, body),
         (_, ["api", "v1", "nodes", _])
         | (_, ["apis", GROUP, "v1", "namespaces", _, "resourceclaims", _])
@@ -820,6 +841,123 @@ fn route(st: &mut State, head: &Head, body: &[u8]) -> Result<Reply, Reply> {
             Err(status(405, describe(405).2, Value::Null))
         }
         _ => Err(status(404, describe(404).2, json!({}))),
+    }
+}
+
+/// kube-apiserver's `ValidateEventCreate` for `events.k8s.io/v1` (pkg/apis/core/validation/
+/// events.go): eventTime, type, reportingController (a qualified name), reportingInstance,
+/// action and reason within 128, note within 1 KiB, series count at least 2 with a
+/// lastObservedTime, and a cluster-scoped object's Events in `default` or `kube-system`.
+fn validate_event(ns: &str, e: &Value) -> Result<(), Reply> {
+    let text = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("");
+    let mut bad = Vec::new();
+    if text("eventTime").is_empty() {
+        bad.push("eventTime: Required value".to_string());
+    }
+    if !matches!(text("type"), "Normal" | "Warning") {
+        bad.push(format!("type: Invalid value: {:?}", text("type")));
+    }
+    let rc = text("reportingController");
+    let qualified = rc.rsplit('/').next().is_some_and(|n| {
+        !n.is_empty()
+            && n.len() <= 63
+            && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    });
+    if rc.is_empty() || !qualified {
+        bad.push(format!("reportingController: Invalid value: {rc:?}"));
+    }
+    let ri = text("reportingInstance");
+    if ri.is_empty() || ri.len() > 128 {
+        bad.push("reportingInstance: Required value".into());
+    }
+    for k in ["action", "reason"] {
+        if text(k).is_empty() || text(k).len() > 128 {
+            bad.push(format!("{k}: Invalid value"));
+        }
+    }
+    if text("note").len() > 1024 {
+        bad.push("note: Too long".into());
+    }
+    if let Some(series) = e.get("series") {
+        if series.get("count").and_then(Value::as_u64).unwrap_or(0) < 2 {
+            bad.push("series.count: should be at least 2".into());
+        }
+        if series.get("lastObservedTime").and_then(Value::as_str).is_none() {
+            bad.push("series.lastObservedTime: Required value".into());
+        }
+    }
+    let regarding_ns = e["regarding"]["namespace"].as_str().unwrap_or("");
+    if regarding_ns.is_empty() && !matches!(ns, "default" | "kube-system") {
+        bad.push("involvedObject.namespace: does not match event.namespace".into());
+    }
+    if bad.is_empty() {
+        return Ok(());
+    }
+    Err(status(422, &format!("Event is invalid: {}", bad.join(", ")), Value::Null))
+}
+
+fn create_event(st: &mut State, ns: &str, body: &[u8]) -> Result<Reply, Reply> {
+    let mut e: Value =
+        serde_json::from_slice(body).map_err(|e| bad_request(&format!("json parse error: {e}")))?;
+    let name = e["metadata"]["name"].as_str().unwrap_or("").to_string();
+    if name.is_empty() || name.len() > 253 {
+        return Err(status(422, "metadata.name: Invalid value", Value::Null));
+    }
+    validate_event(ns, &e)?;
+    let key = (ns.to_string(), name.clone());
+    if st.events.contains_key(&key) {
+        let msg = format!("events.events.k8s.io \"{name}\" already exists");
+        return Err(status(409, &msg, json!({"name": name, "kind": "events"})));
+    }
+    let rv = st.next_rv();
+    e["metadata"]["resourceVersion"] = json!(rv);
+    e["metadata"]["namespace"] = json!(ns);
+    st.events.insert(key, e.clone());
+    Ok((201, e))
+}
+
+/// A JSON merge patch (RFC 7386) of an Event; the fields `ValidateEventUpdate` keeps
+/// immutable must not change.
+fn patch_event(st: &mut State, ns: &str, name: &str, head: &Head, body: &[u8]) -> Result<Reply, Reply> {
+    let kind = head.content_type.as_deref().unwrap_or("");
+    if !kind.starts_with("application/merge-patch+json")
+        && !kind.starts_with("application/strategic-merge-patch+json")
+    {
+        return Err(status(415, "the body of the request was in an unknown format", Value::Null));
+    }
+    let patch: Value =
+        serde_json::from_slice(body).map_err(|e| bad_request(&format!("json parse error: {e}")))?;
+    let key = (ns.to_string(), name.to_string());
+    let Some(old) = st.events.get(&key).cloned() else {
+        return found(None, "events", Some("events.k8s.io"), name);
+    };
+    let mut new = old.clone();
+    merge(&mut new, &patch);
+    for k in ["reason", "note", "type", "action", "regarding", "reportingController", "reportingInstance", "eventTime"] {
+        if new.get(k) != old.get(k) {
+            return Err(status(422, &format!("Event is invalid: {k}: field is immutable"), Value::Null));
+        }
+    }
+    validate_event(ns, &new)?;
+    let rv = st.next_rv();
+    new["metadata"]["resourceVersion"] = json!(rv);
+    st.events.insert(key, new.clone());
+    Ok((200, new))
+}
+
+/// RFC 7386: objects merge, null deletes, anything else replaces.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target.as_object_mut(), patch.as_object()) {
+        (Some(t), Some(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        _ => *target = patch.clone(),
     }
 }
 

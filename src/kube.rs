@@ -213,6 +213,15 @@ impl Kube {
         self.call("PUT", path, Some(encode(body)?))
     }
 
+    /// A JSON merge patch (RFC 7386): the fields in `body` replace the object's.
+    pub fn merge_patch<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, Error> {
+        self.call("PATCH", path, Some(encode(body)?))
+    }
+
     pub fn delete(&self, path: &str) -> Result<(), Error> {
         self.call::<serde_json::Value>("DELETE", path, None)
             .map(|_| ())
@@ -254,8 +263,13 @@ impl Kube {
         }
         let result = match body {
             Some(b) => {
+                let kind = if method == "PATCH" {
+                    "application/merge-patch+json"
+                } else {
+                    "application/json"
+                };
                 let req = builder
-                    .header("Content-Type", "application/json")
+                    .header("Content-Type", kind)
                     .body(b.to_vec())
                     .map_err(|e| Error::Setup(format!("bad request {method} {path}: {e}")))?;
                 self.agent.run(req)

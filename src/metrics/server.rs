@@ -1,0 +1,260 @@
+//! The `/metrics` endpoint: one thread, `poll(2)` over the listener and at most
+//! [`MAX_CONNECTIONS`] connections, each with [`DEADLINE`] for the whole exchange and at most
+//! [`MAX_REQUEST`] bytes of request head (parsed by `httparse`). One answer per connection
+//! (`Connection: close`), so no idle keep-alive holds a slot.
+//!
+//! Why not a server crate: `tiny_http` (the small synchronous one) starts a thread for every
+//! connection with no limit and no read timeout (`util/task_pool.rs`), so 10,000 idle
+//! connections would be 10,000 threads in a pod whose pid limit gRPC needs too. Here a hostile
+//! client costs one slot for at most five seconds, a flood past the slots is answered 503 and
+//! closed, and memory stays bounded by the slots. With no connection the thread sleeps in
+//! `poll` with no timeout: no wake-ups of ours when nobody scrapes.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+
+use crate::metrics::render;
+use crate::observe::Observer;
+use crate::sys;
+
+/// Connections served at once; more are answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 64;
+/// The largest request head we read (Prometheus sends about 300 bytes).
+pub const MAX_REQUEST: usize = 8 << 10;
+/// From accept to the last byte of the answer.
+pub const DEADLINE: Duration = Duration::from_secs(5);
+/// While the address cannot be bound (taken, not there yet), tried again this often.
+const BIND_RETRY: Duration = Duration::from_secs(30);
+
+struct Conn {
+    stream: TcpStream,
+    request: Vec<u8>,
+    answer: Vec<u8>,
+    written: usize,
+    deadline: Instant,
+}
+
+enum Step {
+    Keep,
+    Close(Option<&'static str>),
+}
+
+/// Starts the endpoint's thread. The address is bound there: a port that is taken is a
+/// warning and a retry, never a reason to stop serving RDMA.
+pub fn spawn(addr: SocketAddr, observer: Arc<Observer>) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .stack_size(512 << 10)
+        .spawn(move || {
+            let listener = bind(addr);
+            if let Err(e) = serve(&listener, &observer) {
+                warn!("metrics endpoint {addr} stopped: {e}");
+            }
+        })
+        .map(|_| ())
+}
+
+fn bind(addr: SocketAddr) -> TcpListener {
+    let mut warned = false;
+    loop {
+        match TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
+            Ok(l) => {
+                // The bound address: with port 0 the kernel picks the port.
+                let at = l.local_addr().unwrap_or(addr);
+                info!("metrics on http://{at}/metrics");
+                return l;
+            }
+            Err(e) => {
+                if !warned {
+                    warn!("cannot serve metrics on {addr}: {e}; trying again every {BIND_RETRY:?}");
+                    warned = true;
+                }
+                std::thread::sleep(BIND_RETRY);
+            }
+        }
+    }
+}
+
+/// The loop; returns only when `poll` itself fails.
+pub fn serve(listener: &TcpListener, observer: &Observer) -> io::Result<()> {
+    let mut conns: Vec<Conn> = Vec::new();
+    loop {
+        let mut fds = Vec::with_capacity(conns.len() + 1);
+        fds.push(libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        for c in &conns {
+            let events = if c.answer.is_empty() {
+                libc::POLLIN
+            } else {
+                libc::POLLOUT
+            };
+            fds.push(libc::pollfd {
+                fd: c.stream.as_raw_fd(),
+                events,
+                revents: 0,
+            });
+        }
+        let timeout = conns
+            .iter()
+            .map(|c| c.deadline.saturating_duration_since(Instant::now()))
+            .min();
+        sys::poll(&mut fds, timeout)?;
+        let now = Instant::now();
+        let mut keep = Vec::with_capacity(conns.len());
+        for (c, p) in conns.into_iter().zip(&fds[1..]) {
+            let mut c = c;
+            let step = if p.revents != 0 {
+                step(&mut c, observer)
+            } else if now >= c.deadline {
+                Step::Close(Some("timeout"))
+            } else {
+                Step::Keep
+            };
+            match step {
+                Step::Keep if now < c.deadline => keep.push(c),
+                Step::Keep => observer.count("refused_scrapes", &[("why", "timeout")]),
+                Step::Close(why) => {
+                    if let Some(why) = why {
+                        debug!("metrics: closing a connection ({why})");
+                        observer.count("refused_scrapes", &[("why", why)]);
+                    }
+                }
+            }
+        }
+        conns = keep;
+        if fds[0].revents != 0 {
+            accept(listener, &mut conns, observer);
+        }
+    }
+}
+
+/// Takes every pending connection; past the slots, each gets a 503 and is closed.
+fn accept(listener: &TcpListener, conns: &mut Vec<Conn>, observer: &Observer) {
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                if stream.set_nonblocking(true).is_err() {
+                    continue;
+                }
+                if conns.len() >= MAX_CONNECTIONS {
+                    observer.count("refused_scrapes", &[("why", "busy")]);
+                    let mut s = stream;
+                    let _ = s.write(&answer("503 Service Unavailable", "text/plain", b"busy\n"));
+                    continue;
+                }
+                conns.push(Conn {
+                    stream,
+                    request: Vec::new(),
+                    answer: Vec::new(),
+                    written: 0,
+                    deadline: Instant::now() + DEADLINE,
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                // EMFILE and the like: the connection stays in the backlog; a moment later
+                // the slots that end free descriptors.
+                debug!("metrics: accept: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Reads what came or writes what can go.
+fn step(c: &mut Conn, observer: &Observer) -> Step {
+    if !c.answer.is_empty() {
+        return match c.stream.write(&c.answer[c.written..]) {
+            Ok(n) => {
+                c.written += n;
+                if c.written == c.answer.len() {
+                    Step::Close(None)
+                } else {
+                    Step::Keep
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Keep,
+            Err(_) => Step::Close(None),
+        };
+    }
+    let mut buf = [0u8; 2048];
+    loop {
+        match c.stream.read(&mut buf) {
+            Ok(0) => return Step::Close(None),
+            Ok(n) => {
+                if c.request.len() + n > MAX_REQUEST {
+                    c.answer = answer(
+                        "431 Request Header Fields Too Large",
+                        "text/plain",
+                        b"request too large\n",
+                    );
+                    observer.count("refused_scrapes", &[("why", "too_large")]);
+                    return Step::Keep;
+                }
+                c.request.extend_from_slice(&buf[..n]);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(_) => return Step::Close(None),
+        }
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(&c.request) {
+        Ok(httparse::Status::Partial) => Step::Keep,
+        Ok(httparse::Status::Complete(_)) => {
+            c.answer = respond(req.method, req.path, observer);
+            Step::Keep
+        }
+        Err(e) => {
+            debug!("metrics: bad request: {e}");
+            observer.count("refused_scrapes", &[("why", "bad_request")]);
+            c.answer = answer("400 Bad Request", "text/plain", b"bad request\n");
+            Step::Keep
+        }
+    }
+}
+
+/// The answer to one request: the exposition at `/metrics`, a pointer to it at `/`.
+fn respond(method: Option<&str>, path: Option<&str>, observer: &Observer) -> Vec<u8> {
+    let path = path.unwrap_or("").split('?').next().unwrap_or("");
+    let head = method == Some("HEAD");
+    if !(head || method == Some("GET")) {
+        return answer("405 Method Not Allowed", "text/plain", b"GET only\n");
+    }
+    let (status, kind, body) = match path {
+        "/metrics" => (
+            "200 OK",
+            render::CONTENT_TYPE,
+            render::render(&observer.snapshot()).into_bytes(),
+        ),
+        "/" => (
+            "200 OK",
+            "text/plain",
+            b"jarvice-rdma-plugin: metrics at /metrics\n".to_vec(),
+        ),
+        _ => ("404 Not Found", "text/plain", b"not found\n".to_vec()),
+    };
+    let mut a = answer(status, kind, &body);
+    if head {
+        a.truncate(a.len() - body.len());
+    }
+    a
+}
+
+fn answer(status: &str, kind: &str, body: &[u8]) -> Vec<u8> {
+    let mut a = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    a.extend_from_slice(body);
+    a
+}

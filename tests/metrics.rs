@@ -1,0 +1,436 @@
+//! `--metrics-address` and `--events` through the real binary: scrapes over real TCP parsed by
+//! a Prometheus text-format parser (`prometheus-parse`), metrics that follow ports and
+//! Allocate calls, hostile scrapers (slowloris, a flood of connections, a huge request) that
+//! cannot starve the plugin or grow it, and Events posted to the fake API server as client-go's
+//! recorder posts them (a series for repeats).
+#![cfg(feature = "metrics")]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+use prometheus_parse::{Sample, Scrape, Value};
+use rdma_plugin::host::mock;
+
+/// The address the plugin's log says it serves metrics on (it binds port 0: the kernel picks).
+fn metrics_addr(plugin: &Plugin) -> SocketAddr {
+    assert!(plugin.wait_log("metrics on http://"), "{}", plugin.log_text());
+    let log = plugin.log_text();
+    let at = log.split("metrics on http://").nth(1).unwrap();
+    at.split('/').next().unwrap().parse().unwrap()
+}
+
+/// One HTTP exchange: the status line and the body.
+fn http(addr: SocketAddr, request: &str) -> (String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (head.lines().next().unwrap_or("").to_string(), body.to_string())
+}
+
+/// A scrape as Prometheus makes it, parsed.
+fn scrape(addr: SocketAddr) -> Scrape {
+    try_scrape(addr).unwrap_or_else(|why| panic!("scrape: {why}"))
+}
+
+fn try_scrape(addr: SocketAddr) -> Result<Scrape, String> {
+    let (status, body) = http(
+        addr,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: text/plain;version=0.0.4\r\n\r\n",
+    );
+    if status != "HTTP/1.1 200 OK" {
+        return Err(format!("{status}: {body}"));
+    }
+    Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).map_err(|e| e.to_string())
+}
+
+/// The value of the sample `name` whose labels include `labels`.
+fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    s.samples
+        .iter()
+        .find(|x: &&Sample| {
+            x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v))
+        })
+        .map(|x| match &x.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+            Value::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
+            Value::Summary(_) => f64::NAN,
+        })
+}
+
+/// Scrapes until `cond` holds (the plugin reads ports every 100 ms in these tests).
+fn scrape_until(addr: SocketAddr, what: &str, cond: impl Fn(&Scrape) -> bool) -> Scrape {
+    let mut last = None;
+    let ok = wait_for(WAIT, || {
+        let Ok(s) = try_scrape(addr) else {
+            return false;
+        };
+        let done = cond(&s);
+        last = Some(s);
+        done
+    });
+    assert!(ok, "{what}: last scrape {:#?}", last.map(|s| s.samples));
+    last.unwrap()
+}
+
+const FAST: [&str; 6] = [
+    "--health-interval",
+    "0.1",
+    "--hold-down",
+    "0",
+    "--metrics-address",
+    "127.0.0.1:0",
+];
+
+/// Per HCA and port: state, phys_state, link layer, rate, granted; per resource: devices,
+/// healthy, registered, serving; health transitions as ports go down and up; Allocate counted
+/// by code, timed, and its devices counted.
+#[test]
+fn a_scrape_follows_ports_and_allocations() {
+    let host = Host::with_hcas("metrics-ports");
+    let mut args = FAST.to_vec();
+    args.extend(["--hcas", "mlx5_0,mlx5_1"]);
+    let (kubelet, plugin) = start_registered(&host, &args);
+    let addr = metrics_addr(&plugin);
+    let s = scrape_until(addr, "registered", |s| {
+        value(s, "jarvice_rdma_registered", &[("resource", "jarvice.com/rdma")]) == Some(1.0)
+    });
+    let port = |hca| [("hca", hca), ("port", "1")];
+    assert_eq!(value(&s, "jarvice_rdma_port_up", &port("mlx5_0")), Some(1.0));
+    assert_eq!(value(&s, "jarvice_rdma_port_state", &port("mlx5_0")), Some(4.0));
+    assert_eq!(
+        value(&s, "jarvice_rdma_port_phys_state", &port("mlx5_0")),
+        Some(5.0)
+    );
+    let info = [("hca", "mlx5_2"), ("port", "1"), ("link_layer", "Ethernet")];
+    assert_eq!(value(&s, "jarvice_rdma_port_info", &info), Some(1.0));
+    assert!(value(&s, "jarvice_rdma_port_rate_bytes_per_second", &port("mlx5_0")) > Some(0.0));
+    // `--hcas`: the RoCE NIC is not granted.
+    let granted = |hca| [("hca", hca), ("resource", "jarvice.com/rdma")];
+    assert_eq!(value(&s, "jarvice_rdma_hca_granted", &granted("mlx5_0")), Some(1.0));
+    assert_eq!(value(&s, "jarvice_rdma_hca_granted", &granted("mlx5_2")), Some(0.0));
+    let r = [("resource", "jarvice.com/rdma")];
+    assert_eq!(value(&s, "jarvice_rdma_resource_devices", &r), Some(1.0));
+    assert_eq!(value(&s, "jarvice_rdma_resource_devices_healthy", &r), Some(1.0));
+    assert_eq!(value(&s, "jarvice_rdma_serving", &r), Some(1.0));
+    assert_eq!(
+        value(&s, "jarvice_rdma_build_info", &[("frontend", "device-plugin")]),
+        Some(1.0)
+    );
+    assert_eq!(value(&s, "jarvice_rdma_refused_device_nodes", &[]), Some(0.0));
+
+    // Both InfiniBand ports down: the resource turns Unhealthy, and back.
+    host.set_port("mlx5_0", 1, mock::DOWN_POLLING);
+    host.set_port("mlx5_1", 1, mock::DOWN_POLLING);
+    let s = scrape_until(addr, "ports down", |s| {
+        value(s, "jarvice_rdma_resource_devices_healthy", &r) == Some(0.0)
+    });
+    assert_eq!(value(&s, "jarvice_rdma_port_up", &port("mlx5_0")), Some(0.0));
+    assert_eq!(value(&s, "jarvice_rdma_port_state", &port("mlx5_0")), Some(1.0));
+    let to = |h| [("resource", "jarvice.com/rdma"), ("health", h)];
+    assert_eq!(
+        value(&s, "jarvice_rdma_health_transitions_total", &to("Unhealthy")),
+        Some(1.0)
+    );
+    host.set_port("mlx5_1", 1, mock::ACTIVE);
+    scrape_until(addr, "a port back", |s| {
+        value(s, "jarvice_rdma_health_transitions_total", &to("Healthy")) == Some(1.0)
+    });
+    kubelet.expect_health("Healthy");
+
+    // Allocate: one granted, one refused (an ID we never advertised).
+    let client = plugin_client(&host.socket());
+    client
+        .allocate_opt(&alloc_request(&[&["rdma-0"]]), opt())
+        .unwrap();
+    let _ = client.allocate_opt(&alloc_request(&[&["rdma-99"]]), opt());
+    let s = scrape(addr);
+    let rpc = |code| [("rpc", "Allocate"), ("code", code)];
+    assert_eq!(value(&s, "jarvice_rdma_requests_total", &rpc("OK")), Some(1.0));
+    assert_eq!(
+        value(&s, "jarvice_rdma_requests_total", &rpc("InvalidArgument")),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&s, "jarvice_rdma_allocated_devices_total", &r),
+        Some(1.0)
+    );
+    let count = s
+        .samples
+        .iter()
+        .find(|x| x.metric == "jarvice_rdma_request_duration_seconds_count")
+        .map(|x| x.value.clone());
+    assert!(
+        matches!(count, Some(Value::Untyped(n)) if n == 2.0),
+        "{count:?}"
+    );
+}
+
+/// No flag, no endpoint: no metrics thread and no listening socket of ours.
+#[test]
+fn metrics_are_off_by_default() {
+    let host = Host::with_hcas("metrics-off");
+    let (_kubelet, plugin) = start_registered(&host, &[]);
+    let comms: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", plugin.pid()))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .collect();
+    assert!(
+        !comms.iter().any(|c| c.trim() == "metrics" || c.trim() == "events"),
+        "{comms:?}"
+    );
+    assert!(!plugin.log_text().contains("metrics on"));
+}
+
+/// Slowloris, a flood of 10,000 connections held open, a 1 MiB request head: each bounded
+/// (64 slots, 5 s per connection, 8 KiB per head); the plugin's threads do not grow, Allocate
+/// keeps answering, memory stays within a few MiB, and the endpoint answers again once the
+/// attackers are gone.
+#[test]
+fn hostile_scrapers_cannot_starve_the_plugin() {
+    let host = Host::with_hcas("metrics-hostile");
+    let (_kubelet, plugin) = start_registered(&host, &FAST);
+    let addr = metrics_addr(&plugin);
+    scrape(addr);
+    let (threads, _) = threads_and_fds(plugin.pid());
+    let rss = peak_rss_kib(plugin.pid());
+    let client = plugin_client(&host.socket());
+
+    // A head of 1 MiB: refused at 8 KiB.
+    let mut big = TcpStream::connect(addr).unwrap();
+    big.set_read_timeout(Some(WAIT)).unwrap();
+    let mut head = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
+    head.resize(1 << 20, b'a');
+    let _ = big.write_all(&head);
+    let mut answer = String::new();
+    let _ = big.read_to_string(&mut answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 431") || answer.is_empty(),
+        "{answer:.200}"
+    );
+
+    // Slowloris: every slot taken by a head that never ends.
+    let mut slow: Vec<TcpStream> = (0..server_slots())
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nX-Slow: ").unwrap();
+            s
+        })
+        .collect();
+    // Then a flood held open: answered 503 and closed past the slots, never a thread each.
+    raise_open_files();
+    let start = Instant::now();
+    let mut flood = Vec::new();
+    for _ in 0..10_000 {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+            Ok(s) => flood.push(s),
+            Err(e) => panic!("connection {} refused: {e}", flood.len()),
+        }
+    }
+    eprintln!("10,000 connections in {:?}", start.elapsed());
+    let (during, _) = threads_and_fds(plugin.pid());
+    assert_eq!(during, threads, "threads grew under the flood");
+    client
+        .allocate_opt(&alloc_request(&[&["rdma-0"]]), opt())
+        .expect("Allocate answers during the flood");
+    // Every connection ends within the deadline: a 503 past the slots, or closed unanswered
+    // when its slot's 5 s are up (on a slow machine the slowloris slots free up mid-flood).
+    let last = flood.last_mut().unwrap();
+    last.set_read_timeout(Some(Duration::from_secs(7))).unwrap();
+    let mut end = String::new();
+    let read = last.read_to_string(&mut end);
+    assert!(
+        read.is_ok() && (end.is_empty() || end.starts_with("HTTP/1.1 503")),
+        "{read:?} {end:.200}"
+    );
+    drop(flood);
+    // The slow ones time out within 5 s; the endpoint answers again.
+    let s = scrape_until(addr, "answers after the attack", |_| true);
+    let why = |w| [("why", w)];
+    let rejected = "jarvice_rdma_metrics_connections_rejected_total";
+    assert!(value(&s, rejected, &why("busy")) >= Some(1.0), "{:?}", s.samples);
+    assert!(value(&s, rejected, &why("timeout")) >= Some(server_slots() as f64));
+    assert_eq!(value(&s, rejected, &why("too_large")), Some(1.0));
+    slow.clear();
+    let grown = peak_rss_kib(plugin.pid()).saturating_sub(rss);
+    assert!(grown < 16 * 1024, "RSS grew by {grown} KiB");
+    let (after, _) = threads_and_fds(plugin.pid());
+    assert_eq!(after, threads);
+}
+
+/// The server's slots (`metrics::server::MAX_CONNECTIONS`).
+fn server_slots() -> usize {
+    rdma_plugin::metrics::server::MAX_CONNECTIONS
+}
+
+fn raise_open_files() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid rlimit struct for the call.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
+        l.rlim_cur = l.rlim_max.min(65_536);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+    }
+}
+
+/// Requests that are not scrapes get plain HTTP answers; nothing is served but GET and HEAD.
+#[test]
+fn the_endpoint_answers_only_scrapes() {
+    let host = Host::with_hcas("metrics-http");
+    let (_kubelet, plugin) = start_registered(&host, &FAST);
+    let addr = metrics_addr(&plugin);
+    let cases = [
+        ("POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", "405"),
+        ("GET /nope HTTP/1.1\r\n\r\n", "404"),
+        ("GET / HTTP/1.1\r\n\r\n", "200"),
+        ("BAD\0REQUEST\r\n\r\n", "400"),
+    ];
+    for (req, want) in cases {
+        let (status, _) = http(addr, req);
+        assert!(status.contains(want), "{req:?}: {status}");
+    }
+    let (status, body) = http(addr, "HEAD /metrics HTTP/1.1\r\n\r\n");
+    assert!(status.contains("200") && body.is_empty(), "{status} {body:?}");
+}
+
+#[cfg(feature = "dra")]
+mod events {
+    use super::*;
+    use common::fake_api::FakeApi;
+
+    const NODE: &str = "node-1";
+
+    fn events_args(api: &FakeApi) -> Vec<String> {
+        vec![
+            "--events".into(),
+            "--node-name".into(),
+            NODE.into(),
+            "--kube-api".into(),
+            api.url(),
+            "--kube-token-file".into(),
+            api.token_file().display().to_string(),
+        ]
+    }
+
+    fn reasons(api: &FakeApi) -> Vec<String> {
+        api.events()
+            .iter()
+            .map(|e| e["reason"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+
+    /// The device plugin (`--events` needs no DRA): a port down past the hold-down is a
+    /// Warning on the Node, its return a Normal; the same down again is the next of its series
+    /// (`series.count` 2, patched), not a second Event; a symlinked verbs node is refused and
+    /// said. Each Event is valid for kube-apiserver and found by `kubectl describe node`
+    /// (regarding the Node, UID = its name, namespace `default`).
+    #[test]
+    fn health_changes_are_events_on_the_node() {
+        let host = Host::with_hcas("events-health");
+        let api = FakeApi::start(false, host.tmp.path());
+        let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
+        args.extend(events_args(&api));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (_kubelet, plugin) = start_registered(&host, &args);
+
+        host.set_port("mlx5_0", 1, mock::DOWN_POLLING);
+        let down = api
+            .wait_for(WAIT, |a| {
+                a.events()
+                    .into_iter()
+                    .find(|e| e["reason"] == "RdmaPortDown")
+            })
+            .unwrap_or_else(|| panic!("no RdmaPortDown: {:?}\n{}", api.events(), plugin.log_text()));
+        assert_eq!(down["type"], "Warning");
+        assert_eq!(down["metadata"]["namespace"], "default");
+        assert_eq!(
+            down["regarding"],
+            serde_json::json!({"apiVersion": "v1", "kind": "Node", "name": NODE, "uid": NODE})
+        );
+        assert!(
+            down["note"].as_str().unwrap().starts_with("mlx5_0 port 1: DOWN (Polling)"),
+            "{down}"
+        );
+        host.set_port("mlx5_0", 1, mock::ACTIVE);
+        assert!(api
+            .wait_for(WAIT, |a| reasons(a).contains(&"RdmaPortUp".to_string()).then_some(()))
+            .is_some());
+        // The same again: one series.
+        host.set_port("mlx5_0", 1, mock::DOWN_POLLING);
+        let series = api
+            .wait_for(WAIT, |a| {
+                a.events()
+                    .into_iter()
+                    .find(|e| e["reason"] == "RdmaPortDown" && !e["series"].is_null())
+            })
+            .unwrap_or_else(|| panic!("no series: {:?}", api.events()));
+        assert_eq!(series["series"]["count"], 2);
+        assert_eq!(
+            reasons(&api).iter().filter(|r| *r == "RdmaPortDown").count(),
+            1
+        );
+        let patches = api
+            .requests()
+            .iter()
+            .filter(|r| r.method == "PATCH" && r.status == 200)
+            .count();
+        assert_eq!(patches, 1);
+
+        // A verbs node that is a symlink: refused and said.
+        std::os::unix::fs::symlink("/dev/null", host.root().join("dev/infiniband/uverbs7"))
+            .unwrap();
+        let refused = api
+            .wait_for(WAIT, |a| {
+                a.events()
+                    .into_iter()
+                    .find(|e| e["reason"] == "RdmaDeviceNodeRefused")
+            })
+            .unwrap_or_else(|| panic!("no refusal: {:?}", api.events()));
+        assert!(refused["note"].as_str().unwrap().contains("uverbs7"));
+        let s = scrape(metrics_addr(&plugin));
+        assert_eq!(value(&s, "jarvice_rdma_refused_device_nodes", &[]), Some(1.0));
+        let created = [("reason", "RdmaPortDown"), ("result", "created")];
+        assert_eq!(value(&s, "jarvice_rdma_events_total", &created), Some(1.0));
+        // Every write was accepted as kube-apiserver validates Events.
+        for r in api.requests() {
+            assert!(r.status < 300, "{} {} -> {}", r.method, r.path, r.status);
+        }
+    }
+
+    /// Without RBAC for Events (403), the plugin says so once and serves on.
+    #[test]
+    fn events_refused_by_the_api_server_are_said_once() {
+        let host = Host::with_hcas("events-forbidden");
+        let api = FakeApi::start(false, host.tmp.path());
+        for _ in 0..4 {
+            api.fail_next("/events", common::fake_api::Fault::Status(403));
+        }
+        let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
+        args.extend(events_args(&api));
+        args.extend(["--hcas".to_string(), "mlx5_0,mlx5_1".to_string()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (kubelet, plugin) = start_registered(&host, &args);
+        host.set_port("mlx5_0", 1, mock::DOWN_POLLING);
+        host.set_port("mlx5_1", 1, mock::DOWN_POLLING);
+        kubelet.expect_health("Unhealthy");
+        assert!(plugin.wait_log("cannot post the Event"));
+        host.set_port("mlx5_0", 1, mock::ACTIVE);
+        kubelet.expect_health("Healthy");
+        assert_eq!(
+            plugin.log_text().matches("cannot post the Event").count(),
+            1,
+            "{}",
+            plugin.log_text()
+        );
+    }
+}
