@@ -6,6 +6,8 @@
 mod common;
 #[cfg(feature = "dra")]
 mod dra;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod recovery;
 
 use std::fs;
@@ -637,8 +639,14 @@ fn main() {
     eprintln!("benchmarking {} ...", bin.display());
     let mut rows = Vec::new();
     binary_size(&mut rows);
-    // `bench dra`: the DRA front-end's rows alone.
+    // `bench dra` / `bench metrics`: those rows alone.
     let only_dra = std::env::args().nth(1).as_deref() == Some("dra");
+    #[cfg(feature = "metrics")]
+    if std::env::args().nth(1).as_deref() == Some("metrics") {
+        metrics::figures(&mut rows);
+        print_table(&bin, rows);
+        return;
+    }
     #[cfg(feature = "dra")]
     if only_dra {
         dra::figures(&mut rows);
@@ -660,6 +668,8 @@ fn main() {
     preferred_sixteen(&mut rows);
     idle_health_modes(&mut rows);
     idle_and_streams(&mut rows);
+    #[cfg(feature = "metrics")]
+    metrics::figures(&mut rows);
     #[cfg(feature = "dra")]
     dra::figures(&mut rows);
 

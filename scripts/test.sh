@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Quick start, command 2: the whole test suite (unit tests, and the real binary against our
-# fake kubelet and fake API server), then the build without the `dra` feature (the design
-# card's binary: grpcio, protobuf, libc, log, env_logger, getopts) with its unit tests. Extra
+# fake kubelet and fake API server), then the build without the default features `dra` and
+# `metrics` (the design card's binary: grpcio, protobuf, libc, log, env_logger, getopts) with
+# its unit tests. Extra
 # arguments go to the first `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,8 +11,8 @@ source scripts/setup.sh
 cargo test "$@"
 if [ $# -eq 0 ]; then
   cargo test --no-default-features --lib --bins
-  if cargo tree --no-default-features -e normal --prefix none | grep -E '^(ureq|rustls|serde_json|k8s-openapi) '; then
-    echo "test.sh: the build without the dra feature pulls in a DRA crate" >&2
+  if cargo tree --no-default-features -e normal --prefix none | grep -E '^(ureq|rustls|serde_json|k8s-openapi|prometheus|httparse) '; then
+    echo "test.sh: the build without the default features pulls in a DRA or metrics crate" >&2
     exit 1
   fi
   echo "test.sh: --no-default-features builds the card's binary and passes its unit tests"

@@ -153,9 +153,8 @@ impl Sender {
     fn add(&mut self, n: Notice) {
         let now = Instant::now();
         // Series that ended, with nothing left to write, go.
-        self.series.retain(|_, s| {
-            s.count != s.written || now.duration_since(s.last_seen) < SERIES_FINISH
-        });
+        self.series
+            .retain(|_, s| s.count != s.written || now.duration_since(s.last_seen) < SERIES_FINISH);
         let key = (n.severity, n.reason, n.note.clone());
         if let Some(s) = self.series.get_mut(&key) {
             s.count += 1;

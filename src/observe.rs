@@ -242,7 +242,13 @@ impl Observer {
     /// the first) that an operator should see on the Node: a granted HCA's port going down
     /// (past the hold-down) or up, the resource's health changing otherwise, device nodes
     /// refused.
-    pub fn reading(&self, r: Read<'_>, devices: u64, healthy: u64, old_refused: Option<&[Refused]>) {
+    pub fn reading(
+        &self,
+        r: Read<'_>,
+        devices: u64,
+        healthy: u64,
+        old_refused: Option<&[Refused]>,
+    ) {
         self.host_read(r.host);
         let changed = self.resource_read(
             r.resource,

@@ -618,7 +618,7 @@ fn refuses_to_start_beside_the_device_plugin_of_the_same_name() {
     let (_kubelet, _dp) = start_registered(&host, &[]);
     let api = FakeApi::start(false, host.tmp.path());
     api.add_node(NODE);
-    let mut p = start_plugin(&host, &api, &[]);
+    let mut p = start_plugin(&host, &api, &["--events"]);
     let status = p.wait_exit(WAIT).expect("exits");
     assert_eq!(status.code(), Some(2));
     assert!(
@@ -626,6 +626,73 @@ fn refuses_to_start_beside_the_device_plugin_of_the_same_name() {
         "{}",
         p.log_text()
     );
+    // With --events, the collision is a Warning on the Node before the process ends.
+    let events = api.events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["reason"], "RdmaFrontendConflict");
+    assert_eq!(events[0]["type"], "Warning");
+    assert_eq!(events[0]["regarding"]["name"], NODE);
+}
+
+/// Metrics of the DRA front-end: the devices published per resource, those prepared claims
+/// hold (back to 0 after unprepare), prepare and unprepare counted by call and by claim, the
+/// slice writes, and the registration.
+#[cfg(feature = "metrics")]
+#[test]
+fn metrics_follow_prepares_and_the_slice() {
+    use common::scrape::{metrics_addr, scrape, scrape_until, value};
+    let mut extra = PER_HCA.to_vec();
+    extra.extend(["--metrics-address", "127.0.0.1:0"]);
+    let d = Dra::start("dra-metrics", &extra);
+    d.kubelet.expect_registration(1);
+    d.slice_where(|_| true);
+    let addr = metrics_addr(&d.plugin);
+    let hca = [("resource", "jarvice.com/rdma-hca")];
+    let s = scrape_until(addr, "registered", |s| {
+        value(s, "jarvice_rdma_registered", &hca) == Some(1.0)
+    });
+    assert_eq!(value(&s, "jarvice_rdma_resource_devices", &hca), Some(3.0));
+    assert_eq!(
+        value(&s, "jarvice_rdma_resource_devices_allocated", &hca),
+        Some(0.0)
+    );
+    assert!(
+        value(
+            &s,
+            "jarvice_rdma_resourceslice_writes_total",
+            &[("result", "ok")]
+        ) >= Some(1.0)
+    );
+    assert_eq!(
+        value(&s, "jarvice_rdma_build_info", &[("frontend", "dra")]),
+        Some(1.0)
+    );
+
+    d.allocate("job", UID, &[("rdma", "mlx5-0")]);
+    let resp = d.kubelet.prepare(&[("default", "job", UID)]).unwrap();
+    assert!(resp.claims[UID].error.is_empty(), "{:?}", resp.claims[UID]);
+    let s = scrape(addr);
+    assert_eq!(
+        value(&s, "jarvice_rdma_resource_devices_allocated", &hca),
+        Some(1.0)
+    );
+    let prep = [("rpc", "NodePrepareResources"), ("code", "OK")];
+    assert_eq!(value(&s, "jarvice_rdma_requests_total", &prep), Some(1.0));
+    let ok = [("rpc", "NodePrepareResources"), ("result", "ok")];
+    assert_eq!(value(&s, "jarvice_rdma_claims_total", &ok), Some(1.0));
+    assert_eq!(
+        value(&s, "jarvice_rdma_allocated_devices_total", &hca),
+        Some(1.0)
+    );
+
+    d.kubelet.unprepare(&[("default", "job", UID)]).unwrap();
+    let s = scrape(addr);
+    assert_eq!(
+        value(&s, "jarvice_rdma_resource_devices_allocated", &hca),
+        Some(0.0)
+    );
+    let un = [("rpc", "NodeUnprepareResources"), ("code", "OK")];
+    assert_eq!(value(&s, "jarvice_rdma_requests_total", &un), Some(1.0));
 }
 
 /// `probe --frontend dra` checks both sockets as the kubelet uses them (the DaemonSet's

@@ -19,8 +19,8 @@ use serde_json::json;
 
 use crate::config::{is_dns_label, is_dns_subdomain};
 use crate::dra::devices::Inventory;
-use crate::kube::{self, Kube};
 use crate::host::nodes::{DeviceNode, Kind};
+use crate::kube::{self, Kube};
 use crate::resource::cdi;
 use crate::resource::per_hca::HCAS_ENV;
 

@@ -19,11 +19,11 @@ use crate::daemon::lifecycle::{check_overlaps, start_observers, take_signals, Er
 use crate::daemon::snapshot::HostReader;
 use crate::dra::claims::Claims;
 use crate::dra::devices::{self, Inventory};
-use crate::kube::Kube;
 use crate::dra::proto::{self, dra, dra_health, pluginregistration};
 use crate::dra::publish::{self, Publisher};
 use crate::dra::service::{Plugin, Registration, Shared};
 use crate::host::{self, health::PortMonitor};
+use crate::kube::Kube;
 use crate::kubelet::server::{self, Listener};
 use crate::limits;
 use crate::observe::{Notice, Observer, Read, Severity};
@@ -246,7 +246,11 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         return Err(Error::Config(why));
     }
     let signals = take_signals(&SIGNALS)?;
-    let names: Vec<String> = cfg.units().iter().map(|u| u.resource_name.clone()).collect();
+    let names: Vec<String> = cfg
+        .units()
+        .iter()
+        .map(|u| u.resource_name.clone())
+        .collect();
     let observer = Observer::new("dra", &names);
     start_observers(&cfg, &observer)?;
     let kube = Kube::new(&cfg.dra).map_err(|e| Error::Config(e.to_string()))?;
@@ -277,8 +281,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             endpoint.display().to_string(),
             kube.clone(),
             claims,
-            Arc::clone(&registered),
-            Arc::clone(&stream_left),
+            (Arc::clone(&registered), Arc::clone(&stream_left)),
             Arc::clone(&observer),
         )
         .map_err(|source| Error::Setup {
@@ -299,10 +302,11 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     shared.report_allocated();
     shared.publish_health(&inv);
     let publisher =
-        publish::spawn(Publisher::new(kube, &driver, &node)).map_err(|source| Error::Setup {
-            what: "the ResourceSlice publisher thread",
-            source,
-        })?;
+        publish::spawn(Publisher::new(kube, &driver, &node).observed(Arc::clone(&observer)))
+            .map_err(|source| Error::Setup {
+                what: "the ResourceSlice publisher thread",
+                source,
+            })?;
     publisher.want(Arc::clone(&inv));
 
     let mut grpc = Grpc::new().map_err(|source| Error::Setup {

@@ -8,8 +8,8 @@ use std::path::Path;
 
 use crate::config::Config;
 use crate::dra::daemon::{device_plugin_rival, node_name};
-use crate::kube::{self, Kube};
 use crate::dra::probe;
+use crate::kube::{self, Kube};
 use crate::sys;
 use crate::tools::diagnose::{Check, Status};
 

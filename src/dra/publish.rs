@@ -18,8 +18,8 @@ use log::{debug, info, warn};
 use serde_json::Value;
 
 use crate::dra::devices::Inventory;
-use crate::kube::{self, Kube};
 use crate::dra::slice::{self, Pool};
+use crate::kube::{self, Kube};
 
 const SLICES: &str = "/apis/resource.k8s.io/v1/resourceslices";
 /// Retry after a failure: doubling from the first to the last.
@@ -69,6 +69,8 @@ pub struct Publisher {
     no_owner_warned: bool,
     /// Said once: the API server dropped our taints (DRADeviceTaints off).
     taints_dropped_warned: bool,
+    /// Where slice writes are counted.
+    observer: Option<std::sync::Arc<crate::observe::Observer>>,
 }
 
 impl Publisher {
@@ -89,7 +91,14 @@ impl Publisher {
             left_out: Vec::new(),
             no_owner_warned: false,
             taints_dropped_warned: false,
+            observer: None,
         }
+    }
+
+    /// Counts every slice write in `observer`.
+    pub fn observed(mut self, observer: std::sync::Arc<crate::observe::Observer>) -> Publisher {
+        self.observer = Some(observer);
+        self
     }
 
     /// The slice for `inv`, to be sent at the next [`Publisher::sync`] if it differs.
@@ -304,7 +313,12 @@ impl Publisher {
                 }]);
             }
             let existing = self.published.get(i).cloned().flatten();
-            let answer = self.write_one(w, existing.as_ref())?;
+            let answer = self.write_one(w, existing.as_ref());
+            if let Some(o) = &self.observer {
+                let result = if answer.is_ok() { "ok" } else { "error" };
+                o.count("slice_writes", &[("result", result)]);
+            }
+            let answer = answer?;
             if i < self.published.len() {
                 self.published[i] = Some(answer);
             } else {

@@ -11,12 +11,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use grpcio::{RpcContext, RpcStatus, RpcStatusCode, ServerStreamingSink, UnarySink};
 use log::{debug, info, warn};
 
-use crate::observe::Observer;
 use crate::dra::claims::{ClaimRef, Claims, MAX_CLAIMS};
 use crate::dra::devices::Inventory;
-use crate::kube::Kube;
 use crate::dra::proto::{dra, dra_health, pluginregistration as reg, SUPPORTED_SERVICES};
+use crate::kube::Kube;
 use crate::kubelet::stream::{self, Hub};
+use crate::observe::Observer;
 use crate::sys::EventFd;
 use crate::wake;
 
@@ -94,16 +94,17 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// `wakes`: raised when a kubelet registered us, and when a health stream ended.
     pub fn new(
         driver: &str,
         node: &str,
         endpoint: String,
         kube: Kube,
         claims: Claims,
-        registered: Arc<EventFd>,
-        stream_left: Arc<EventFd>,
+        wakes: (Arc<EventFd>, Arc<EventFd>),
         observer: Arc<Observer>,
     ) -> std::io::Result<Shared> {
+        let (registered, stream_left) = wakes;
         Ok(Shared {
             preparers: Preparers::start()?,
             driver: driver.to_string(),
@@ -281,23 +282,23 @@ impl dra::DraPlugin for Plugin {
         let arrived = Instant::now();
         let job = move || {
             let resp = prepare_all(&shared, &req.claims, arrived);
-            record_claims(&shared.observer, "NodePrepareResources", &resp.claims, |c| {
-                c.error.is_empty()
-            });
+            record_claims(
+                &shared.observer,
+                "NodePrepareResources",
+                &resp.claims,
+                |c| c.error.is_empty(),
+            );
             let granted: usize = resp.claims.values().map(|c| c.devices.len()).sum();
             shared.report_allocated();
-            shared.observer.request(
-                "NodePrepareResources",
-                "OK",
-                arrived.elapsed(),
-            );
+            shared
+                .observer
+                .request("NodePrepareResources", "OK", arrived.elapsed());
             if granted > 0 {
                 for d in resp.claims.values().flat_map(|c| &c.devices) {
                     if let Some(dev) = shared.inventory().get(&d.device_name) {
-                        shared.observer.count(
-                            "allocated_devices",
-                            &[("resource", dev.resource.as_str())],
-                        );
+                        shared
+                            .observer
+                            .count("allocated_devices", &[("resource", dev.resource.as_str())]);
                     }
                 }
             }

@@ -182,7 +182,12 @@ pub fn code_name(code: RpcStatusCode) -> &'static str {
 }
 
 /// Counts and times one answered call.
-fn record<T>(observer: &Observer, rpc: &'static str, start: Instant, result: &Result<T, RpcStatus>) {
+fn record<T>(
+    observer: &Observer,
+    rpc: &'static str,
+    start: Instant,
+    result: &Result<T, RpcStatus>,
+) {
     let code = match result {
         Ok(_) => RpcStatusCode::OK,
         Err(s) => s.code(),
@@ -252,7 +257,12 @@ impl api::DevicePlugin for Plugin {
                 .and_then(|now| per_hca.preferred(&req, &now.assessment)),
         }
         .map_err(status);
-        record(&self.settings.observer, "GetPreferredAllocation", start, &result);
+        record(
+            &self.settings.observer,
+            "GetPreferredAllocation",
+            start,
+            &result,
+        );
         reply(&ctx, sink, result, "GetPreferredAllocation");
     }
 
@@ -305,11 +315,9 @@ impl api::DevicePlugin for Plugin {
                 .map(|c| c.devices_ids.len())
                 .sum();
             let r = self.settings.resource_name.as_str();
-            self.settings.observer.add(
-                "allocated_devices",
-                &[("resource", r)],
-                granted as u64,
-            );
+            self.settings
+                .observer
+                .add("allocated_devices", &[("resource", r)], granted as u64);
         }
         reply(&ctx, sink, result, "Allocate");
     }

@@ -861,7 +861,8 @@ fn validate_event(ns: &str, e: &Value) -> Result<(), Reply> {
     let qualified = rc.rsplit('/').next().is_some_and(|n| {
         !n.is_empty()
             && n.len() <= 63
-            && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     });
     if rc.is_empty() || !qualified {
         bad.push(format!("reportingController: Invalid value: {rc:?}"));
@@ -882,7 +883,11 @@ fn validate_event(ns: &str, e: &Value) -> Result<(), Reply> {
         if series.get("count").and_then(Value::as_u64).unwrap_or(0) < 2 {
             bad.push("series.count: should be at least 2".into());
         }
-        if series.get("lastObservedTime").and_then(Value::as_str).is_none() {
+        if series
+            .get("lastObservedTime")
+            .and_then(Value::as_str)
+            .is_none()
+        {
             bad.push("series.lastObservedTime: Required value".into());
         }
     }
@@ -893,7 +898,11 @@ fn validate_event(ns: &str, e: &Value) -> Result<(), Reply> {
     if bad.is_empty() {
         return Ok(());
     }
-    Err(status(422, &format!("Event is invalid: {}", bad.join(", ")), Value::Null))
+    Err(status(
+        422,
+        &format!("Event is invalid: {}", bad.join(", ")),
+        Value::Null,
+    ))
 }
 
 fn create_event(st: &mut State, ns: &str, body: &[u8]) -> Result<Reply, Reply> {
@@ -918,12 +927,22 @@ fn create_event(st: &mut State, ns: &str, body: &[u8]) -> Result<Reply, Reply> {
 
 /// A JSON merge patch (RFC 7386) of an Event; the fields `ValidateEventUpdate` keeps
 /// immutable must not change.
-fn patch_event(st: &mut State, ns: &str, name: &str, head: &Head, body: &[u8]) -> Result<Reply, Reply> {
+fn patch_event(
+    st: &mut State,
+    ns: &str,
+    name: &str,
+    head: &Head,
+    body: &[u8],
+) -> Result<Reply, Reply> {
     let kind = head.content_type.as_deref().unwrap_or("");
     if !kind.starts_with("application/merge-patch+json")
         && !kind.starts_with("application/strategic-merge-patch+json")
     {
-        return Err(status(415, "the body of the request was in an unknown format", Value::Null));
+        return Err(status(
+            415,
+            "the body of the request was in an unknown format",
+            Value::Null,
+        ));
     }
     let patch: Value =
         serde_json::from_slice(body).map_err(|e| bad_request(&format!("json parse error: {e}")))?;
@@ -933,9 +952,22 @@ fn patch_event(st: &mut State, ns: &str, name: &str, head: &Head, body: &[u8]) -
     };
     let mut new = old.clone();
     merge(&mut new, &patch);
-    for k in ["reason", "note", "type", "action", "regarding", "reportingController", "reportingInstance", "eventTime"] {
+    for k in [
+        "reason",
+        "note",
+        "type",
+        "action",
+        "regarding",
+        "reportingController",
+        "reportingInstance",
+        "eventTime",
+    ] {
         if new.get(k) != old.get(k) {
-            return Err(status(422, &format!("Event is invalid: {k}: field is immutable"), Value::Null));
+            return Err(status(
+                422,
+                &format!("Event is invalid: {k}: field is immutable"),
+                Value::Null,
+            ));
         }
     }
     validate_event(ns, &new)?;

@@ -7,6 +7,8 @@
 #[cfg(feature = "dra")]
 pub mod dra_kubelet;
 pub mod fake_api;
+#[cfg(feature = "metrics")]
+pub mod scrape;
 
 use std::fs;
 use std::path::{Path, PathBuf};
