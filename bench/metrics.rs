@@ -48,7 +48,11 @@ pub fn figures(rows: &mut Vec<Row>) {
         value: summary(samples),
         target: "< 10 ms",
     });
-    idle_figures(&plugin, "with --metrics-address, 16 HCAs, 4 resources", rows);
+    idle_figures(
+        &plugin,
+        "with --metrics-address, 16 HCAs, 4 resources",
+        rows,
+    );
     drop(plugin);
     let host = sixteen_hcas("bench-metrics-off");
     let (_kubelet, plugin) = start(&host, false);

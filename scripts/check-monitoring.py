@@ -16,17 +16,13 @@ from pathlib import Path
 import yaml
 
 MON = Path("deploy/monitoring")
-# What the binary exposes (--metrics-address): a name here and not there is a typo in a query.
-METRICS = {
-    "jarvice_rdma_build_info", "jarvice_rdma_port_up", "jarvice_rdma_port_state", "jarvice_rdma_port_phys_state",
-    "jarvice_rdma_port_info", "jarvice_rdma_port_rate_bytes_per_second", "jarvice_rdma_hca_info",
-    "jarvice_rdma_hca_granted", "jarvice_rdma_resource_devices", "jarvice_rdma_resource_devices_healthy",
-    "jarvice_rdma_resource_devices_allocated", "jarvice_rdma_registered", "jarvice_rdma_serving",
-    "jarvice_rdma_registrations_total", "jarvice_rdma_kubelet_restarts_total",
-    "jarvice_rdma_health_transitions_total", "jarvice_rdma_allocated_devices_total", "jarvice_rdma_requests_total",
-    "jarvice_rdma_claims_total", "jarvice_rdma_events_total", "jarvice_rdma_metrics_connections_rejected_total",
-    "jarvice_rdma_refused_device_nodes", "jarvice_rdma_resourceslice_writes_total",
-} | {f"jarvice_rdma_request_duration_seconds_{s}" for s in ("bucket", "sum", "count")}
+# What the binary exposes (--metrics-address), read from the renderer's source: a name used in a
+# query and not there is a typo. Histograms add their _bucket/_sum/_count series.
+RENDER = Path("src/metrics/render.rs").read_text()
+HISTOGRAMS = {"jarvice_rdma_request_duration_seconds"}
+METRICS = set(re.findall(r'"(jarvice_rdma_[a-z_]+)"', RENDER)) - HISTOGRAMS | {
+    f"{h}_{s}" for h in HISTOGRAMS for s in ("bucket", "sum", "count")}
+assert len(METRICS) > 20 and "jarvice_rdma_port_up" in METRICS, "cannot read the metric names"
 # The alerts operators were promised; each needs a runbook naming diagnose.
 ALERTS = {"RdmaPortDown", "RdmaPluginNotRegistered", "RdmaAllocatableZeroWhilePodsWait"}
 # PodMonitor (monitoring.coreos.com/v1) fields, a subset of the CRD's: a misspelt one would be

@@ -8,6 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/setup.sh
 source scripts/setup.sh
+# promtool, out of Debian's prometheus package (not installed): tests/metrics.rs lints a scrape.
+deb_tool prometheus /usr/bin/promtool
+PROMTOOL=$(command -v promtool)
+export PROMTOOL
 cargo test "$@"
 if [ $# -eq 0 ]; then
   cargo test --no-default-features --lib --bins

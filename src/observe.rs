@@ -74,6 +74,8 @@ pub struct ResourceView {
     pub registered: bool,
     /// Our gRPC server runs (false: resting, no kubelet).
     pub serving: bool,
+    /// Streams the kubelet holds open to hear of health (ListAndWatch; DRA: the health stream).
+    pub streams: u64,
 }
 
 /// A latency histogram over [`LATENCY_BUCKETS`].
@@ -219,10 +221,11 @@ impl Observer {
                 (Some(a), Some(b)) if a != b => Some(b),
                 _ => None,
             };
-            let (registered, serving) = (old.registered, old.serving);
+            let (registered, serving, streams) = (old.registered, old.serving, old.streams);
             *old = ResourceView {
                 registered,
                 serving,
+                streams,
                 ..view
             };
             changed
@@ -260,6 +263,7 @@ impl Observer {
                 healthy: Some(r.health.healthy),
                 registered: false,
                 serving: false,
+                streams: 0,
             },
         );
         if !self.wants_notices() {
@@ -321,6 +325,11 @@ impl Observer {
         });
     }
 
+    /// The resources named at the start.
+    pub fn resources(&self) -> Vec<String> {
+        self.with(|s| s.resources.keys().cloned().collect())
+    }
+
     /// Whether `resource`'s server runs and the kubelet accepted its registration.
     pub fn serving(&self, resource: &str, serving: bool, registered: bool) {
         self.with(|s| {
@@ -328,6 +337,11 @@ impl Observer {
             r.serving = serving;
             r.registered = registered;
         });
+    }
+
+    /// How many health streams of `resource` are open.
+    pub fn streams(&self, resource: &str, open: usize) {
+        self.with(|s| s.resources.entry(resource.to_string()).or_default().streams = open as u64);
     }
 
     /// A registration of `resource` ended; a failure lasting past

@@ -446,3 +446,47 @@ mod events {
         );
     }
 }
+
+/// The exposition as `promtool check metrics` lints it (names, units, `_total` on counters,
+/// HELP on every family), after ports went down and Allocate ran, so that counters and the
+/// histogram are in it. `scripts/test.sh` puts Debian's promtool in `$PROMTOOL`; a run without
+/// it (the per-architecture runs under qemu, which serve the same text) says so and passes.
+#[test]
+fn the_exposition_passes_promtool_lint() {
+    let Some(promtool) = std::env::var_os("PROMTOOL") else {
+        eprintln!("PROMTOOL not set: the lint runs in scripts/test.sh");
+        return;
+    };
+    let host = Host::with_hcas("metrics-lint");
+    let (_kubelet, plugin) = start_registered(&host, &FAST);
+    let addr = metrics_addr(&plugin);
+    host.set_port("mlx5_0", 1, mock::DOWN_POLLING);
+    let client = plugin_client(&host.socket());
+    client
+        .allocate_opt(&alloc_request(&[&["rdma-0"]]), opt())
+        .unwrap();
+    scrape_until(addr, "port down", |s| {
+        value(s, "jarvice_rdma_port_up", &[("hca", "mlx5_0")]) == Some(0.0)
+    });
+    let (_, body) = http(addr, "GET /metrics HTTP/1.1\r\n\r\n");
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}\n--- exposition ---\n{body}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -177,11 +177,11 @@ impl Unit {
     /// Tells the observer whether this resource serves and is registered (after every turn of
     /// the loop: both change only there).
     pub fn report(&self) {
-        self.settings.observer.serving(
-            &self.cfg.resource_name,
-            self.is_serving(),
-            self.is_registered(),
-        );
+        let observer = &self.settings.observer;
+        let name = &self.cfg.resource_name;
+        observer.serving(name, self.is_serving(), self.is_registered());
+        let open = self.serving.as_ref().map_or(0, |s| s.hub().open_streams());
+        observer.streams(name, open);
     }
 
     /// The kubelet accepted the registration of the server now serving.

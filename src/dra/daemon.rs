@@ -342,6 +342,11 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             dirs.arm();
             devices.arm();
             sockets.ensure(&mut grpc, &shared, &endpoint, &reg_socket, now)?;
+            // As of this turn of the loop (a stream that ends wakes it; one that opens is
+            // counted at the next wake, within --health-interval).
+            for name in observer.resources() {
+                observer.streams(&name, shared.health.open_streams());
+            }
             if now >= next_read {
                 let fresh = Arc::new(reader.read());
                 if fresh != inv {
@@ -476,6 +481,7 @@ impl Sockets {
                 Ok(l) => {
                     info!("registration socket {} is up", reg_socket.display());
                     self.registration = Some(l);
+                    shared.unregistered();
                 }
                 Err(e) => return self.failed(e, now),
             }

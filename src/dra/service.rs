@@ -124,6 +124,13 @@ impl Shared {
         })
     }
 
+    /// A new registration socket: no kubelet has registered what it serves yet.
+    pub fn unregistered(&self) {
+        for name in self.observer.resources() {
+            self.observer.serving(&name, true, false);
+        }
+    }
+
     /// Tells the observer how many devices of each resource prepared claims hold.
     pub fn report_allocated(&self) {
         let inv = self.inventory();
@@ -138,12 +145,9 @@ impl Shared {
 
     /// The kubelet told us whether it registered us (every resource rides one registration).
     fn registration(&self, accepted: bool, why: &str) {
-        let inv = self.inventory();
-        let mut names: Vec<&str> = inv.devices.iter().map(|d| d.resource.as_str()).collect();
-        names.dedup();
-        for name in names {
-            self.observer.registration(name, accepted, why);
-            self.observer.serving(name, true, accepted);
+        for name in self.observer.resources() {
+            self.observer.registration(&name, accepted, why);
+            self.observer.serving(&name, true, accepted);
         }
         if accepted
             && self

@@ -296,8 +296,14 @@ fn resources(s: &Snapshot, out: &mut Vec<MetricFamily>) {
         MetricType::GAUGE,
         "1 while the resource's gRPC server runs, 0 while it rests (no kubelet).",
     );
+    let mut streams = Family::new(
+        "jarvice_rdma_health_streams",
+        MetricType::GAUGE,
+        "Streams the kubelet holds open to hear of devices and health (ListAndWatch; DRA: the health stream).",
+    );
     for (name, r) in &s.resources {
         let l = [("resource", name.as_str())];
+        streams.sample(&l, r.streams as f64);
         devices.sample(&l, r.devices as f64);
         healthy.sample(&l, r.healthy_devices as f64);
         if let Some(a) = r.allocated {
@@ -306,7 +312,7 @@ fn resources(s: &Snapshot, out: &mut Vec<MetricFamily>) {
         registered.sample(&l, flag(r.registered));
         serving.sample(&l, flag(r.serving));
     }
-    for f in [devices, healthy, allocated, registered, serving] {
+    for f in [devices, healthy, allocated, registered, serving, streams] {
         f.push(out);
     }
 }
