@@ -490,3 +490,47 @@ fn the_exposition_passes_promtool_lint() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Under a low open-files limit (80), scrapers get a quarter of it at most: 200 connections held
+/// open leave gRPC the descriptors for a new client, and the metrics thread does not spin on a
+/// listener it cannot accept from (CPU time over 2 s).
+#[test]
+fn scrapers_cannot_take_the_descriptors_grpc_needs() {
+    let host = Host::with_hcas("metrics-nofile");
+    let kubelet = FakeKubelet::start(&host.plugin_dir());
+    let plugin = Plugin::start_with(&host, &FAST, with_limit(Rlimit::Nofile, 80, 80));
+    kubelet.expect_registered();
+    kubelet.expect_list();
+    let addr = metrics_addr(&plugin);
+    let held: Vec<TcpStream> = (0..200)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nX-Slow: ");
+            s
+        })
+        .collect();
+    let cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", plugin.pid())).unwrap();
+        let f: Vec<u64> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|x| x.parse().unwrap())
+            .collect();
+        f[0] + f[1]
+    };
+    let before = cpu();
+    std::thread::sleep(Duration::from_secs(2));
+    let ticks = cpu() - before;
+    assert!(ticks < 50, "{ticks} clock ticks of CPU in 2 s with 200 held connections");
+    // A new gRPC client (a fresh channel: new descriptors) still gets an answer.
+    let client = plugin_client(&host.socket());
+    client
+        .allocate_opt(&alloc_request(&[&["rdma-0"]]), opt())
+        .expect("Allocate with scrapers holding connections");
+    drop(held);
+    scrape_until(addr, "answers again", |_| true);
+}

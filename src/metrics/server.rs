@@ -22,7 +22,8 @@ use crate::metrics::render;
 use crate::observe::Observer;
 use crate::sys;
 
-/// Connections served at once; more are answered 503 and closed.
+/// Connections served at once; more are answered 503 and closed. Fewer under a low open-files
+/// limit: a quarter of it at most, so that scrapers can never take the descriptors gRPC needs.
 pub const MAX_CONNECTIONS: usize = 64;
 /// The largest request head we read (Prometheus sends about 300 bytes).
 pub const MAX_REQUEST: usize = 8 << 10;
@@ -30,6 +31,16 @@ pub const MAX_REQUEST: usize = 8 << 10;
 pub const DEADLINE: Duration = Duration::from_secs(5);
 /// While the address cannot be bound (taken, not there yet), tried again this often.
 const BIND_RETRY: Duration = Duration::from_secs(30);
+/// With no descriptor left to accept with (EMFILE), the listener stays readable: it is left out
+/// of `poll` this long rather than woken for in a loop.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// The slots for an open-files limit of `nofile` (`None`: unlimited).
+pub fn slots(nofile: Option<u64>) -> usize {
+    nofile.map_or(MAX_CONNECTIONS, |n| {
+        (n / 4).clamp(1, MAX_CONNECTIONS as u64) as usize
+    })
+}
 
 struct Conn {
     stream: TcpStream,
@@ -52,7 +63,10 @@ pub fn spawn(addr: SocketAddr, observer: Arc<Observer>) -> io::Result<()> {
         .stack_size(512 << 10)
         .spawn(move || {
             let listener = bind(addr);
-            if let Err(e) = serve(&listener, &observer) {
+            let nofile = sys::get_limit(sys::LimitKind::Nofile)
+                .ok()
+                .and_then(|l| l.soft);
+            if let Err(e) = serve(&listener, &observer, slots(nofile)) {
                 warn!("metrics endpoint {addr} stopped: {e}");
             }
         })
@@ -81,13 +95,21 @@ fn bind(addr: SocketAddr) -> TcpListener {
 }
 
 /// The loop; returns only when `poll` itself fails.
-pub fn serve(listener: &TcpListener, observer: &Observer) -> io::Result<()> {
+pub fn serve(listener: &TcpListener, observer: &Observer, slots: usize) -> io::Result<()> {
     let mut conns: Vec<Conn> = Vec::new();
+    let mut paused_until: Option<Instant> = None;
     loop {
+        if paused_until.is_some_and(|t| t <= Instant::now()) {
+            paused_until = None;
+        }
         let mut fds = Vec::with_capacity(conns.len() + 1);
         fds.push(libc::pollfd {
             fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
+            events: if paused_until.is_some() {
+                0
+            } else {
+                libc::POLLIN
+            },
             revents: 0,
         });
         for c in &conns {
@@ -104,8 +126,10 @@ pub fn serve(listener: &TcpListener, observer: &Observer) -> io::Result<()> {
         }
         let timeout = conns
             .iter()
-            .map(|c| c.deadline.saturating_duration_since(Instant::now()))
-            .min();
+            .map(|c| c.deadline)
+            .chain(paused_until)
+            .min()
+            .map(|t| t.saturating_duration_since(Instant::now()));
         sys::poll(&mut fds, timeout)?;
         let now = Instant::now();
         let mut keep = Vec::with_capacity(conns.len());
@@ -130,21 +154,27 @@ pub fn serve(listener: &TcpListener, observer: &Observer) -> io::Result<()> {
             }
         }
         conns = keep;
-        if fds[0].revents != 0 {
-            accept(listener, &mut conns, observer);
+        if fds[0].revents & libc::POLLIN != 0 && !accept(listener, &mut conns, observer, slots) {
+            paused_until = Some(Instant::now() + ACCEPT_PAUSE);
         }
     }
 }
 
-/// Takes every pending connection; past the slots, each gets a 503 and is closed.
-fn accept(listener: &TcpListener, conns: &mut Vec<Conn>, observer: &Observer) {
+/// Takes every pending connection; past the slots, each gets a 503 and is closed. False when
+/// accepting failed for want of descriptors or memory (the connection stays in the backlog).
+fn accept(
+    listener: &TcpListener,
+    conns: &mut Vec<Conn>,
+    observer: &Observer,
+    slots: usize,
+) -> bool {
     loop {
         match listener.accept() {
             Ok((stream, _)) => {
                 if stream.set_nonblocking(true).is_err() {
                     continue;
                 }
-                if conns.len() >= MAX_CONNECTIONS {
+                if conns.len() >= slots {
                     observer.count("refused_scrapes", &[("why", "busy")]);
                     let mut s = stream;
                     let _ = s.write(&answer("503 Service Unavailable", "text/plain", b"busy\n"));
@@ -158,12 +188,14 @@ fn accept(listener: &TcpListener, conns: &mut Vec<Conn>, observer: &Observer) {
                     deadline: Instant::now() + DEADLINE,
                 });
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
             Err(e) => {
-                // EMFILE and the like: the connection stays in the backlog; a moment later
-                // the slots that end free descriptors.
+                // EMFILE, ENFILE, ENOBUFS: the connection waits in the backlog until slots
+                // that end free descriptors.
                 debug!("metrics: accept: {e}");
-                return;
+                return false;
             }
         }
     }
@@ -257,4 +289,17 @@ fn answer(status: &str, kind: &str, body: &[u8]) -> Vec<u8> {
     .into_bytes();
     a.extend_from_slice(body);
     a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_the_open_files_limit() {
+        assert_eq!(slots(None), MAX_CONNECTIONS);
+        assert_eq!(slots(Some(1 << 20)), MAX_CONNECTIONS);
+        assert_eq!(slots(Some(64)), 16);
+        assert_eq!(slots(Some(2)), 1);
+    }
 }
