@@ -212,8 +212,8 @@ impl Observer {
         });
     }
 
-    /// `resource` as last read; a change of its health is counted (and returned, so that the
-    /// caller can say why in a notice).
+    /// `resource` as last read (its devices, health and granted HCAs); a change of its health
+    /// is counted (and returned, so that the caller can say why in a notice).
     pub fn resource_read(&self, resource: &str, view: ResourceView) -> Option<bool> {
         let changed = self.with(|s| {
             let old = s.resources.entry(resource.to_string()).or_default();
@@ -221,11 +221,13 @@ impl Observer {
                 (Some(a), Some(b)) if a != b => Some(b),
                 _ => None,
             };
-            let (registered, serving, streams) = (old.registered, old.serving, old.streams);
+            // What the reading does not know stays: the registration, the streams, and what
+            // prepared claims hold (set by the claims' side).
             *old = ResourceView {
-                registered,
-                serving,
-                streams,
+                registered: old.registered,
+                serving: old.serving,
+                streams: old.streams,
+                allocated: old.allocated,
                 ..view
             };
             changed
@@ -323,6 +325,11 @@ impl Observer {
                 r.allocated = Some(per_resource.get(name).copied().unwrap_or(0));
             }
         });
+    }
+
+    /// Whether the kubelet accepted the registration of any resource.
+    pub fn registered_any(&self) -> bool {
+        self.with(|s| s.resources.values().any(|r| r.registered))
     }
 
     /// The resources named at the start.
@@ -440,6 +447,26 @@ mod tests {
                 .copied()
         };
         assert_eq!((n("Healthy"), n("Unhealthy")), (Some(1), Some(1)));
+    }
+
+    #[test]
+    fn a_reading_keeps_what_it_does_not_know() {
+        let o = Observer::new("dra", &["r".into()]);
+        o.serving("r", true, true);
+        o.streams("r", 1);
+        o.allocated(&BTreeMap::from([("r".to_string(), 2)]));
+        o.resource_read(
+            "r",
+            ResourceView {
+                devices: 3,
+                ..ResourceView::default()
+            },
+        );
+        let v = &o.snapshot().resources["r"];
+        assert_eq!(
+            (v.devices, v.allocated, v.registered, v.serving, v.streams),
+            (3, Some(2), true, true, 1)
+        );
     }
 
     #[test]

@@ -525,7 +525,10 @@ fn scrapers_cannot_take_the_descriptors_grpc_needs() {
     let before = cpu();
     std::thread::sleep(Duration::from_secs(2));
     let ticks = cpu() - before;
-    assert!(ticks < 50, "{ticks} clock ticks of CPU in 2 s with 200 held connections");
+    assert!(
+        ticks < 50,
+        "{ticks} clock ticks of CPU in 2 s with 200 held connections"
+    );
     // A new gRPC client (a fresh channel: new descriptors) still gets an answer.
     let client = plugin_client(&host.socket());
     client

@@ -113,7 +113,7 @@ pub fn node_name(cfg: &Config) -> Result<String, Error> {
         Some(n) => n.clone(),
         None => std::env::var("NODE_NAME").map_err(|_| {
             Error::Config(
-                "--frontend dra needs this node's name: set NODE_NAME (downward API spec.nodeName) or --node-name".into(),
+                "--frontend dra and --events need this node's name: set NODE_NAME (downward API spec.nodeName) or --node-name".into(),
             )
         })?,
     };
@@ -317,6 +317,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         service: None,
         registration: None,
         retry_at: None,
+        waiting: None,
     };
     // Our own directory first, so that it can be watched from the start.
     if let Some(dir) = endpoint.parent() {
@@ -409,6 +410,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
                 registered.drain();
                 publisher.registered();
             }
+            sockets.check_registered(&observer, &reg_socket);
             if ready[2] {
                 stream_left.drain();
                 debug!("a health stream ended");
@@ -438,6 +440,9 @@ struct Sockets {
     service: Option<Listener>,
     registration: Option<Listener>,
     retry_at: Option<Instant>,
+    /// Since when the registration socket has waited for a kubelet, and whether that was
+    /// told as a notice.
+    waiting: Option<(Instant, bool)>,
 }
 
 impl Sockets {
@@ -481,12 +486,34 @@ impl Sockets {
                 Ok(l) => {
                     info!("registration socket {} is up", reg_socket.display());
                     self.registration = Some(l);
+                    self.waiting = Some((now, false));
                     shared.unregistered();
                 }
                 Err(e) => return self.failed(e, now),
             }
         }
         Ok(())
+    }
+
+    /// A registration socket no kubelet registered us through for a minute is a notice (the
+    /// kubelet dials it within a second of its creation).
+    fn check_registered(&mut self, observer: &Observer, reg_socket: &Path) {
+        if observer.registered_any() {
+            self.waiting = None;
+            return;
+        }
+        if let Some((since, told @ false)) = &mut self.waiting {
+            if since.elapsed() >= crate::observe::REGISTRATION_FAILING_AFTER {
+                *told = true;
+                let why = format!(
+                    "no kubelet registered the DRA driver through {} for {} s: is --kubelet-registry-dir the kubelet's plugins_registry, and DRA on in this kubelet?",
+                    reg_socket.display(),
+                    since.elapsed().as_secs()
+                );
+                warn!("{why}");
+                observer.notice(Severity::Warning, "RdmaRegistrationFailing", why);
+            }
+        }
     }
 
     fn failed(&mut self, e: server::Error, now: Instant) -> Result<(), Error> {
