@@ -104,11 +104,16 @@ pub fn post_now(kube: &Kube, node: &str, notice: Notice) -> Result<(), kube::Err
     kube.post::<_, Value>(&events_path(None), &body).map(|_| ())
 }
 
+/// A series' identity: what client-go keys on (type, reason) and the note. client-go leaves
+/// the note out and keys on the object, which would fold two ports' news into one Event with
+/// the first port's text; ours names the port, so each gets its own.
+type Key = (crate::observe::Severity, &'static str, String);
+
 struct Sender {
     kube: Kube,
     node: String,
     observer: Arc<Observer>,
-    series: BTreeMap<(crate::observe::Severity, &'static str, String), Series>,
+    series: BTreeMap<Key, Series>,
     tokens: u32,
     refilled: Instant,
     /// Refusals already logged, by status (a missing RBAC rule is said once).
@@ -198,14 +203,29 @@ impl Sender {
         true
     }
 
-    fn write_due(&mut self) {
-        let now = Instant::now();
-        let keys: Vec<_> = self
+    /// The series due at `now`, in the order tokens go to them: Events not posted yet first,
+    /// Warnings before Normal, then the series written longest ago, so that one flapping port
+    /// cannot keep every other Event waiting once the burst is spent.
+    fn due_in_order(&self, now: Instant) -> Vec<Key> {
+        let mut due: Vec<_> = self
             .series
             .iter()
             .filter(|(_, s)| s.due(now).is_some_and(|t| t <= now))
-            .map(|(k, _)| k.clone())
             .collect();
+        due.sort_by_key(|(k, s)| {
+            (
+                s.written > 0,
+                std::cmp::Reverse(k.0),
+                s.last_write
+                    .map(|t| std::cmp::Reverse(now.saturating_duration_since(t))),
+            )
+        });
+        due.into_iter().map(|(k, _)| k.clone()).collect()
+    }
+
+    fn write_due(&mut self) {
+        let now = Instant::now();
+        let keys = self.due_in_order(now);
         for k in keys {
             if !self.take_token() {
                 let next = self.refilled + REFILL;
@@ -405,6 +425,62 @@ mod tests {
         assert_eq!(
             micro_time(SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400)),
             "2000-02-29T00:00:00.000000Z"
+        );
+    }
+
+    fn series(written: u32, count: u32, last_write: Option<Instant>) -> Series {
+        let t = SystemTime::now();
+        Series {
+            notice: Notice {
+                severity: crate::observe::Severity::Normal,
+                reason: "x",
+                note: String::new(),
+            },
+            name: None,
+            first: t,
+            count,
+            last_observed: t,
+            written,
+            last_write,
+            last_seen: Instant::now(),
+            failures: 0,
+            not_before: None,
+        }
+    }
+
+    #[test]
+    fn tokens_go_to_new_events_then_warnings_then_the_longest_waiting() {
+        use crate::observe::Severity::{Normal, Warning};
+        let cfg = crate::config::DraConfig {
+            kube_api: Some("http://127.0.0.1:9".into()),
+            ..Default::default()
+        };
+        let kube = Kube::new(&cfg).unwrap();
+        let mut s = Sender::new(kube, "n".into(), Observer::new("device-plugin", &[]));
+        let now = Instant::now();
+        let long_ago = now - PATCH_SPACING * 4;
+        let recent = now - PATCH_SPACING * 2;
+        let key = |sev, r: &'static str| (sev, r, String::new());
+        // A flapping port's Normal series, written recently and repeated since.
+        s.series
+            .insert(key(Normal, "RdmaPortUp"), series(3, 5, Some(recent)));
+        s.series
+            .insert(key(Warning, "RdmaPortDown"), series(3, 5, Some(long_ago)));
+        s.series
+            .insert(key(Normal, "RdmaHealthy"), series(0, 1, None));
+        s.series
+            .insert(key(Warning, "RdmaRegistrationFailing"), series(0, 1, None));
+        s.series
+            .insert(key(Normal, "RdmaRegistered"), series(2, 2, Some(recent)));
+        let order: Vec<&str> = s.due_in_order(now).iter().map(|k| k.1).collect();
+        assert_eq!(
+            order,
+            [
+                "RdmaRegistrationFailing",
+                "RdmaHealthy",
+                "RdmaPortDown",
+                "RdmaPortUp"
+            ]
         );
     }
 

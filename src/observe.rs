@@ -119,6 +119,8 @@ pub struct Observer {
     notices: Mutex<Option<NoticeSink>>,
     /// When the registration of each resource started failing, and whether that was told.
     failing: Mutex<BTreeMap<String, (Instant, bool)>>,
+    /// The kubelet last registered with (an identity of its socket), by any resource.
+    kubelet: Mutex<Option<String>>,
 }
 
 /// A registration failing for this long is an Event (a kubelet restart takes seconds).
@@ -144,6 +146,7 @@ impl Observer {
             state: Mutex::new(snap),
             notices: Mutex::new(None),
             failing: Mutex::new(BTreeMap::new()),
+            kubelet: Mutex::new(None),
         })
     }
 
@@ -203,13 +206,23 @@ impl Observer {
         });
     }
 
-    /// The host as last read (every resource's reading shares it).
-    pub fn host_read(&self, host: &Arc<Host>) {
+    /// The host as last read (every resource's reading shares it). Returns the device nodes
+    /// refused in it and not in the one before: the host's news, told once however many
+    /// resources read it.
+    pub fn host_read(&self, host: &Arc<Host>) -> Vec<Refused> {
         self.with(|s| {
-            if !s.host.as_ref().is_some_and(|h| Arc::ptr_eq(h, host)) {
-                s.host = Some(Arc::clone(host));
+            if s.host.as_ref().is_some_and(|h| Arc::ptr_eq(h, host)) {
+                return Vec::new();
             }
-        });
+            let old = s.host.replace(Arc::clone(host));
+            let before = old.as_ref().map_or(&[][..], |h| h.nodes.refused.as_slice());
+            host.nodes
+                .refused
+                .iter()
+                .filter(|x| !before.contains(x))
+                .cloned()
+                .collect()
+        })
     }
 
     /// `resource` as last read (its devices, health and granted HCAs); a change of its health
@@ -243,18 +256,11 @@ impl Observer {
     }
 
     /// Tells what one reading says (`devices` advertised, `healthy` of them) and, as notices,
-    /// what changed since the reading before (whose refused nodes are `old_refused`; `None` at
-    /// the first) that an operator should see on the Node: a granted HCA's port going down
-    /// (past the hold-down) or up, the resource's health changing otherwise, device nodes
-    /// refused.
-    pub fn reading(
-        &self,
-        r: Read<'_>,
-        devices: u64,
-        healthy: u64,
-        old_refused: Option<&[Refused]>,
-    ) {
-        self.host_read(r.host);
+    /// what changed since the reading before (`first`: there was none) that an operator should
+    /// see on the Node: a granted HCA's port going down (past the hold-down) or up, the
+    /// resource's health changing otherwise, device nodes refused (once per host reading).
+    pub fn reading(&self, r: Read<'_>, devices: u64, healthy: u64, first: bool) {
+        let refused = self.host_read(r.host);
         let changed = self.resource_read(
             r.resource,
             ResourceView {
@@ -293,7 +299,7 @@ impl Observer {
             );
             told = true;
         }
-        let starts_unhealthy = old_refused.is_none() && !r.health.healthy;
+        let starts_unhealthy = first && !r.health.healthy;
         if !told && (changed.is_some() || starts_unhealthy) {
             let (severity, reason) = if r.health.healthy {
                 (Severity::Normal, "RdmaHealthy")
@@ -306,10 +312,7 @@ impl Observer {
                 format!("{} is {word}: {}", r.resource, r.health.reason),
             );
         }
-        for x in &r.host.nodes.refused {
-            if old_refused.is_some_and(|o| o.contains(x)) {
-                continue;
-            }
+        for x in refused {
             self.notice(
                 Severity::Warning,
                 "RdmaDeviceNodeRefused",
@@ -330,6 +333,18 @@ impl Observer {
     /// Whether the kubelet accepted the registration of any resource.
     pub fn registered_any(&self) -> bool {
         self.with(|s| s.resources.values().any(|r| r.registered))
+    }
+
+    /// A resource registered with the kubelet known as `id`: a kubelet other than the last one
+    /// any resource registered with is a restart, counted once for all resources.
+    pub fn kubelet_registered(&self, id: String) {
+        let mut last = self.kubelet.lock().unwrap_or_else(PoisonError::into_inner);
+        let restarted = last.as_ref().is_some_and(|l| *l != id);
+        *last = Some(id);
+        drop(last);
+        if restarted {
+            self.count("kubelet_restarts", &[]);
+        }
     }
 
     /// The resources named at the start.
@@ -447,6 +462,67 @@ mod tests {
                 .copied()
         };
         assert_eq!((n("Healthy"), n("Unhealthy")), (Some(1), Some(1)));
+    }
+
+    #[test]
+    fn refused_nodes_are_told_once_per_host_reading_whatever_the_resources() {
+        use crate::host::health::{Health, Mode};
+        let o = Observer::new("device-plugin", &["a".into(), "b".into()]);
+        let told = Arc::new(Mutex::new(Vec::new()));
+        let t2 = Arc::clone(&told);
+        o.set_notices(Box::new(move |n| t2.lock().unwrap().push(n.note)));
+        let mut host = Host::default();
+        host.nodes.refused.push(Refused {
+            host_path: "/dev/infiniband/uverbs7".into(),
+            why: "a symlink".into(),
+        });
+        let host = Arc::new(host);
+        let health = Health {
+            healthy: true,
+            mode: Mode::Nodes,
+            up: 1,
+            total: 1,
+            reason: String::new(),
+            up_hcas: Vec::new(),
+        };
+        for (resource, first) in [("a", true), ("b", true), ("a", false)] {
+            let r = Read {
+                resource,
+                host: &host,
+                granted: &[],
+                health: &health,
+                transitions: &[],
+            };
+            o.reading(r, 1, 1, first);
+        }
+        // The same refusal in a new reading of the host is no news either.
+        let again = Arc::new((*host).clone());
+        let r = Read {
+            resource: "a",
+            host: &again,
+            granted: &[],
+            health: &health,
+            transitions: &[],
+        };
+        o.reading(r, 1, 1, false);
+        assert_eq!(
+            *told.lock().unwrap(),
+            ["refusing /dev/infiniband/uverbs7: a symlink"]
+        );
+    }
+
+    #[test]
+    fn a_kubelet_restart_is_counted_once_for_every_resource() {
+        let o = Observer::new("device-plugin", &["a".into(), "b".into()]);
+        for id in ["k1", "k1", "k2", "k2", "k2"] {
+            o.kubelet_registered(id.into());
+        }
+        let n = o
+            .snapshot()
+            .counters
+            .get(&("kubelet_restarts", vec![]))
+            .copied();
+        assert_eq!(n, Some(1));
     }
 
     #[test]

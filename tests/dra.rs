@@ -684,6 +684,15 @@ fn metrics_follow_prepares_and_the_slice() {
         value(&s, "jarvice_rdma_allocated_devices_total", &hca),
         Some(1.0)
     );
+    // A repeat (the kubelet retries, or restarts) grants nothing new; readings of the host
+    // (every 100 ms here) keep what the claims hold.
+    d.kubelet.prepare(&[("default", "job", UID)]).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let s = scrape(addr);
+    let total = value(&s, "jarvice_rdma_allocated_devices_total", &hca);
+    assert_eq!(total, Some(1.0));
+    let held = value(&s, "jarvice_rdma_resource_devices_allocated", &hca);
+    assert_eq!(held, Some(1.0));
 
     d.kubelet.unprepare(&[("default", "job", UID)]).unwrap();
     let s = scrape(addr);

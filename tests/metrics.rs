@@ -227,8 +227,13 @@ fn hostile_scrapers_cannot_starve_the_plugin() {
         }
     }
     eprintln!("{n} connections in {:?}", start.elapsed());
+    // A thread per connection would be thousands; gRPC's event-engine pool may start one more
+    // thread of its own when a call arrives with none waiting (the benchmark shows 9 or 10).
     let (during, _) = threads_and_fds(plugin.pid());
-    assert_eq!(during, threads, "threads grew under the flood");
+    assert!(
+        during <= threads + 1,
+        "threads {threads} -> {during} under the flood"
+    );
     client
         .allocate_opt(&alloc_request(&[&["rdma-0"]]), opt())
         .expect("Allocate answers during the flood");
@@ -258,7 +263,7 @@ fn hostile_scrapers_cannot_starve_the_plugin() {
     let grown = peak_rss_kib(plugin.pid()).saturating_sub(rss);
     assert!(grown < 16 * 1024, "RSS grew by {grown} KiB");
     let (after, _) = threads_and_fds(plugin.pid());
-    assert_eq!(after, threads);
+    assert!(after <= threads + 1, "threads {threads} -> {after}");
 }
 
 /// The server's slots (`metrics::server::MAX_CONNECTIONS`).

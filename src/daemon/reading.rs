@@ -135,7 +135,7 @@ impl Reading {
             },
             self.list.devices.len() as u64,
             healthy_devices as u64,
-            old.map(|o| o.host.nodes.refused.as_slice()),
+            old.is_none(),
         );
     }
 

@@ -451,11 +451,8 @@ impl Unit {
             Ok(()) => {
                 let observer = &self.settings.observer;
                 observer.registration(&self.cfg.resource_name, true, "");
-                // A kubelet other than the one we last registered with: it restarted.
-                if let (Some((_, old)), Some(new)) = (self.registered, id) {
-                    if old != new {
-                        observer.count("kubelet_restarts", &[]);
-                    }
+                if let Some(k) = id {
+                    observer.kubelet_registered(format!("{k:?}"));
                 }
                 info!(
                     "registered {} with the kubelet at {} (endpoint {})",
@@ -555,9 +552,12 @@ impl Unit {
     }
 
     /// In `ports` mode, the next port-state reading: every interval, or sooner when a hold-down
-    /// ends (so Unhealthy is not late by up to an interval).
+    /// ends (so Unhealthy is not late by up to an interval). A reading that failed (EMFILE,
+    /// ENOMEM: no event will say when it would work) is tried again every interval too, in
+    /// any mode, rather than at the next self-check.
     fn schedule_health(&mut self, now: &Reading) {
-        self.health_at = (now.health.mode == Mode::Ports).then(|| {
+        let again = now.health.mode == Mode::Ports || now.error.is_some();
+        self.health_at = again.then(|| {
             let next = Instant::now() + self.cfg.health_interval;
             self.monitor.deadline().map_or(next, |d| d.min(next))
         });

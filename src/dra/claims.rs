@@ -164,6 +164,11 @@ impl Claims {
         format!("{}-claim-", self.driver)
     }
 
+    /// Whether claim `uid` is prepared (its spec written).
+    pub fn is_prepared(&self, uid: &str) -> bool {
+        self.lock().prepared.contains_key(uid)
+    }
+
     /// The devices prepared claims hold (admin access aside: it holds nothing), one entry per
     /// claim and device.
     pub fn held_devices(&self) -> Vec<String> {

@@ -146,8 +146,8 @@ pub(crate) struct Reader {
     host: HostReader,
     /// Told of every reading (the daemon's; `list` has none).
     observer: Option<Arc<Observer>>,
-    /// The refused nodes of the reading before (`None` before the first).
-    refused: Option<Vec<crate::host::nodes::Refused>>,
+    /// No reading was told yet.
+    first: bool,
 }
 
 impl Reader {
@@ -161,7 +161,7 @@ impl Reader {
             host: HostReader::new(cfg),
             units,
             observer: None,
-            refused: None,
+            first: true,
         }
     }
 
@@ -210,10 +210,10 @@ impl Reader {
                     },
                     n,
                     healthy,
-                    self.refused.as_deref(),
+                    self.first,
                 );
             }
-            self.refused = Some(snap.host.nodes.refused.clone());
+            self.first = false;
         }
         inv
     }

@@ -285,25 +285,17 @@ impl dra::DraPlugin for Plugin {
         // The budget counts from now: a call that waited for a free thread has less of it.
         let arrived = Instant::now();
         let job = move || {
-            let resp = prepare_all(&shared, &req.claims, arrived);
-            record_claims(
-                &shared.observer,
-                "NodePrepareResources",
-                &resp.claims,
-                |c| c.error.is_empty(),
-            );
-            let granted: usize = resp.claims.values().map(|c| c.devices.len()).sum();
+            let (resp, granted) = prepare_all(&shared, &req.claims, arrived);
+            let obs = &shared.observer;
+            record_claims(obs, "NodePrepareResources", &resp.claims, |c| {
+                c.error.is_empty()
+            });
             shared.report_allocated();
-            shared
-                .observer
-                .request("NodePrepareResources", "OK", arrived.elapsed());
-            if granted > 0 {
-                for d in resp.claims.values().flat_map(|c| &c.devices) {
-                    if let Some(dev) = shared.inventory().get(&d.device_name) {
-                        shared
-                            .observer
-                            .count("allocated_devices", &[("resource", dev.resource.as_str())]);
-                    }
+            obs.request("NodePrepareResources", "OK", arrived.elapsed());
+            let inv = shared.inventory();
+            for name in granted {
+                if let Some(dev) = inv.get(&name) {
+                    obs.count("allocated_devices", &[("resource", dev.resource.as_str())]);
                 }
             }
             finish(sink.success(resp), "NodePrepareResources", &peer);
@@ -370,12 +362,14 @@ fn finish(sent: grpcio::UnarySinkResult, rpc: &str, peer: &str) {
     }
 }
 
-/// Every claim gets an entry: its devices or its error, never a failed call.
+/// Every claim gets an entry: its devices or its error, never a failed call. Also returns the
+/// devices this call newly granted (not those of a claim prepared before, nor admin access).
 fn prepare_all(
     shared: &Shared,
     claims: &[dra::Claim],
     start: Instant,
-) -> dra::NodePrepareResourcesResponse {
+) -> (dra::NodePrepareResourcesResponse, Vec<String>) {
+    let mut granted = Vec::new();
     let inv = shared.inventory();
     let mut resp = dra::NodePrepareResourcesResponse::new();
     let mut results: BTreeMap<String, dra::NodePrepareResourceResponse> = BTreeMap::new();
@@ -389,9 +383,19 @@ fn prepare_all(
         } else if start.elapsed() >= PREPARE_BUDGET {
             Err("not reached in this call's time; the kubelet tries again".to_string())
         } else {
-            shared
+            let before = shared.claims.is_prepared(&c.uid);
+            let r = shared
                 .claims
-                .prepare(&shared.kube, &inv, &claim_ref(c), start + REQUESTS_END)
+                .prepare(&shared.kube, &inv, &claim_ref(c), start + REQUESTS_END);
+            if let (false, Ok(devices)) = (before, &r) {
+                granted.extend(
+                    devices
+                        .iter()
+                        .filter(|d| !d.admin)
+                        .map(|d| d.device.clone()),
+                );
+            }
+            r
         };
         match outcome {
             Ok(devices) => {
@@ -423,7 +427,7 @@ fn prepare_all(
         results.insert(c.uid.clone(), one);
     }
     resp.claims = results.into_iter().collect();
-    resp
+    (resp, granted)
 }
 
 fn claim_ref(c: &dra::Claim) -> ClaimRef {

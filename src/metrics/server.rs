@@ -10,6 +10,7 @@
 //! closed, and memory stays bounded by the slots. With no connection the thread sleeps in
 //! `poll` with no timeout: no wake-ups of ours when nobody scrapes.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -29,6 +30,8 @@ pub const MAX_CONNECTIONS: usize = 64;
 pub const MAX_REQUEST: usize = 8 << 10;
 /// From accept to the last byte of the answer.
 pub const DEADLINE: Duration = Duration::from_secs(5);
+/// Connections closed unanswered are logged at most this often.
+const LOG_EVERY: Duration = Duration::from_secs(60);
 /// While the address cannot be bound (taken, not there yet), tried again this often.
 const BIND_RETRY: Duration = Duration::from_secs(30);
 /// With no descriptor left to accept with (EMFILE), the listener stays readable: it is left out
@@ -63,10 +66,7 @@ pub fn spawn(addr: SocketAddr, observer: Arc<Observer>) -> io::Result<()> {
         .stack_size(512 << 10)
         .spawn(move || {
             let listener = bind(addr);
-            let nofile = sys::get_limit(sys::LimitKind::Nofile)
-                .ok()
-                .and_then(|l| l.soft);
-            if let Err(e) = serve(&listener, &observer, slots(nofile)) {
+            if let Err(e) = serve(&listener, &observer) {
                 warn!("metrics endpoint {addr} stopped: {e}");
             }
         })
@@ -95,9 +95,10 @@ fn bind(addr: SocketAddr) -> TcpListener {
 }
 
 /// The loop; returns only when `poll` itself fails.
-pub fn serve(listener: &TcpListener, observer: &Observer, slots: usize) -> io::Result<()> {
+pub fn serve(listener: &TcpListener, observer: &Observer) -> io::Result<()> {
     let mut conns: Vec<Conn> = Vec::new();
     let mut paused_until: Option<Instant> = None;
+    let mut turned_away = TurnedAway::default();
     loop {
         if paused_until.is_some_and(|t| t <= Instant::now()) {
             paused_until = None;
@@ -136,7 +137,7 @@ pub fn serve(listener: &TcpListener, observer: &Observer, slots: usize) -> io::R
         for (c, p) in conns.into_iter().zip(&fds[1..]) {
             let mut c = c;
             let step = if p.revents != 0 {
-                step(&mut c, observer)
+                step(&mut c, observer, &mut turned_away)
             } else if now >= c.deadline {
                 Step::Close(Some("timeout"))
             } else {
@@ -144,19 +145,62 @@ pub fn serve(listener: &TcpListener, observer: &Observer, slots: usize) -> io::R
             };
             match step {
                 Step::Keep if now < c.deadline => keep.push(c),
-                Step::Keep => observer.count("refused_scrapes", &[("why", "timeout")]),
-                Step::Close(why) => {
-                    if let Some(why) = why {
-                        debug!("metrics: closing a connection ({why})");
-                        observer.count("refused_scrapes", &[("why", why)]);
-                    }
-                }
+                Step::Keep => turned_away.add(observer, "timeout"),
+                Step::Close(Some(why)) => turned_away.add(observer, why),
+                Step::Close(None) => {}
             }
         }
         conns = keep;
-        if fds[0].revents & libc::POLLIN != 0 && !accept(listener, &mut conns, observer, slots) {
-            paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+        if fds[0].revents & libc::POLLIN != 0 {
+            // Read at every burst: an operator may lower the limit of a running process.
+            let nofile = sys::get_limit(sys::LimitKind::Nofile)
+                .ok()
+                .and_then(|l| l.soft);
+            let room = accept(
+                listener,
+                &mut conns,
+                observer,
+                &mut turned_away,
+                slots(nofile),
+            );
+            if !room {
+                paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+            }
         }
+        turned_away.tell();
+    }
+}
+
+/// Connections closed unanswered since the last log line about them: said at most once a
+/// minute (a flood must not flood the log), counted in the metrics at once.
+#[derive(Default)]
+struct TurnedAway {
+    since_told: BTreeMap<&'static str, u64>,
+    told_at: Option<Instant>,
+}
+
+impl TurnedAway {
+    fn add(&mut self, observer: &Observer, why: &'static str) {
+        observer.count("refused_scrapes", &[("why", why)]);
+        *self.since_told.entry(why).or_insert(0) += 1;
+    }
+
+    fn tell(&mut self) {
+        if self.since_told.is_empty() || self.told_at.is_some_and(|t| t.elapsed() < LOG_EVERY) {
+            return;
+        }
+        let what: Vec<String> = self
+            .since_told
+            .iter()
+            .map(|(why, n)| format!("{n} {why}"))
+            .collect();
+        warn!(
+            "metrics: connections closed unanswered: {} (at most {} at once, {DEADLINE:?} each, {MAX_REQUEST} bytes of request head)",
+            what.join(", "),
+            MAX_CONNECTIONS
+        );
+        self.since_told.clear();
+        self.told_at = Some(Instant::now());
     }
 }
 
@@ -166,6 +210,7 @@ fn accept(
     listener: &TcpListener,
     conns: &mut Vec<Conn>,
     observer: &Observer,
+    turned_away: &mut TurnedAway,
     slots: usize,
 ) -> bool {
     loop {
@@ -175,7 +220,7 @@ fn accept(
                     continue;
                 }
                 if conns.len() >= slots {
-                    observer.count("refused_scrapes", &[("why", "busy")]);
+                    turned_away.add(observer, "busy");
                     let mut s = stream;
                     let _ = s.write(&answer("503 Service Unavailable", "text/plain", b"busy\n"));
                     continue;
@@ -201,8 +246,9 @@ fn accept(
     }
 }
 
-/// Reads what came or writes what can go.
-fn step(c: &mut Conn, observer: &Observer) -> Step {
+/// Reads what came or writes what can go. A request refused for what it is (too large,
+/// malformed) is counted in `turned_away` and answered with its status.
+fn step(c: &mut Conn, observer: &Observer, turned_away: &mut TurnedAway) -> Step {
     if !c.answer.is_empty() {
         return match c.stream.write(&c.answer[c.written..]) {
             Ok(n) => {
@@ -218,9 +264,14 @@ fn step(c: &mut Conn, observer: &Observer) -> Step {
         };
     }
     let mut buf = [0u8; 2048];
+    let mut eof = false;
     loop {
         match c.stream.read(&mut buf) {
-            Ok(0) => return Step::Close(None),
+            // Half-closed after the request (`nc -N`, some probes): answer what came.
+            Ok(0) => {
+                eof = true;
+                break;
+            }
             Ok(n) => {
                 if c.request.len() + n > MAX_REQUEST {
                     c.answer = answer(
@@ -228,7 +279,7 @@ fn step(c: &mut Conn, observer: &Observer) -> Step {
                         "text/plain",
                         b"request too large\n",
                     );
-                    observer.count("refused_scrapes", &[("why", "too_large")]);
+                    turned_away.add(observer, "too_large");
                     return Step::Keep;
                 }
                 c.request.extend_from_slice(&buf[..n]);
@@ -240,6 +291,7 @@ fn step(c: &mut Conn, observer: &Observer) -> Step {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(&c.request) {
+        Ok(httparse::Status::Partial) if eof => Step::Close(None),
         Ok(httparse::Status::Partial) => Step::Keep,
         Ok(httparse::Status::Complete(_)) => {
             c.answer = respond(req.method, req.path, observer);
@@ -247,7 +299,7 @@ fn step(c: &mut Conn, observer: &Observer) -> Step {
         }
         Err(e) => {
             debug!("metrics: bad request: {e}");
-            observer.count("refused_scrapes", &[("why", "bad_request")]);
+            turned_away.add(observer, "bad_request");
             c.answer = answer("400 Bad Request", "text/plain", b"bad request\n");
             Step::Keep
         }
@@ -256,7 +308,16 @@ fn step(c: &mut Conn, observer: &Observer) -> Step {
 
 /// The answer to one request: the exposition at `/metrics`, a pointer to it at `/`.
 fn respond(method: Option<&str>, path: Option<&str>, observer: &Observer) -> Vec<u8> {
-    let path = path.unwrap_or("").split('?').next().unwrap_or("");
+    let mut path = path.unwrap_or("");
+    // The absolute form (`GET http://host:9465/metrics`), which RFC 9112 3.2.2 says a server
+    // must accept: the path after the authority.
+    if let Some(rest) = path
+        .strip_prefix("http://")
+        .or_else(|| path.strip_prefix("https://"))
+    {
+        path = rest.find('/').map_or("/", |i| &rest[i..]);
+    }
+    let path = path.split('?').next().unwrap_or("");
     let head = method == Some("HEAD");
     if !(head || method == Some("GET")) {
         return answer("405 Method Not Allowed", "text/plain", b"GET only\n");
