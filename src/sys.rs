@@ -304,6 +304,7 @@ pub fn may_write(path: &Path) -> bool {
 pub fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<()> {
     let ms = match timeout {
         None => -1,
+        // Round up so a 0.4 ms deadline does not become a busy loop of 0 ms polls.
         Some(t) => t.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int,
     };
     // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the whole call.
@@ -330,20 +331,7 @@ pub fn poll_readable(fds: &[RawFd], timeout: Option<Duration>) -> io::Result<Vec
             revents: 0,
         })
         .collect();
-    let ms = match timeout {
-        None => -1,
-        // Round up so a 0.4 ms deadline does not become a busy loop of 0 ms polls.
-        Some(t) => t.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int,
-    };
-    // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structs for the whole call.
-    let ret = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
-    if ret == -1 {
-        let err = io::Error::last_os_error();
-        if err.kind() == io::ErrorKind::Interrupted {
-            return Ok(vec![false; fds.len()]);
-        }
-        return Err(err);
-    }
+    poll(&mut pfds, timeout)?;
     Ok(pfds
         .iter()
         .map(|p| p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0)
