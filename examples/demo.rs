@@ -49,7 +49,12 @@ fn main() {
     print!("{}", String::from_utf8_lossy(&out.stdout));
 
     let kubelet = FakeKubelet::start(&host.plugin_dir());
-    let mut plugin = Plugin::start(&host, &flags);
+    // Metrics on a port the kernel picks (the log says which), for the scrape below.
+    let mut serve_flags = flags.to_vec();
+    if cfg!(feature = "metrics") {
+        serve_flags.extend(["--metrics-address", "127.0.0.1:0"]);
+    }
+    let mut plugin = Plugin::start(&host, &serve_flags);
     println!("binary      {}", common::plugin_bin().display());
 
     section("RegisterRequest received by the fake kubelet (after its dial-back answered)");
@@ -97,6 +102,26 @@ fn main() {
         t0.elapsed()
     );
     host.set_port("mlx5_0", 1, mock::ACTIVE);
+
+    #[cfg(feature = "metrics")]
+    {
+        section("what Prometheus scrapes from --metrics-address (a few of the lines)");
+        let addr = common::scrape::metrics_addr(&plugin);
+        let (_, body) = common::scrape::http(addr, "GET /metrics HTTP/1.1\r\n\r\n");
+        let wanted = [
+            "jarvice_rdma_port_up{",
+            "jarvice_rdma_resource_devices",
+            "jarvice_rdma_registered{",
+            "jarvice_rdma_health_transitions_total{",
+            "jarvice_rdma_requests_total{",
+        ];
+        for line in body.lines() {
+            if wanted.iter().any(|w| line.starts_with(w)) {
+                println!("{line}");
+            }
+        }
+        println!("(curl http://{addr}/metrics: {} lines in all)", body.lines().count());
+    }
 
     section("`diagnose`: one line per check, with fixes");
     let out = plugin_command()

@@ -6,6 +6,7 @@
 #   scripts/build-static.sh aarch64 [--test]   musl, through zig (`arm64` is an alias)
 #   scripts/build-static.sh ppc64le [--test]   musl too, through zig, with a standard library
 #                                              built from source (-Zbuild-std)
+#   scripts/build-static.sh ARCH --test ARGS   the same, ARGS to cargo test (`--test metrics`)
 #   scripts/build-static.sh x86_64 --bench     build, then run bench/ against that binary
 #   scripts/build-static.sh ARCH --no-dra      the binary without the `dra` feature (the design
 #                                              card's crates only), as out/...-<arch>-no-dra
@@ -16,6 +17,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 arch="${1:-}"
 mode="${2:-build}"
+# With --test: the rest goes to cargo test (one suite, a filter).
+extra=("${@:3}")
 case "$mode" in build | --test | --bench | --no-dra) ;; *) echo "usage: $0 x86_64|aarch64|ppc64le [--test|--bench|--no-dra]" >&2; exit 2 ;; esac
 # Docker/OCI call it arm64, rustup and the kernel aarch64: accept both, name the output aarch64.
 [ "$arch" != arm64 ] || arch=aarch64
@@ -112,7 +115,7 @@ esac
 
 case "$mode" in
   # Builds the release binary too (integration tests run it), so no separate build is needed.
-  --test) "${test[@]}" ;;
+  --test) "${test[@]}" "${extra[@]}" ;;
   --bench) "${build[@]}" --bins --example bench ;;
   --no-dra) "${build[@]}" --no-default-features ;;
   *) "${build[@]}" ;;

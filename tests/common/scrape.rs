@@ -22,16 +22,22 @@ pub fn metrics_addr(plugin: &Plugin) -> SocketAddr {
 
 /// One HTTP exchange: the status line and the body.
 pub fn http(addr: SocketAddr, request: &str) -> (String, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(request.as_bytes()).unwrap();
+    try_http(addr, request).unwrap_or_else(|e| panic!("{request:?}: {e}"))
+}
+
+/// One HTTP exchange, or why it failed (a connection turned away while the endpoint is busy
+/// may be reset: the server closes it with the request unread).
+pub fn try_http(addr: SocketAddr, request: &str) -> std::io::Result<(String, String)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(WAIT))?;
+    s.write_all(request.as_bytes())?;
     let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
+    s.read_to_string(&mut out)?;
     let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    (
+    Ok((
         head.lines().next().unwrap_or("").to_string(),
         body.to_string(),
-    )
+    ))
 }
 
 /// A scrape as Prometheus makes it, parsed.
@@ -40,10 +46,11 @@ pub fn scrape(addr: SocketAddr) -> Scrape {
 }
 
 pub fn try_scrape(addr: SocketAddr) -> Result<Scrape, String> {
-    let (status, body) = http(
+    let (status, body) = try_http(
         addr,
         "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: text/plain;version=0.0.4\r\n\r\n",
-    );
+    )
+    .map_err(|e| e.to_string())?;
     if status != "HTTP/1.1 200 OK" {
         return Err(format!("{status}: {body}"));
     }
