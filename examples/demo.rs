@@ -120,7 +120,10 @@ fn main() {
                 println!("{line}");
             }
         }
-        println!("(curl http://{addr}/metrics: {} lines in all)", body.lines().count());
+        println!(
+            "(curl http://{addr}/metrics: {} lines in all)",
+            body.lines().count()
+        );
     }
 
     section("`diagnose`: one line per check, with fixes");

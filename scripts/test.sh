@@ -12,6 +12,10 @@ source scripts/setup.sh
 deb_tool prometheus /usr/bin/promtool
 PROMTOOL=$(command -v promtool)
 export PROMTOOL
+# Formatting first: it takes a second and fails before any build (rustup's minimal profile
+# has no rustfmt).
+cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+cargo fmt --all --check
 cargo test "$@"
 if [ $# -eq 0 ]; then
   cargo test --no-default-features --lib --bins
