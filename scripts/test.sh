@@ -2,8 +2,7 @@
 # Quick start, command 2: the whole test suite (unit tests, and the real binary against our
 # fake kubelet and fake API server), then the build without the default features `dra` and
 # `metrics` (the design card's binary: grpcio, protobuf, libc, log, env_logger, getopts) with
-# its unit tests. Extra
-# arguments go to the first `cargo test`.
+# its unit tests. Extra arguments go to the first `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/setup.sh

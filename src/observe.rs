@@ -361,6 +361,15 @@ impl Observer {
         });
     }
 
+    /// How many health streams are open, for every resource (DRA: one stream serves them all).
+    pub fn streams_all(&self, open: usize) {
+        self.with(|s| {
+            s.resources
+                .values_mut()
+                .for_each(|r| r.streams = open as u64)
+        });
+    }
+
     /// How many health streams of `resource` are open.
     pub fn streams(&self, resource: &str, open: usize) {
         self.with(|s| s.resources.entry(resource.to_string()).or_default().streams = open as u64);

@@ -45,6 +45,23 @@ pub struct Prepared {
     pub admin: bool,
 }
 
+/// A prepare's answer: the claim's devices, and whether this call prepared it (false: it was
+/// prepared before, by an earlier call or a previous instance).
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub devices: Vec<Prepared>,
+    pub new: bool,
+}
+
+impl Outcome {
+    fn repeat(record: &Record) -> Outcome {
+        Outcome {
+            devices: record.devices.clone(),
+            new: false,
+        }
+    }
+}
+
 /// What the record says of one prepared claim.
 #[derive(Clone, Debug)]
 struct Record {
@@ -164,11 +181,6 @@ impl Claims {
         format!("{}-claim-", self.driver)
     }
 
-    /// Whether claim `uid` is prepared (its spec written).
-    pub fn is_prepared(&self, uid: &str) -> bool {
-        self.lock().prepared.contains_key(uid)
-    }
-
     /// The devices prepared claims hold (admin access aside: it holds nothing), one entry per
     /// claim and device.
     pub fn held_devices(&self) -> Vec<String> {
@@ -194,7 +206,7 @@ impl Claims {
         inv: &Inventory,
         claim: &ClaimRef,
         deadline: std::time::Instant,
-    ) -> Result<Vec<Prepared>, String> {
+    ) -> Result<Outcome, String> {
         let in_time = || {
             if std::time::Instant::now() + kube::REQUEST_TIMEOUT > deadline {
                 Err("not enough of this call's time left; the kubelet tries again".to_string())
@@ -207,7 +219,7 @@ impl Claims {
             let mut st = self.lock();
             if let Some(done) = st.prepared.get(&claim.uid) {
                 debug!("claim {}/{} already prepared", claim.namespace, claim.name);
-                return Ok(done.devices.clone());
+                return Ok(Outcome::repeat(done));
             }
             let entry = st.in_flight.entry(claim.uid.clone()).or_insert((0, 0));
             entry.0 += 1;
@@ -350,7 +362,7 @@ impl Claims {
         }
         if let Some(done) = st.prepared.get(&claim.uid) {
             // A concurrent call prepared it meanwhile.
-            return Ok(done.devices.clone());
+            return Ok(Outcome::repeat(done));
         }
         // Another claim holding one of these devices (taken since we looked): the
         // allocation is stale or forged.
@@ -394,7 +406,7 @@ impl Claims {
                 devices: devices.clone(),
             },
         );
-        Ok(devices)
+        Ok(Outcome { devices, new: true })
     }
 
     /// The other prepared claims that hold a device of `devices` (admin access aside).

@@ -345,9 +345,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             sockets.ensure(&mut grpc, &shared, &endpoint, &reg_socket, now)?;
             // As of this turn of the loop (a stream that ends wakes it; one that opens is
             // counted at the next wake, within --health-interval).
-            for name in observer.resources() {
-                observer.streams(&name, shared.health.open_streams());
-            }
+            observer.streams_all(shared.health.open_streams());
             if now >= next_read {
                 let fresh = Arc::new(reader.read());
                 if fresh != inv {

@@ -383,19 +383,16 @@ fn prepare_all(
         } else if start.elapsed() >= PREPARE_BUDGET {
             Err("not reached in this call's time; the kubelet tries again".to_string())
         } else {
-            let before = shared.claims.is_prepared(&c.uid);
-            let r = shared
+            shared
                 .claims
-                .prepare(&shared.kube, &inv, &claim_ref(c), start + REQUESTS_END);
-            if let (false, Ok(devices)) = (before, &r) {
-                granted.extend(
-                    devices
-                        .iter()
-                        .filter(|d| !d.admin)
-                        .map(|d| d.device.clone()),
-                );
-            }
-            r
+                .prepare(&shared.kube, &inv, &claim_ref(c), start + REQUESTS_END)
+                .map(|o| {
+                    if o.new {
+                        let held = o.devices.iter().filter(|d| !d.admin);
+                        granted.extend(held.map(|d| d.device.clone()));
+                    }
+                    o.devices
+                })
         };
         match outcome {
             Ok(devices) => {
