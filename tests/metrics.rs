@@ -542,3 +542,164 @@ fn scrapers_cannot_take_the_descriptors_grpc_needs() {
     drop(held);
     scrape_until(addr, "answers again", |_| true);
 }
+
+/// A hostile sysfs: an HCA whose name carries a quote, a backslash, braces, `#` and a space (a
+/// directory name may hold any byte but `/` and NUL) still gives an exposition that parses and
+/// passes promtool's lint, its label escaped; one with a newline is left out by the sysfs
+/// reader (control characters) and appears nowhere. 1,000 refused Allocates make one series,
+/// not one per request (label values come from fixed sets).
+#[test]
+fn hostile_names_and_repeated_requests_keep_the_exposition_sound() {
+    let host = Host::with_hcas("metrics-names");
+    let mut odd = rdma_plugin::host::mock::MockHca::connectx(7).uverbs(7);
+    odd.name = "mlx5_\"x\\{y} #z".to_string();
+    host.add_hca(&odd);
+    let mut newline = rdma_plugin::host::mock::MockHca::connectx(8).uverbs(8);
+    newline.name = "mlx5_8\nforged_metric 1".to_string();
+    host.add_hca(&newline);
+    let (_kubelet, plugin) = start_registered(&host, &FAST);
+    let addr = metrics_addr(&plugin);
+    let client = plugin_client(&host.socket());
+    for i in 0..1000 {
+        let id = format!("bogus-{i}");
+        let _ = client.allocate_opt(&alloc_request(&[&[id.as_str()]]), opt());
+    }
+    // Escaped as the text format says (`\"`, `\\`); promtool, Prometheus' own parser, reads
+    // it below (prometheus-parse drops a sample whose label holds an escaped quote).
+    let (_, raw) = http(addr, "GET /metrics HTTP/1.1\r\n\r\n");
+    let want = r#"jarvice_rdma_port_up{hca="mlx5_\"x\\{y} #z",port="1"} 1"#;
+    assert!(raw.lines().any(|l| l == want), "{raw}");
+    assert!(!raw.contains("forged"), "{raw}");
+    let s = scrape(addr);
+    let refused = [("rpc", "Allocate"), ("code", "InvalidArgument")];
+    assert_eq!(
+        value(&s, "jarvice_rdma_requests_total", &refused),
+        Some(1000.0)
+    );
+    let series = s
+        .samples
+        .iter()
+        .filter(|x| x.metric == "jarvice_rdma_requests_total")
+        .count();
+    assert_eq!(series, 1, "{:?}", s.samples);
+    if let Some(promtool) = std::env::var_os("PROMTOOL") {
+        let body = raw;
+        let mut child = std::process::Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(body.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
+/// A kubelet restart, in each of the orders a real one can take (clean, crashed with its
+/// sockets left, sockets removed one by one), is counted once however many resources register
+/// again; `registered` follows the kubelet that owns `kubelet.sock`.
+#[test]
+fn kubelet_restarts_are_counted_once_in_any_order() {
+    let host = Host::with_hcas("metrics-restarts");
+    let mut args = FAST.to_vec();
+    args.extend([
+        "--resource",
+        "jarvice.com/rdma",
+        "--resource",
+        "jarvice.com/ib,mode=per-hca,hcas=mlx5_0;mlx5_1",
+    ]);
+    let dir = host.plugin_dir();
+    let mut kubelet = FakeKubelet::start(&dir);
+    let plugin = Plugin::start(&host, &args);
+    let addr = metrics_addr(&plugin);
+    let registered = |s: &prometheus_parse::Scrape| {
+        ["jarvice.com/rdma", "jarvice.com/ib"]
+            .iter()
+            .all(|r| value(s, "jarvice_rdma_registered", &[("resource", r)]) == Some(1.0))
+    };
+    scrape_until(addr, "both registered", registered);
+    let quiet = Behaviour {
+        clean: false,
+        ..Behaviour::default()
+    };
+    for n in 1..=3 {
+        match n {
+            1 => kubelet.stop_in_place(),
+            2 => kubelet.crash(),
+            _ => {
+                kubelet.crash();
+                let _ = std::fs::remove_file(dir.join("kubelet.sock"));
+                std::thread::sleep(Duration::from_millis(30));
+                let _ = std::fs::remove_file(host.socket());
+            }
+        }
+        kubelet = if n == 1 {
+            FakeKubelet::start(&dir)
+        } else {
+            FakeKubelet::start_with(&dir, quiet.clone())
+        };
+        let s = scrape_until(addr, "registered again", |s| {
+            registered(s) && value(s, "jarvice_rdma_kubelet_restarts_total", &[]) == Some(n as f64)
+        });
+        assert_eq!(
+            value(&s, "jarvice_rdma_kubelet_restarts_total", &[]),
+            Some(n as f64)
+        );
+    }
+}
+
+/// An API server that hangs on Events never holds up the plugin: health still reaches the
+/// kubelet at once, Allocate answers, and the Event goes out once the API server answers.
+#[cfg(feature = "dra")]
+#[test]
+fn a_hanging_api_server_does_not_hold_up_health() {
+    use common::fake_api::{FakeApi, Fault};
+    let host = Host::with_hcas("events-hang");
+    let api = FakeApi::start(false, host.tmp.path());
+    api.fail_next("/events", Fault::Hang(Duration::from_secs(30)));
+    let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
+    args.extend(
+        [
+            "--events",
+            "--node-name",
+            "node-1",
+            "--hcas",
+            "mlx5_0,mlx5_1",
+            "--kube-api",
+        ]
+        .map(String::from),
+    );
+    args.push(api.url());
+    args.push("--kube-token-file".into());
+    args.push(api.token_file().display().to_string());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (kubelet, plugin) = start_registered(&host, &args);
+    let t0 = Instant::now();
+    host.set_port("mlx5_0", 1, mock::DOWN_POLLING);
+    host.set_port("mlx5_1", 1, mock::DOWN_POLLING);
+    kubelet.expect_health("Unhealthy");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    host.set_port("mlx5_0", 1, mock::ACTIVE);
+    kubelet.expect_health("Healthy");
+    plugin_client(&host.socket())
+        .allocate_opt(&alloc_request(&[&["rdma-0"]]), opt())
+        .expect("Allocate while the API server hangs");
+    // The hung write times out (10 s) and is tried again: the Events arrive.
+    let down = api.wait_for(Duration::from_secs(60), |a| {
+        a.events()
+            .into_iter()
+            .find(|e| e["reason"] == "RdmaPortDown")
+    });
+    assert!(down.is_some(), "{:?}\n{}", api.events(), plugin.log_text());
+}
