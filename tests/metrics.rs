@@ -450,6 +450,38 @@ mod events {
             plugin.log_text()
         );
     }
+
+    /// An API server that hangs on Events never holds up the plugin: health still reaches the
+    /// kubelet at once, Allocate answers, and the Event goes out once the API server answers.
+    #[test]
+    fn a_hanging_api_server_does_not_hold_up_health() {
+        use common::fake_api::Fault;
+        let host = Host::with_hcas("events-hang");
+        let api = FakeApi::start(false, host.tmp.path());
+        api.fail_next("/events", Fault::Hang(Duration::from_secs(30)));
+        let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
+        args.extend(events_args(&api));
+        args.extend(["--hcas".to_string(), "mlx5_0,mlx5_1".to_string()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (kubelet, plugin) = start_registered(&host, &args);
+        let t0 = Instant::now();
+        host.set_port("mlx5_0", 1, mock::DOWN_POLLING);
+        host.set_port("mlx5_1", 1, mock::DOWN_POLLING);
+        kubelet.expect_health("Unhealthy");
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        host.set_port("mlx5_0", 1, mock::ACTIVE);
+        kubelet.expect_health("Healthy");
+        plugin_client(&host.socket())
+            .allocate_opt(&alloc_request(&[&["rdma-0"]]), opt())
+            .expect("Allocate while the API server hangs");
+        // The hung write times out (10 s) and is tried again: the Events arrive.
+        let down = api.wait_for(Duration::from_secs(60), |a| {
+            a.events()
+                .into_iter()
+                .find(|e| e["reason"] == "RdmaPortDown")
+        });
+        assert!(down.is_some(), "{:?}\n{}", api.events(), plugin.log_text());
+    }
 }
 
 /// The exposition as `promtool check metrics` lints it (names, units, `_total` on counters,
@@ -474,6 +506,13 @@ fn the_exposition_passes_promtool_lint() {
         value(s, "jarvice_rdma_port_up", &[("hca", "mlx5_0")]) == Some(0.0)
     });
     let (_, body) = http(addr, "GET /metrics HTTP/1.1\r\n\r\n");
+    if let Err(lint) = promtool_lint(&promtool, &body) {
+        panic!("promtool check metrics:\n{lint}\n--- exposition ---\n{body}");
+    }
+}
+
+/// `promtool check metrics` on `body`: its lint output when it fails.
+fn promtool_lint(promtool: &std::ffi::OsStr, body: &str) -> Result<(), String> {
     let mut child = std::process::Command::new(promtool)
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
@@ -488,12 +527,14 @@ fn the_exposition_passes_promtool_lint() {
         .write_all(body.as_bytes())
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics:\n{}{}\n--- exposition ---\n{body}",
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
-    );
+    ))
 }
 
 /// Under a low open-files limit (80), scrapers get a quarter of it at most: 200 connections held
@@ -583,26 +624,7 @@ fn hostile_names_and_repeated_requests_keep_the_exposition_sound() {
         .count();
     assert_eq!(series, 1, "{:?}", s.samples);
     if let Some(promtool) = std::env::var_os("PROMTOOL") {
-        let body = raw;
-        let mut child = std::process::Command::new(promtool)
-            .args(["check", "metrics"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(body.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        promtool_lint(&promtool, &raw).unwrap();
     }
 }
 
@@ -657,49 +679,4 @@ fn kubelet_restarts_are_counted_once_in_any_order() {
             Some(n as f64)
         );
     }
-}
-
-/// An API server that hangs on Events never holds up the plugin: health still reaches the
-/// kubelet at once, Allocate answers, and the Event goes out once the API server answers.
-#[cfg(feature = "dra")]
-#[test]
-fn a_hanging_api_server_does_not_hold_up_health() {
-    use common::fake_api::{FakeApi, Fault};
-    let host = Host::with_hcas("events-hang");
-    let api = FakeApi::start(false, host.tmp.path());
-    api.fail_next("/events", Fault::Hang(Duration::from_secs(30)));
-    let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
-    args.extend(
-        [
-            "--events",
-            "--node-name",
-            "node-1",
-            "--hcas",
-            "mlx5_0,mlx5_1",
-            "--kube-api",
-        ]
-        .map(String::from),
-    );
-    args.push(api.url());
-    args.push("--kube-token-file".into());
-    args.push(api.token_file().display().to_string());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (kubelet, plugin) = start_registered(&host, &args);
-    let t0 = Instant::now();
-    host.set_port("mlx5_0", 1, mock::DOWN_POLLING);
-    host.set_port("mlx5_1", 1, mock::DOWN_POLLING);
-    kubelet.expect_health("Unhealthy");
-    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
-    host.set_port("mlx5_0", 1, mock::ACTIVE);
-    kubelet.expect_health("Healthy");
-    plugin_client(&host.socket())
-        .allocate_opt(&alloc_request(&[&["rdma-0"]]), opt())
-        .expect("Allocate while the API server hangs");
-    // The hung write times out (10 s) and is tried again: the Events arrive.
-    let down = api.wait_for(Duration::from_secs(60), |a| {
-        a.events()
-            .into_iter()
-            .find(|e| e["reason"] == "RdmaPortDown")
-    });
-    assert!(down.is_some(), "{:?}\n{}", api.events(), plugin.log_text());
 }
